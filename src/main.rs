@@ -1,0 +1,2 @@
+//! domio: Xen device backends and HVM device model, one process per guest.
+fn main() {}

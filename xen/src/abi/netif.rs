@@ -1,0 +1,1 @@
+//! Mirror of Xen's public header (to be filled in).

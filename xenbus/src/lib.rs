@@ -1,0 +1,3 @@
+//! xenstore.
+#![deny(unsafe_code)]
+pub mod wire;

@@ -1,0 +1,2 @@
+//! The simulated Xen host.
+#![deny(unsafe_code)]
