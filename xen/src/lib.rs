@@ -16,8 +16,10 @@ pub mod evtchn;
 pub mod foreign;
 pub mod gnttab;
 pub mod host;
+pub mod linux;
 #[allow(unsafe_code)]
 pub mod mem;
+pub mod ring;
 
 pub use dm::{BufIoreq, DeviceModel, DmError, IoRange, IoServId, IoreqServerInfo};
 pub use evtchn::{EventChannels, EvtchnError};

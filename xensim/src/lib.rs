@@ -1,2 +1,4 @@
-//! The simulated Xen host.
+//! xensim: a simulated Xen host, faithful to Xen's semantics, for testing domio without Xen.
 #![deny(unsafe_code)]
+
+pub mod xenstored;

@@ -1,0 +1,1 @@
+//! Linux implementation of the xen traits on /dev/xen (to be filled in).

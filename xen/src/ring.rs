@@ -1,0 +1,1 @@
+//! Generic shared ring (io/ring.h) over SharedMem (to be filled in).

@@ -1,0 +1,1 @@
+//! xensim's xenstored (to be filled in).
