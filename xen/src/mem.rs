@@ -66,6 +66,20 @@ impl fmt::Debug for SharedMem {
     }
 }
 
+/// Unmaps an anonymous mapping made by [`SharedMem::anonymous`] when dropped.
+struct AnonMapping {
+    addr: usize,
+    len: usize,
+}
+
+impl Drop for AnonMapping {
+    fn drop(&mut self) {
+        // SAFETY: `addr..addr+len` is the mapping made by `SharedMem::anonymous`, owned by this
+        // value alone; the SharedMem using it is being dropped, so nothing accesses it again.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
 impl SharedMem {
     /// Wraps a mapping.
     ///
@@ -85,6 +99,37 @@ impl SharedMem {
             writable,
             _owner: owner,
         }
+    }
+
+    /// A new zero-filled mapping of `len` bytes of anonymous shared memory (rounded up to
+    /// whole pages by the kernel), writable, unmapped on drop. It is what tests and xensim
+    /// use where real Xen would give a grant or foreign mapping.
+    pub fn anonymous(len: usize) -> std::io::Result<Self> {
+        if len == 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: a fresh anonymous mapping at an address the kernel chooses: no existing
+        // memory is affected. The result is checked for MAP_FAILED below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let owner = AnonMapping {
+            addr: ptr as usize,
+            len,
+        };
+        // SAFETY: `ptr..ptr+len` was just mapped read/write and stays mapped until `owner`
+        // (which only the returned SharedMem holds) is dropped.
+        Ok(unsafe { SharedMem::from_raw(ptr.cast::<u8>(), len, true, Box::new(owner)) })
     }
 
     /// Length in bytes.
