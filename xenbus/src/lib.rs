@@ -18,6 +18,10 @@ pub mod state;
 pub mod watch;
 pub mod wire;
 
+pub use backend::{
+    BackendDriver, BackendWatcher, Device, DeviceCtx, DeviceError, DeviceInfo, DriverError,
+    Hotplug, WatcherError,
+};
 pub use client::{ClientOptions, Op, Transaction, Watch, WatchGuard, XsClient, XsError, XsOps};
 pub use state::XenbusState;
 pub use watch::{EventQueue, QueueStats, WatchEvent};
