@@ -140,5 +140,5 @@ echo "  timings: fetch ${T_FETCH}s, build ${T_BUILD}s, VM ${T_VM}s, total $(secs
 echo "  serial log: $OUT/serial.log   results: $SHARE/<scenario>.txt"
 if [ $nfail = 0 ] && [ -n "$VM_OK" ]; then echo "  ALL PASSED"; exit 0; fi
 if [ -z "$VM_OK" ]; then echo "--- last 30 lines of the serial console:"; tail -n30 "$OUT/serial.log" 2>/dev/null | sed 's/^/  | /'; fi
-echo "  FAILED: $nfail scenario(s)${VM_OK:+}${VM_OK:- and the VM}"
+if [ -n "$VM_OK" ]; then echo "  FAILED: $nfail scenario(s)"; else echo "  FAILED: $nfail scenario(s), and the VM did not finish"; fi
 exit 1

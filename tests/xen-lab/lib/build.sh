@@ -59,12 +59,15 @@ cpio_gz() { # root out
 add_domio() { # root  (stripped copy of domio, plus its libs)
   local r=$1
   withlibs "$r" "$DOMIO" /usr/bin/domio
-  if command -v strip >/dev/null; then strip --strip-debug "$r/usr/bin/domio"; fi
+  # the release profile keeps debug info (large); the lab does not need it
+  if is_elf "$r/usr/bin/domio" && command -v strip >/dev/null; then
+    strip --strip-debug "$r/usr/bin/domio" || say "warning: strip failed; using the unstripped domio"
+  fi
 }
 
 t0=$(now_ms)
 # ---------- dom0 base (cached) ----------
-KEY=$( { cat "$XENLAB_DIR/fetch.stamp"; sha256sum < "${BASH_SOURCE[0]}"; ldd --version | head -1; } | sha256sum | cut -c1-16)
+KEY=$( { cat "$XENLAB_DIR/fetch.stamp"; sha256sum < "${BASH_SOURCE[0]}"; ldd --version | sed -n 1p; } | sha256sum | cut -c1-16)
 BASE=$XENLAB_DIR/dom0-base.cpio.gz
 if [ ! -f "$BASE" ] || [ "$(cat "$BASE.key" 2>/dev/null)" != "$KEY" ]; then
   R=$XENLAB_DIR/dom0root; rm -rf "$R" "$BASE.key"; skel "$R"
@@ -83,6 +86,11 @@ if [ ! -f "$BASE" ] || [ "$(cat "$BASE.key" 2>/dev/null)" != "$KEY" ]; then
   # busybox-static lacks flock and mountpoint, and locking.sh wants GNU stat
   withlibs "$R" /usr/bin/bash /usr/bin/bash
   for b in flock mountpoint stat timeout; do rm -f "$R/usr/bin/$b"; withlibs "$R" "/usr/bin/$b" "/usr/bin/$b"; done
+  # glibc dlopen()s libgcc_s for pthread_cancel; ldd does not show it. Without it `xl create`
+  # aborts: "libgcc_s.so.1 must be installed for pthread_cancel to work".
+  GCC_S=/usr/lib/x86_64-linux-gnu/libgcc_s.so.1
+  [ -f "$GCC_S" ] || die "$GCC_S not found on the host (package libgcc-s1)"
+  cp -L "$GCC_S" "$R/usr/lib/x86_64-linux-gnu/"
   cp -a "$P/etc/xen" "$R/etc/"
   printf 'root:x:0:0:root:/root:/bin/sh\n' > "$R/etc/passwd"; printf 'root:x:0:\n' > "$R/etc/group"
   cp "$XENLAB_DIR/vmlinuz" "$R/root/vmlinuz"
