@@ -156,7 +156,7 @@ pub enum WatcherError {
         path: String,
         /// The error.
         #[source]
-        source: XsError,
+        source: Box<XsError>,
     },
     /// The watcher thread could not be started.
     #[error("domain {domid} {type_}: starting the watcher thread: {source}")]
@@ -696,7 +696,7 @@ impl BackendWatcher {
                 domid,
                 type_: type_.clone(),
                 path: backend_dir.clone(),
-                source,
+                source: Box::new(source),
             })?;
         let shared = Arc::new(WatcherShared {
             published: Mutex::new(Published::default()),

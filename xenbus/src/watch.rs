@@ -42,6 +42,8 @@ pub struct QueueStats {
     pub overflowed: u64,
     /// Events delivered to the consumer.
     pub delivered: u64,
+    /// The most events ever pending at once.
+    pub max_pending: usize,
 }
 
 #[derive(Debug, Default)]
@@ -110,6 +112,7 @@ impl EventQueue {
             st.stats.overflowed += 1;
             st.overflow.insert(Arc::clone(token), Arc::clone(watched));
             st.stats.pending = st.pending.len() + st.overflow.len();
+            st.stats.max_pending = st.stats.max_pending.max(st.stats.pending);
             drop(st);
             self.inner.cond.notify_one();
             return false;
@@ -117,6 +120,7 @@ impl EventQueue {
         st.keys.insert(key.clone());
         st.pending.push_back(key);
         st.stats.pending = st.pending.len() + st.overflow.len();
+        st.stats.max_pending = st.stats.max_pending.max(st.stats.pending);
         drop(st);
         self.inner.cond.notify_one();
         true
