@@ -2,6 +2,7 @@
 //! headers (Debian's libxen-dev and the kernel uapi) by `xen/tests/layout.rs`.
 
 pub mod blkif;
+pub mod console;
 pub mod dm_op;
 pub mod event_channel;
 pub mod grant_table;

@@ -1,0 +1,721 @@
+//! `SimHost`: the `xen::XenHost` implementation that attaches to a xensim daemon, the way
+//! `LinuxHost` attaches to Xen through `/dev/xen`.
+//!
+//! Each `open_*` opens a new connection (a new "device handle"). Grant and foreign mappings
+//! map the guest's memfd, received once per domain, at the frames the host approved; event
+//! notification writes the peer's eventfd directly, so the data path never crosses the socket.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use xen::{
+    BufIoreq, CopyDir, CopySegment, DeviceModel, DmError, DomId, EventChannels, EvtchnError,
+    ForeignError, ForeignMemory, Gfn, GrantError, GrantMapping, GrantRef, GrantTables, HostError,
+    IoRange, IoServId, IoreqServerInfo, Port, Resource, SharedMem, XenHost, XsStream, XsTransport,
+    PAGE_SIZE,
+};
+
+use crate::efd::EventFd;
+use crate::mem;
+use crate::proto::{decode, encode, CopySeg, Request, Response, MAX_MSG};
+use crate::sys;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One connection to the daemon.
+#[derive(Debug)]
+struct Conn {
+    fd: OwnedFd,
+    buf: Mutex<Vec<u8>>,
+}
+
+impl Conn {
+    fn open(path: &Path, domid: DomId, kind: &str) -> io::Result<Arc<Conn>> {
+        let fd = sys::seqpacket_connect(path)?;
+        let c = Arc::new(Conn {
+            fd,
+            buf: Mutex::new(vec![0u8; MAX_MSG]),
+        });
+        match c
+            .call(&Request::Hello {
+                domid,
+                kind: kind.to_string(),
+            })?
+            .0
+        {
+            Response::Ok => Ok(c),
+            Response::Err { errno, msg } => Err(io::Error::new(
+                io::Error::from_raw_os_error(errno).kind(),
+                msg,
+            )),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected reply {other:?}"),
+            )),
+        }
+    }
+
+    fn call(&self, req: &Request) -> io::Result<(Response, Vec<OwnedFd>)> {
+        let mut buf = lock(&self.buf);
+        sys::send_with_fds(self.fd.as_fd(), &encode(req), &[])?;
+        let (n, fds) = sys::recv_with_fds(self.fd.as_fd(), &mut buf)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "xensim host closed the connection",
+            ));
+        }
+        let rsp = decode::<Response>(&buf[..n])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        Ok((rsp, fds))
+    }
+}
+
+fn rsp_err(errno: i32, msg: &str) -> io::Error {
+    let e = io::Error::from_raw_os_error(errno);
+    io::Error::new(e.kind(), format!("{msg} ({e})"))
+}
+
+fn unexpected(r: &Response) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("unexpected reply from xensim host: {r:?}"),
+    )
+}
+
+/// A xensim host reached through its daemon socket.
+#[derive(Debug, Clone)]
+pub struct SimHost {
+    path: PathBuf,
+    domid: DomId,
+}
+
+impl SimHost {
+    /// Attaches to the daemon at `path` as `domid` (0 for a dom0 backend). Checks that the
+    /// daemon answers.
+    pub fn connect(path: impl Into<PathBuf>, domid: DomId) -> Result<SimHost, HostError> {
+        let h = SimHost {
+            path: path.into(),
+            domid,
+        };
+        h.domains()?;
+        Ok(h)
+    }
+
+    fn conn(&self, kind: &str) -> Result<Arc<Conn>, HostError> {
+        Conn::open(&self.path, self.domid, kind).map_err(|source| HostError::Open {
+            what: format!("xensim {kind} handle at {}", self.path.display()),
+            source,
+        })
+    }
+
+    /// The domains on the host: (id, name, RAM pages).
+    pub fn domains(&self) -> Result<Vec<(DomId, String, u64)>, HostError> {
+        let c = self.conn("query")?;
+        match c.call(&Request::Domains) {
+            Ok((Response::Domains(d), _)) => Ok(d),
+            Ok((other, _)) => Err(HostError::Sim(format!("unexpected reply {other:?}"))),
+            Err(e) => Err(HostError::Sim(e.to_string())),
+        }
+    }
+}
+
+impl XenHost for SimHost {
+    fn describe(&self) -> String {
+        format!("sim:{}", self.path.display())
+    }
+    fn own_domid(&self) -> DomId {
+        self.domid
+    }
+    fn open_evtchn(&self) -> Result<Box<dyn EventChannels>, HostError> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| HostError::Open {
+            what: "epoll".into(),
+            source: e.into(),
+        })?;
+        Ok(Box::new(SimEvtchn {
+            conn: self.conn("evtchn")?,
+            epoll,
+            ports: Mutex::new(HashMap::new()),
+            restricted: Mutex::new(None),
+        }))
+    }
+    fn open_gnttab(&self) -> Result<Box<dyn GrantTables>, HostError> {
+        Ok(Box::new(SimGnttab {
+            conn: self.conn("gnttab")?,
+            ram: RamCache::default(),
+        }))
+    }
+    fn open_foreign(&self) -> Result<Box<dyn ForeignMemory>, HostError> {
+        Ok(Box::new(SimForeign {
+            conn: self.conn("privcmd")?,
+            ram: RamCache::default(),
+            restricted: Mutex::new(None),
+        }))
+    }
+    fn open_devmodel(&self) -> Result<Box<dyn DeviceModel>, HostError> {
+        Ok(Box::new(SimDm {
+            restricted: Mutex::new(None),
+        }))
+    }
+    fn open_xenstore(&self, transport: &XsTransport) -> Result<XsStream, HostError> {
+        let c = self.conn("xenstore")?;
+        let what = || format!("xenstore via {}", self.describe());
+        match c.call(&Request::Xenstore) {
+            Ok((Response::Ok, mut fds)) if fds.len() == 1 => Ok(XsStream {
+                file: File::from(fds.remove(0)),
+                describe: format!("{} ({transport:?})", self.describe()),
+            }),
+            Ok((Response::Err { errno, msg }, _)) => Err(HostError::Open {
+                what: what(),
+                source: rsp_err(errno, &msg),
+            }),
+            Ok((other, _)) => Err(HostError::Open {
+                what: what(),
+                source: unexpected(&other),
+            }),
+            Err(source) => Err(HostError::Open {
+                what: what(),
+                source,
+            }),
+        }
+    }
+}
+
+// ------------------------------------------------------------------ event channels
+
+#[derive(Debug)]
+struct PortRec {
+    incoming: EventFd,
+    peer: Option<EventFd>,
+}
+
+/// Event channels through the daemon; delivery and notification use eventfds directly.
+#[derive(Debug)]
+struct SimEvtchn {
+    conn: Arc<Conn>,
+    epoll: Epoll,
+    ports: Mutex<HashMap<Port, PortRec>>,
+    restricted: Mutex<Option<DomId>>,
+}
+
+impl SimEvtchn {
+    fn op_err(
+        op: &'static str,
+        remote: Option<DomId>,
+        port: Option<Port>,
+        source: io::Error,
+    ) -> EvtchnError {
+        EvtchnError::Op {
+            op,
+            remote,
+            port,
+            source,
+        }
+    }
+
+    fn check_restricted(&self, remote: DomId) -> Result<(), EvtchnError> {
+        match *lock(&self.restricted) {
+            Some(r) if r != remote => Err(EvtchnError::Restricted {
+                restricted: r,
+                requested: remote,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn add(
+        &self,
+        port: Port,
+        incoming: EventFd,
+        peer: Option<EventFd>,
+    ) -> Result<Port, EvtchnError> {
+        self.epoll
+            .add(
+                incoming.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, u64::from(port)),
+            )
+            .map_err(|e| Self::op_err("epoll_add", None, Some(port), e.into()))?;
+        lock(&self.ports).insert(port, PortRec { incoming, peer });
+        Ok(port)
+    }
+}
+
+impl EventChannels for SimEvtchn {
+    fn bind_interdomain(&self, remote: DomId, remote_port: Port) -> Result<Port, EvtchnError> {
+        self.check_restricted(remote)?;
+        let op = "bind_interdomain";
+        match self.conn.call(&Request::EvtchnBindInterdomain {
+            remote,
+            remote_port,
+        }) {
+            Ok((Response::Port(p), fds)) if fds.len() == 2 => {
+                let mut it = fds.into_iter();
+                let (i, pe) = (it.next(), it.next());
+                match (i, pe) {
+                    (Some(i), Some(pe)) => self.add(p, EventFd::from(i), Some(EventFd::from(pe))),
+                    _ => Err(Self::op_err(
+                        op,
+                        Some(remote),
+                        Some(remote_port),
+                        unexpected(&Response::Port(p)),
+                    )),
+                }
+            }
+            Ok((Response::Err { errno, msg }, _)) => Err(Self::op_err(
+                op,
+                Some(remote),
+                Some(remote_port),
+                rsp_err(errno, &msg),
+            )),
+            Ok((other, _)) => Err(Self::op_err(
+                op,
+                Some(remote),
+                Some(remote_port),
+                unexpected(&other),
+            )),
+            Err(e) => Err(Self::op_err(op, Some(remote), Some(remote_port), e)),
+        }
+    }
+
+    fn bind_unbound(&self, remote: DomId) -> Result<Port, EvtchnError> {
+        self.check_restricted(remote)?;
+        let op = "alloc_unbound";
+        match self.conn.call(&Request::EvtchnAllocUnbound { remote }) {
+            Ok((Response::Port(p), mut fds)) if fds.len() == 1 => {
+                self.add(p, EventFd::from(fds.remove(0)), None)
+            }
+            Ok((Response::Err { errno, msg }, _)) => {
+                Err(Self::op_err(op, Some(remote), None, rsp_err(errno, &msg)))
+            }
+            Ok((other, _)) => Err(Self::op_err(op, Some(remote), None, unexpected(&other))),
+            Err(e) => Err(Self::op_err(op, Some(remote), None, e)),
+        }
+    }
+
+    fn unbind(&self, port: Port) -> Result<(), EvtchnError> {
+        let rec = lock(&self.ports)
+            .remove(&port)
+            .ok_or(EvtchnError::NotBound(port))?;
+        let _ = self.epoll.delete(rec.incoming.as_fd());
+        match self.conn.call(&Request::EvtchnClose { port }) {
+            Ok((Response::Ok, _)) => Ok(()),
+            Ok((Response::Err { errno, msg }, _)) => Err(Self::op_err(
+                "close",
+                None,
+                Some(port),
+                rsp_err(errno, &msg),
+            )),
+            Ok((other, _)) => Err(Self::op_err("close", None, Some(port), unexpected(&other))),
+            Err(e) => Err(Self::op_err("close", None, Some(port), e)),
+        }
+    }
+
+    fn notify(&self, port: Port) -> Result<(), EvtchnError> {
+        let mut ports = lock(&self.ports);
+        let rec = ports.get_mut(&port).ok_or(EvtchnError::NotBound(port))?;
+        if rec.peer.is_none() {
+            // Allocated unbound: learn the peer once it has bound (EVTCHNOP_send on an
+            // unbound port does nothing in Xen either).
+            match self.conn.call(&Request::EvtchnPeer { port }) {
+                Ok((Response::Peer(true), mut fds)) if fds.len() == 1 => {
+                    rec.peer = Some(EventFd::from(fds.remove(0)))
+                }
+                Ok((Response::Peer(false), _)) => return Ok(()),
+                Ok((Response::Err { errno, msg }, _)) => {
+                    return Err(Self::op_err("send", None, Some(port), rsp_err(errno, &msg)))
+                }
+                Ok((other, _)) => {
+                    return Err(Self::op_err("send", None, Some(port), unexpected(&other)))
+                }
+                Err(e) => return Err(Self::op_err("send", None, Some(port), e)),
+            }
+        }
+        match &rec.peer {
+            Some(p) => p
+                .signal()
+                .map_err(|e| Self::op_err("send", None, Some(port), e)),
+            None => Ok(()),
+        }
+    }
+
+    fn unmask(&self, port: Port) -> Result<(), EvtchnError> {
+        let ports = lock(&self.ports);
+        let rec = ports.get(&port).ok_or(EvtchnError::NotBound(port))?;
+        let mut ev = EpollEvent::new(EpollFlags::EPOLLIN, u64::from(port));
+        self.epoll
+            .modify(rec.incoming.as_fd(), &mut ev)
+            .map_err(|e| Self::op_err("unmask", None, Some(port), e.into()))
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.epoll.0.as_fd()
+    }
+
+    fn pending(&self, out: &mut [Port]) -> Result<usize, EvtchnError> {
+        let mut events = [EpollEvent::empty(); 64];
+        let want = out.len().min(events.len());
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self
+            .epoll
+            .wait(&mut events[..want], EpollTimeout::ZERO)
+            .map_err(|e| Self::op_err("pending", None, None, e.into()))?;
+        let ports = lock(&self.ports);
+        let mut got = 0;
+        for ev in &events[..n] {
+            let port = ev.data() as Port;
+            let Some(rec) = ports.get(&port) else {
+                continue;
+            };
+            rec.incoming
+                .take()
+                .map_err(|e| Self::op_err("pending", None, Some(port), e))?;
+            // Delivered ports stay masked until unmask(), like the Linux evtchn device.
+            let mut off = EpollEvent::new(EpollFlags::empty(), u64::from(port));
+            self.epoll
+                .modify(rec.incoming.as_fd(), &mut off)
+                .map_err(|e| Self::op_err("mask", None, Some(port), e.into()))?;
+            out[got] = port;
+            got += 1;
+        }
+        Ok(got)
+    }
+
+    fn restrict(&self, domid: DomId) -> Result<(), EvtchnError> {
+        let mut r = lock(&self.restricted);
+        match *r {
+            Some(cur) if cur != domid => Err(EvtchnError::Restricted {
+                restricted: cur,
+                requested: domid,
+            }),
+            _ => {
+                *r = Some(domid);
+                Ok(())
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ memory
+
+#[derive(Debug, Default)]
+struct RamCache {
+    fds: Mutex<HashMap<DomId, (Arc<OwnedFd>, u64)>>,
+}
+
+impl RamCache {
+    fn get(&self, conn: &Conn, domid: DomId) -> io::Result<(Arc<OwnedFd>, u64)> {
+        if let Some(v) = lock(&self.fds).get(&domid) {
+            return Ok(v.clone());
+        }
+        match conn.call(&Request::RamFd { domid })? {
+            (Response::Ram(pages), mut fds) if fds.len() == 1 => {
+                let v = (Arc::new(fds.remove(0)), pages);
+                lock(&self.fds).insert(domid, v.clone());
+                Ok(v)
+            }
+            (Response::Err { errno, msg }, _) => Err(rsp_err(errno, &msg)),
+            (other, _) => Err(unexpected(&other)),
+        }
+    }
+}
+
+/// Unpins the grants when the mapping is dropped (after its memory is unmapped).
+#[derive(Debug)]
+struct GrantUnmap {
+    conn: Arc<Conn>,
+    token: u64,
+}
+
+impl Drop for GrantUnmap {
+    fn drop(&mut self) {
+        let _ = self.conn.call(&Request::GntUnmap { token: self.token });
+    }
+}
+
+#[derive(Debug)]
+struct SimGnttab {
+    conn: Arc<Conn>,
+    ram: RamCache,
+}
+
+impl GrantTables for SimGnttab {
+    fn map(
+        &self,
+        domid: DomId,
+        refs: &[GrantRef],
+        writable: bool,
+    ) -> Result<GrantMapping, GrantError> {
+        if refs.is_empty() {
+            return Err(GrantError::Invalid("empty grant batch"));
+        }
+        let os = |source| GrantError::Os {
+            op: "map",
+            domid,
+            source,
+        };
+        match self
+            .conn
+            .call(&Request::GntMap {
+                domid,
+                refs: refs.to_vec(),
+                writable,
+            })
+            .map_err(os)?
+        {
+            (Response::Mapped { token, frames }, _) => {
+                let guard = GrantUnmap {
+                    conn: self.conn.clone(),
+                    token,
+                };
+                let (fd, _) = self.ram.get(&self.conn, domid).map_err(os)?;
+                let mem = mem::map_frames_with(fd.as_fd(), &frames, writable, Box::new(guard))
+                    .map_err(os)?;
+                Ok(GrantMapping::new(mem, domid, token))
+            }
+            (Response::MapFailed { index, status }, _) => Err(GrantError::Map {
+                domid,
+                gref: refs.get(index as usize).copied().unwrap_or_default(),
+                status,
+            }),
+            (Response::Err { errno, msg }, _) => Err(os(rsp_err(errno, &msg))),
+            (other, _) => Err(os(unexpected(&other))),
+        }
+    }
+
+    fn set_unmap_notify(
+        &self,
+        mapping: &GrantMapping,
+        clear_byte: Option<usize>,
+        port: Option<Port>,
+    ) -> Result<(), GrantError> {
+        let domid = mapping.domid();
+        let os = |source| GrantError::Os {
+            op: "set_unmap_notify",
+            domid,
+            source,
+        };
+        let req = Request::GntSetUnmapNotify {
+            token: mapping.token(),
+            clear_byte: clear_byte.map(|b| b as u64),
+            port,
+        };
+        match self.conn.call(&req).map_err(os)? {
+            (Response::Ok, _) => Ok(()),
+            (Response::Err { errno, msg }, _) => Err(os(rsp_err(errno, &msg))),
+            (other, _) => Err(os(unexpected(&other))),
+        }
+    }
+
+    fn copy(&self, segs: &mut [CopySegment<'_>]) -> Result<(), GrantError> {
+        let domid = segs.first().map_or(0, |s| s.domid);
+        let os = |source| GrantError::Os {
+            op: "copy",
+            domid,
+            source,
+        };
+        let mut wire = Vec::with_capacity(segs.len());
+        for s in segs.iter() {
+            let (len, to_guest) = match &s.local {
+                CopyDir::FromGuest(b) => (b.len(), None),
+                CopyDir::ToGuest(b) => (b.len(), Some(b.to_vec())),
+            };
+            if len > PAGE_SIZE {
+                return Err(GrantError::Invalid("grant copy segment longer than a page"));
+            }
+            wire.push(CopySeg {
+                domid: s.domid,
+                gref: s.gref,
+                offset: s.offset,
+                len: len as u16,
+                to_guest,
+            });
+        }
+        match self
+            .conn
+            .call(&Request::GntCopy { segs: wire })
+            .map_err(os)?
+        {
+            (Response::Copied { status, data }, _)
+                if status.len() == segs.len() && data.len() == segs.len() =>
+            {
+                for ((s, st), d) in segs.iter_mut().zip(status).zip(data) {
+                    s.status = st;
+                    if let CopyDir::FromGuest(b) = &mut s.local {
+                        if st == 0 && d.len() == b.len() {
+                            b.copy_from_slice(&d);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            (Response::Err { errno, msg }, _) => Err(os(rsp_err(errno, &msg))),
+            (other, _) => Err(os(unexpected(&other))),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SimForeign {
+    conn: Arc<Conn>,
+    ram: RamCache,
+    restricted: Mutex<Option<DomId>>,
+}
+
+impl ForeignMemory for SimForeign {
+    fn map(&self, domid: DomId, gfns: &[Gfn], writable: bool) -> Result<SharedMem, ForeignError> {
+        if let Some(r) = *lock(&self.restricted) {
+            if r != domid {
+                return Err(ForeignError::Restricted {
+                    restricted: r,
+                    requested: domid,
+                });
+            }
+        }
+        let os = |source| ForeignError::Os {
+            op: "mmapbatch",
+            domid,
+            source,
+        };
+        match self
+            .conn
+            .call(&Request::ForeignMap {
+                domid,
+                gfns: gfns.to_vec(),
+            })
+            .map_err(os)?
+        {
+            (Response::Ok, _) => {
+                let (fd, _) = self.ram.get(&self.conn, domid).map_err(os)?;
+                mem::map_frames(fd.as_fd(), gfns, writable).map_err(os)
+            }
+            (Response::ForeignFailed { index, errno }, _) => Err(ForeignError::Frame {
+                domid,
+                gfn: gfns.get(index as usize).copied().unwrap_or_default(),
+                errno,
+            }),
+            (Response::Err { errno, msg }, _) => Err(os(rsp_err(errno, &msg))),
+            (other, _) => Err(os(unexpected(&other))),
+        }
+    }
+
+    fn map_resource(
+        &self,
+        domid: DomId,
+        res: Resource,
+        _frame: u64,
+        _nr: u64,
+    ) -> Result<SharedMem, ForeignError> {
+        Err(ForeignError::Os {
+            op: "mmap_resource",
+            domid,
+            source: io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("xensim has no HVM domains yet, so no {res:?} resource (EOPNOTSUPP, as Xen without HVM)"),
+            ),
+        })
+    }
+
+    fn restrict(&self, domid: DomId) -> Result<(), ForeignError> {
+        let mut r = lock(&self.restricted);
+        match *r {
+            Some(cur) if cur != domid => Err(ForeignError::Restricted {
+                restricted: cur,
+                requested: domid,
+            }),
+            _ => {
+                *r = Some(domid);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Device-model operations: xensim has only PV domains so far, so every DMOP fails the way
+/// Xen fails them for a PV domain (EOPNOTSUPP), after the restriction check.
+#[derive(Debug)]
+struct SimDm {
+    restricted: Mutex<Option<DomId>>,
+}
+
+impl SimDm {
+    fn refuse<T>(&self, op: &'static str, domid: DomId) -> Result<T, DmError> {
+        if let Some(r) = *lock(&self.restricted) {
+            if r != domid {
+                return Err(DmError::Restricted {
+                    restricted: r,
+                    requested: domid,
+                });
+            }
+        }
+        Err(DmError::Op {
+            op,
+            domid,
+            source: io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+        })
+    }
+}
+
+impl DeviceModel for SimDm {
+    fn create_ioreq_server(&self, domid: DomId, _b: BufIoreq) -> Result<IoServId, DmError> {
+        self.refuse("create_ioreq_server", domid)
+    }
+    fn get_ioreq_server_info(
+        &self,
+        domid: DomId,
+        _id: IoServId,
+        _g: bool,
+    ) -> Result<IoreqServerInfo, DmError> {
+        self.refuse("get_ioreq_server_info", domid)
+    }
+    fn map_io_range(&self, domid: DomId, _id: IoServId, _r: IoRange) -> Result<(), DmError> {
+        self.refuse("map_io_range", domid)
+    }
+    fn unmap_io_range(&self, domid: DomId, _id: IoServId, _r: IoRange) -> Result<(), DmError> {
+        self.refuse("unmap_io_range", domid)
+    }
+    fn set_ioreq_server_state(&self, domid: DomId, _id: IoServId, _e: bool) -> Result<(), DmError> {
+        self.refuse("set_ioreq_server_state", domid)
+    }
+    fn destroy_ioreq_server(&self, domid: DomId, _id: IoServId) -> Result<(), DmError> {
+        self.refuse("destroy_ioreq_server", domid)
+    }
+    fn set_isa_irq_level(&self, domid: DomId, _irq: u8, _l: bool) -> Result<(), DmError> {
+        self.refuse("set_isa_irq_level", domid)
+    }
+    fn set_pci_intx_level(
+        &self,
+        domid: DomId,
+        _s: u16,
+        _b: u8,
+        _d: u8,
+        _i: u8,
+        _l: bool,
+    ) -> Result<(), DmError> {
+        self.refuse("set_pci_intx_level", domid)
+    }
+    fn inject_msi(&self, domid: DomId, _a: u64, _d: u32) -> Result<(), DmError> {
+        self.refuse("inject_msi", domid)
+    }
+    fn restrict(&self, domid: DomId) -> Result<(), DmError> {
+        let mut r = lock(&self.restricted);
+        match *r {
+            Some(cur) if cur != domid => Err(DmError::Restricted {
+                restricted: cur,
+                requested: domid,
+            }),
+            _ => {
+                *r = Some(domid);
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The simulated toolstack: what libxl writes to xenstore when it builds a domain and adds a
+//! PV device (`libxl__domain_make`, `libxl__device_generic_add`), done as dom0 through a real
+//! xenstore client, so the nodes and their permissions are what a backend sees under xl.
+
+use xen::DomId;
+use xenbus::wire::{Perm, PermKind};
+use xenbus::{XsClient, XsError, XsOps};
+
+/// A PV device to add: its type, the two domains, and the type-specific keys.
+#[derive(Debug, Clone)]
+pub struct DeviceSpec {
+    /// Backend type, e.g. "vbd", "vif", "console".
+    pub kind: String,
+    /// Frontend directory name under `device/` (usually the same as `kind`).
+    pub frontend_kind: String,
+    /// The backend's domain (0 normally).
+    pub backend_domid: DomId,
+    /// The guest.
+    pub frontend_domid: DomId,
+    /// Device id.
+    pub devid: u32,
+    /// Extra backend keys (`params`, `mode`, `mac`, ...).
+    pub backend: Vec<(String, String)>,
+    /// Extra frontend keys.
+    pub frontend: Vec<(String, String)>,
+}
+
+impl DeviceSpec {
+    /// A device of `kind` with no extra keys.
+    pub fn new(kind: &str, frontend_domid: DomId, devid: u32) -> Self {
+        DeviceSpec {
+            kind: kind.to_string(),
+            frontend_kind: kind.to_string(),
+            backend_domid: 0,
+            frontend_domid,
+            devid,
+            backend: Vec::new(),
+            frontend: Vec::new(),
+        }
+    }
+    /// `/local/domain/<backend>/backend/<kind>/<domid>/<devid>`.
+    pub fn backend_path(&self) -> String {
+        format!(
+            "/local/domain/{}/backend/{}/{}/{}",
+            self.backend_domid, self.kind, self.frontend_domid, self.devid
+        )
+    }
+    /// `/local/domain/<domid>/device/<kind>/<devid>`.
+    pub fn frontend_path(&self) -> String {
+        format!(
+            "/local/domain/{}/device/{}/{}",
+            self.frontend_domid, self.frontend_kind, self.devid
+        )
+    }
+}
+
+fn perms(owner: DomId, reader: DomId) -> [Perm; 2] {
+    [
+        Perm {
+            kind: PermKind::None,
+            domid: u32::from(owner),
+        },
+        Perm {
+            kind: PermKind::Read,
+            domid: u32::from(reader),
+        },
+    ]
+}
+
+/// The dom0 toolstack's view of xenstore.
+#[derive(Debug, Clone)]
+pub struct Toolstack {
+    xs: XsClient,
+}
+
+impl Toolstack {
+    /// A toolstack using `xs`, which must be a dom0 connection.
+    pub fn new(xs: XsClient) -> Self {
+        Toolstack { xs }
+    }
+
+    /// The dom0 client.
+    pub fn xs(&self) -> &XsClient {
+        &self.xs
+    }
+
+    /// Writes the nodes libxl creates for a new domain: `/local/domain/<id>` readable by the
+    /// guest, `name` and `domid`, and the directories the guest may write.
+    pub fn create_domain_nodes(&self, domid: DomId, name: &str) -> Result<(), XsError> {
+        let dom = format!("/local/domain/{domid}");
+        self.xs.transaction(|tx| {
+            tx.mkdir(&dom)?;
+            tx.set_perms(&dom, &perms(0, domid))?;
+            tx.write(&format!("{dom}/name"), name.as_bytes())?;
+            tx.write(&format!("{dom}/domid"), domid.to_string().as_bytes())?;
+            for d in ["device", "control"] {
+                tx.mkdir(&format!("{dom}/{d}"))?;
+                tx.set_perms(&format!("{dom}/{d}"), &perms(0, domid))?;
+            }
+            for d in ["data", "control/shutdown", "drivers", "attr", "error"] {
+                let p = format!("{dom}/{d}");
+                tx.write(&p, b"")?;
+                tx.set_perms(
+                    &p,
+                    &[Perm {
+                        kind: PermKind::None,
+                        domid: u32::from(domid),
+                    }],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Adds a PV device as `libxl__device_generic_add` does: frontend directory owned by the
+    /// guest and readable by the backend, backend directory owned by the backend domain and
+    /// readable by the guest, both at state 1, backend `online = 1`.
+    pub fn add_device(&self, spec: &DeviceSpec) -> Result<(), XsError> {
+        let fe = spec.frontend_path();
+        let be = spec.backend_path();
+        self.xs.transaction(|tx| {
+            tx.rm(&fe).or_else(ignore_missing)?;
+            tx.rm(&be).or_else(ignore_missing)?;
+            tx.mkdir(&fe)?;
+            tx.set_perms(&fe, &perms(spec.frontend_domid, spec.backend_domid))?;
+            tx.write(&format!("{fe}/backend"), be.as_bytes())?;
+            tx.write(
+                &format!("{fe}/backend-id"),
+                spec.backend_domid.to_string().as_bytes(),
+            )?;
+            tx.write(&format!("{fe}/state"), b"1")?;
+            for (k, v) in &spec.frontend {
+                tx.write(&format!("{fe}/{k}"), v.as_bytes())?;
+            }
+            tx.mkdir(&be)?;
+            tx.set_perms(&be, &perms(spec.backend_domid, spec.frontend_domid))?;
+            tx.write(&format!("{be}/frontend"), fe.as_bytes())?;
+            tx.write(
+                &format!("{be}/frontend-id"),
+                spec.frontend_domid.to_string().as_bytes(),
+            )?;
+            tx.write(&format!("{be}/online"), b"1")?;
+            tx.write(&format!("{be}/state"), b"1")?;
+            for (k, v) in &spec.backend {
+                tx.write(&format!("{be}/{k}"), v.as_bytes())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Asks the backend to let the device go (libxl's device removal: `online = 0` and
+    /// `state = 5`). The caller waits for the backend to reach Closed, then calls
+    /// [`Toolstack::remove_device_nodes`].
+    pub fn request_device_removal(&self, spec: &DeviceSpec) -> Result<(), XsError> {
+        let be = spec.backend_path();
+        self.xs.transaction(|tx| {
+            tx.write(&format!("{be}/online"), b"0")?;
+            tx.write(&format!("{be}/state"), b"5")?;
+            Ok(())
+        })
+    }
+
+    /// Removes both directories of a device.
+    pub fn remove_device_nodes(&self, spec: &DeviceSpec) -> Result<(), XsError> {
+        let (fe, be) = (spec.frontend_path(), spec.backend_path());
+        self.xs.transaction(|tx| {
+            tx.rm(&fe).or_else(ignore_missing)?;
+            tx.rm(&be).or_else(ignore_missing)?;
+            Ok(())
+        })
+    }
+}
+
+fn ignore_missing(e: XsError) -> Result<(), XsError> {
+    if e.is_not_found() {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
