@@ -20,7 +20,8 @@ need_cmd ldd gzip sha256sum
 
 P=$XENLAB_DIR/dom0pkgs
 KV=$(ls "$P/lib/modules"); BB=$P/bin/busybox
-LIBDIRS=$P/usr/lib/x86_64-linux-gnu   # the Xen libraries come from the packages; everything else from the host
+# the Xen libraries (and any library fetch.sh had to add) come from the packages; the rest from the host
+LIBDIRS=$P/usr/lib/x86_64-linux-gnu:$P/lib/x86_64-linux-gnu
 
 skel() { # root
   local r=$1 a
