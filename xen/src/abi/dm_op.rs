@@ -63,7 +63,9 @@ pub const XEN_DMOP_IO_RANGE_MEMORY: u32 = 1;
 pub const XEN_DMOP_IO_RANGE_PCI: u32 = 2;
 
 /// `XEN_DMOP_PCI_SBDF(s, b, d, f)`: the value used as start/end of a PCI range.
-/// Out-of-range parts are masked to their widths, as the C macro does.
+/// Out-of-range parts are masked to their widths, as the C macro does. The C macro computes in
+/// `int`, so a segment >= 0x8000 sign-extends into the 64-bit range fields; Xen matches PCI
+/// ranges against the 32-bit SBDF zero-extended, so this returns it zero-extended.
 pub const fn xen_dmop_pci_sbdf(seg: u16, bus: u8, dev: u8, func: u8) -> u64 {
     ((seg as u64) << 16) | ((bus as u64) << 8) | (((dev & 0x1f) as u64) << 3) | ((func & 7) as u64)
 }

@@ -95,3 +95,12 @@ pub fn gntst_name(status: i16) -> &'static str {
         _ => "unknown status",
     }
 }
+
+/// GNTTABOP_copy flag bit: the source is a grant reference.
+pub const _GNTCOPY_SOURCE_GREF: u16 = 0;
+/// GNTTABOP_copy flag: the source is a grant reference (else a local frame).
+pub const GNTCOPY_SOURCE_GREF: u16 = 1 << _GNTCOPY_SOURCE_GREF;
+/// GNTTABOP_copy flag bit: the destination is a grant reference.
+pub const _GNTCOPY_DEST_GREF: u16 = 1;
+/// GNTTABOP_copy flag: the destination is a grant reference (else a local frame).
+pub const GNTCOPY_DEST_GREF: u16 = 1 << _GNTCOPY_DEST_GREF;

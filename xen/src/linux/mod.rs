@@ -1,1 +1,3 @@
-//! Linux implementation of the xen traits on /dev/xen (to be filled in).
+//! Linux implementation of the xen traits on `/dev/xen` (to be filled in).
+
+pub mod uapi;
