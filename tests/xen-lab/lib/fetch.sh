@@ -49,7 +49,7 @@ ensure_host_libs() { # apt-install the library Depends of the host QEMU packages
   local p missing=()
   for p in $(deb_deps "$(deb_of qemu-system-x86)") $(deb_deps "$(deb_of qemu-system-common)"); do
     case $p in qemu-*|seabios|ipxe-qemu) continue;; esac   # unpacked with dpkg -x instead
-    installed "$p" || missing+=("$p")
+    installed "$p" || [[ " ${missing[*]} " == *" $p "* ]] || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then
     say "apt-get install (host libs for qemu-system-x86_64): ${missing[*]}"
