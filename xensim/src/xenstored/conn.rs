@@ -154,6 +154,17 @@ impl Outbox {
     pub fn dropped_events(&self) -> u64 {
         lock(&self.inner).dropped_events
     }
+
+    /// (replies not yet written, events queued, bytes of queued events).
+    pub fn queued(&self) -> (usize, usize, usize) {
+        let g = lock(&self.inner);
+        let events = g.queue.len()
+            - g.queue
+                .iter()
+                .filter(|o| matches!(o, Out::Reply(_)))
+                .count();
+        (g.replies, events, g.event_bytes)
+    }
 }
 
 /// Starts serving `stream` as a connection of `domid`.

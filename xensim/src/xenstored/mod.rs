@@ -157,6 +157,17 @@ impl Default for Quotas {
     }
 }
 
+/// What the server holds for a domain's connections and has not sent yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueuedOutput {
+    /// Replies queued or being written (bounded by the outstanding-request quota).
+    pub replies: usize,
+    /// Watch events queued.
+    pub events: usize,
+    /// Bytes of queued watch events (bounded by [`Quotas::event_queue_bytes`]).
+    pub event_bytes: usize,
+}
+
 /// The xenstore server. Cheap to share: `Arc<Xenstored>`.
 pub struct Xenstored {
     state: Mutex<State>,
@@ -409,6 +420,16 @@ impl Xenstored {
     /// Open connections.
     pub fn connection_count(&self) -> usize {
         lock(&self.state).conn_count()
+    }
+
+    /// Output queued for the connections of `domid`.
+    pub fn queued_output(&self, domid: DomId) -> QueuedOutput {
+        let (replies, events, event_bytes) = lock(&self.state).queued(u32::from(domid));
+        QueuedOutput {
+            replies,
+            events,
+            event_bytes,
+        }
     }
 
     /// Watch events dropped so far for the connections of `domid` that are still open

@@ -198,6 +198,14 @@ impl State {
             .sum()
     }
 
+    pub fn queued(&self, domid: u32) -> (usize, usize, usize) {
+        self.conns
+            .values()
+            .filter(|c| c.domid == domid)
+            .map(|c| c.out.queued())
+            .fold((0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2))
+    }
+
     pub fn is_introduced(&self, domid: u32) -> bool {
         domid == 0 || self.domains.contains_key(&domid)
     }
