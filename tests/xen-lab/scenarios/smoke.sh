@@ -5,7 +5,9 @@
 #  2. `domio probe --xen linux` talks to the real xenstored (via /dev/xen/xenbus and via the
 #     socket: write, read, watch, transaction), opens evtchn, gntdev and privcmd, allocates and
 #     closes an unbound event channel. It prints `PASS <check>` / `FAIL <check>: <reason>` per
-#     check and exits 0 only if all pass. Every such line becomes a check here ("probe: <check>").
+#     check and exits 0 only if all pass. Every such line becomes a check here ("probe: <check>"),
+#     and there must be a check line for each of: xenstore socket, xenstore xenbus device,
+#     evtchn, gntdev, privcmd.
 #  3. If `domio serve` exists: `domio serve --domid <paused PV guest> --xen linux` keeps running,
 #     and exits with status 0 within 10 s of SIGTERM.
 source /xenlab/lib.sh
@@ -23,6 +25,10 @@ while IFS= read -r l; do
     "FAIL "*) nf=$((nf+1)); c=${l#FAIL }; fail "probe: ${c%%:*}" "${c#*: }" ;;
   esac
 done < "$XENLAB_ARTIFACTS/probe.txt"
+# every interface the probe is meant to cover must have a PASS/FAIL line (loose name patterns)
+for want in 'xenstore.*socket' 'xenstore.*(xenbus|device)' 'evtchn' 'gntdev' 'privcmd'; do
+  grep -Eq "^(PASS|FAIL) [^:]*($want)" "$XENLAB_ARTIFACTS/probe.txt" || fail "probe-covers: $want" "domio probe printed no check matching /$want/"
+done
 if [ $rc = 124 ] || [ $rc = 137 ]; then fail probe-exit "domio probe did not finish within ${PROBE_TIMEOUT}s"
 elif [ $rc != 0 ]; then fail probe-exit "domio probe exited $rc ($np PASS, $nf FAIL lines)"
 elif [ $np = 0 ]; then fail probe-exit "domio probe exited 0 but printed no PASS line"
