@@ -58,7 +58,14 @@ DOMIO_BIN=$(readlink -f "$DOMIO_BIN" || true)
 [ -f "$DOMIO_BIN" ] && [ -x "$DOMIO_BIN" ] || die "domio binary not found or not executable: ${DOMIO_BIN:-?}"
 
 # ---- 2. packages and initrds --------------------------------------------------------------------
+# One run at a time per $XENLAB_DIR (they share the images; and two TCG VMs would fight for the
+# cores anyway). The lock is held until run.sh (or, with --shell, QEMU) exits.
 mkdir -p "$XENLAB_DIR"
+exec 9> "$XENLAB_DIR/.lock"
+if ! flock -n 9; then
+  say "another xen-lab run holds $XENLAB_DIR/.lock; waiting for it (use another XENLAB_DIR to run in parallel)"
+  flock -w 1800 9 || die "timed out after 1800s waiting for $XENLAB_DIR/.lock"
+fi
 t=$(now_ms); bash "$XENLAB_HERE/lib/fetch.sh" || die "fetching/unpacking the Debian packages failed (lib/fetch.sh)"; T_FETCH=$(secs_since "$t")
 t=$(now_ms); bash "$XENLAB_HERE/lib/build.sh" "$DOMIO_BIN" || die "building the initrds failed (lib/build.sh)"; T_BUILD=$(secs_since "$t")
 
