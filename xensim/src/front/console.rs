@@ -57,6 +57,11 @@ impl ConsoleFront {
         })
     }
 
+    /// The guest frame of the ring page (tests of hostile frontends write it directly).
+    pub fn ring_gfn(&self) -> Gfn {
+        self.gfn
+    }
+
     /// The frontend's xenstore link.
     pub fn link(&self) -> &FrontendLink {
         &self.link
