@@ -157,14 +157,14 @@ impl Client {
         if let Some(e) = self.events.pop_front() {
             return e;
         }
-        loop {
-            let m = self.recv().expect("watch event");
-            if m.type_ == msg::XS_WATCH_EVENT {
-                self.push_event(&m);
-                return self.events.pop_front().unwrap();
-            }
-            panic!("unexpected message while waiting for an event: {m:?}");
-        }
+        let m = self.recv().expect("watch event");
+        assert_eq!(
+            m.type_,
+            msg::XS_WATCH_EVENT,
+            "unexpected message while waiting for an event: {m:?}"
+        );
+        self.push_event(&m);
+        self.events.pop_front().unwrap()
     }
 
     /// A round trip: every event queued for us before it has arrived when it returns.
