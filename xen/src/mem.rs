@@ -153,6 +153,12 @@ impl SharedMem {
         self.ptr.as_ptr()
     }
 
+    /// The address of `offset`; only called after a bounds check, so it stays in the mapping
+    /// (`wrapping_add` is then the same as `add`, without needing `unsafe`).
+    fn at(&self, offset: usize) -> *mut u8 {
+        self.ptr.as_ptr().wrapping_add(offset)
+    }
+
     fn check(&self, offset: usize, len: usize, write: bool) -> Result<(), MemError> {
         let size = if write && !self.writable { 0 } else { self.len };
         match offset.checked_add(len) {
@@ -163,7 +169,10 @@ impl SharedMem {
 
     fn check_atomic(&self, offset: usize, len: usize, write: bool) -> Result<(), MemError> {
         self.check(offset, len, write)?;
-        if (self.ptr.as_ptr() as usize + offset) % len != 0 {
+        if !(self.ptr.as_ptr() as usize)
+            .wrapping_add(offset)
+            .is_multiple_of(len)
+        {
             return Err(MemError::Misaligned { offset, len });
         }
         Ok(())
@@ -176,13 +185,7 @@ impl SharedMem {
         // lives. `buf` is private memory that cannot overlap a mapping of another domain's
         // memory. Bytes have no invalid values, so a concurrent write by the other domain can
         // only give us some mix of old and new bytes, which callers then validate.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.ptr.as_ptr().add(offset),
-                buf.as_mut_ptr(),
-                buf.len(),
-            )
-        };
+        unsafe { std::ptr::copy_nonoverlapping(self.at(offset), buf.as_mut_ptr(), buf.len()) };
         Ok(())
     }
 
@@ -190,9 +193,7 @@ impl SharedMem {
     pub fn write(&self, offset: usize, buf: &[u8]) -> Result<(), MemError> {
         self.check(offset, buf.len(), true)?;
         // SAFETY: the range is inside a writable mapping (checked above); see `read`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(buf.as_ptr(), self.ptr.as_ptr().add(offset), buf.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), self.at(offset), buf.len()) };
         Ok(())
     }
 
@@ -200,7 +201,7 @@ impl SharedMem {
     pub fn fill(&self, offset: usize, len: usize, byte: u8) -> Result<(), MemError> {
         self.check(offset, len, true)?;
         // SAFETY: the range is inside a writable mapping (checked above).
-        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(offset), byte, len) };
+        unsafe { std::ptr::write_bytes(self.at(offset), byte, len) };
         Ok(())
     }
 
@@ -232,13 +233,7 @@ impl SharedMem {
         dst.check(dst_offset, len, true)?;
         // SAFETY: both ranges are inside their mappings (checked above). They may overlap if
         // both map the same frames, so use `copy` (memmove) rather than copy_nonoverlapping.
-        unsafe {
-            std::ptr::copy(
-                self.ptr.as_ptr().add(offset),
-                dst.ptr.as_ptr().add(dst_offset),
-                len,
-            )
-        };
+        unsafe { std::ptr::copy(self.at(offset), dst.at(dst_offset), len) };
         Ok(())
     }
 
@@ -247,25 +242,25 @@ impl SharedMem {
         // SAFETY: in bounds (checked); AtomicU8 has no alignment requirement beyond 1 and may
         // alias memory that others write atomically or not (it is the same as the kernel's
         // READ_ONCE/WRITE_ONCE on shared pages). The reference does not outlive `self`.
-        Ok(unsafe { &*(self.ptr.as_ptr().add(offset) as *const AtomicU8) })
+        Ok(unsafe { &*(self.at(offset) as *const AtomicU8) })
     }
 
     fn atomic_u16(&self, offset: usize, write: bool) -> Result<&AtomicU16, MemError> {
         self.check_atomic(offset, 2, write)?;
         // SAFETY: in bounds and 2-byte aligned (checked); see `atomic_u8`.
-        Ok(unsafe { &*(self.ptr.as_ptr().add(offset) as *const AtomicU16) })
+        Ok(unsafe { &*(self.at(offset) as *const AtomicU16) })
     }
 
     fn atomic_u32(&self, offset: usize, write: bool) -> Result<&AtomicU32, MemError> {
         self.check_atomic(offset, 4, write)?;
         // SAFETY: in bounds and 4-byte aligned (checked); see `atomic_u8`.
-        Ok(unsafe { &*(self.ptr.as_ptr().add(offset) as *const AtomicU32) })
+        Ok(unsafe { &*(self.at(offset) as *const AtomicU32) })
     }
 
     fn atomic_u64(&self, offset: usize, write: bool) -> Result<&AtomicU64, MemError> {
         self.check_atomic(offset, 8, write)?;
         // SAFETY: in bounds and 8-byte aligned (checked); see `atomic_u8`.
-        Ok(unsafe { &*(self.ptr.as_ptr().add(offset) as *const AtomicU64) })
+        Ok(unsafe { &*(self.at(offset) as *const AtomicU64) })
     }
 
     /// Atomic load of a byte.

@@ -62,6 +62,11 @@ impl ConsoleFront {
         self.gfn
     }
 
+    /// The backend's end of our event channel, while one is bound.
+    pub fn backend_port(&self) -> Option<(xen::DomId, xen::Port)> {
+        self.port.remote()
+    }
+
     /// The frontend's xenstore link.
     pub fn link(&self) -> &FrontendLink {
         &self.link
