@@ -220,3 +220,21 @@ fn test_special_node_perms_can_grant_domu_release_events() {
     xs.release_domain(9);
     assert_eq!(g.drain_events(), [ev("@releaseDomain", "r")]);
 }
+
+#[test]
+fn test_set_perms_event_reaches_watchers_that_could_read_before() {
+    // Arrange
+    let (xs, mut c0) = setup(&[5]);
+    c0.mkdir("/top").unwrap();
+    c0.set_perms("/top", &["n0"]).unwrap();
+    c0.write("/top/n", b"").unwrap();
+    c0.set_perms("/top/n", &["r0"]).unwrap();
+    let mut g = guest(&xs, 5);
+    g.watch("/top/n", "t").unwrap();
+    g.drain_events();
+    // Act: revoke the read access the watcher had.
+    c0.set_perms("/top/n", &["n0"]).unwrap();
+    c0.write("/top/n", b"after").unwrap();
+    // Assert: it hears about the revocation, not about what follows.
+    assert_eq!(g.drain_events(), [ev("/top/n", "t")]);
+}

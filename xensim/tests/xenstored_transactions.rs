@@ -173,3 +173,31 @@ fn test_transaction_node_quota_is_enospc_for_domu() {
     assert_eq!(g.write_tx(t, "zz", b"x").unwrap_err(), "ENOSPC");
     g.tx_end(t, false).unwrap();
 }
+
+#[test]
+fn test_transaction_commit_checks_node_quota_like_cxenstored() {
+    // Arrange: a domain 2 nodes below its quota (home + 7 nodes of 10).
+    let q = Quotas {
+        nodes_per_domain: 10,
+        ..Quotas::default()
+    };
+    let xs = Xenstored::new(q);
+    xs.introduce_domain(5);
+    xs.create_domain_home(5).unwrap();
+    let mut g = Client::new(xs.connect_as(5).unwrap());
+    for i in 0..7 {
+        g.write(&format!("n{i}"), b"").unwrap();
+    }
+    // Act: cxenstored's commit refuses a count that reaches the quota.
+    let t = g.tx_start().unwrap();
+    g.write_tx(t, "a", b"").unwrap();
+    g.write_tx(t, "b", b"").unwrap();
+    let full = g.tx_end(t, true);
+    let t = g.tx_start().unwrap();
+    g.write_tx(t, "a", b"").unwrap();
+    let one = g.tx_end(t, true);
+    // Assert
+    assert_eq!(full.unwrap_err(), "ENOSPC");
+    assert!(one.is_ok());
+    assert_eq!(xs.domain_node_count(5), 9);
+}

@@ -138,6 +138,7 @@ fn create_node(
         exact: false,
         special: false,
         perms,
+        old_perms: None,
         parent_perms: leaf_parent_perms,
     });
     Ok(())
@@ -163,6 +164,7 @@ pub(crate) fn write(
                 exact: false,
                 special: false,
                 perms: n.perms.clone(),
+                old_perms: None,
                 parent_perms: parent_perms(s, path)?,
             };
             s.put(path, n);
@@ -241,6 +243,7 @@ pub(crate) fn rm(s: &mut dyn Store, who: &Who, path: &str) -> Result<(), XsError
             exact: !is_top,
             special: false,
             perms: n.perms,
+            old_perms: None,
             parent_perms: pp,
         });
         s.remove(&p);
@@ -285,13 +288,14 @@ pub(crate) fn set_perms(
     if !who.privileged && perms[0].domid != n.owner() {
         return Err(XsError::Perm);
     }
-    n.perms = perms;
+    let old = std::mem::replace(&mut n.perms, perms);
     check_size(who, lim, &n)?;
     let ev = PendingEvent {
         path: path.to_owned(),
         exact: false,
         special: false,
         perms: n.perms.clone(),
+        old_perms: Some(old),
         parent_perms: parent_perms(s, path)?,
     };
     s.put(path, n);

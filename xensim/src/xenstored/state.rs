@@ -332,6 +332,10 @@ impl State {
             } else {
                 perm_for(&who, &ev.perms) & P_READ != 0
                     || ev
+                        .old_perms
+                        .as_ref()
+                        .is_some_and(|p| perm_for(&who, p) & P_READ != 0)
+                    || ev
                         .parent_perms
                         .as_ref()
                         .is_some_and(|p| perm_for(&who, p) & P_READ != 0)
@@ -610,13 +614,15 @@ impl State {
         if tx.fail {
             return Err(XsError::NoMem);
         }
-        for (d, delta) in tx.deltas() {
-            if d != 0
-                && delta > 0
-                && self.tree.count(d) + delta > self.quotas.nodes_per_domain as i64
-                && !who.privileged
-            {
-                return Err(XsError::NoSpc);
+        // transaction_fix_domains(): every domain whose node count the transaction
+        // changes must stay below the quota (`count >= quota` fails, so a transaction
+        // can only take a domain to quota - 1). Checked for unprivileged callers only.
+        if !who.privileged {
+            let quota = self.quotas.nodes_per_domain as i64;
+            for (d, delta) in tx.deltas() {
+                if delta != 0 && self.tree.count(d) + delta >= quota {
+                    return Err(XsError::NoSpc);
+                }
             }
         }
         let events = tx.commit(&mut self.tree)?;
@@ -756,6 +762,7 @@ fn special_event(name: &str) -> PendingEvent {
         exact: true,
         special: true,
         perms: Vec::new(),
+        old_perms: None,
         parent_perms: None,
     }
 }

@@ -108,6 +108,9 @@ pub(crate) struct PendingEvent {
     pub special: bool,
     /// Permissions of the node (before removal, for a removal).
     pub perms: Vec<Perm>,
+    /// Permissions before the change, for SET_PERMS: whoever could read the node
+    /// before hears about it.
+    pub old_perms: Option<Vec<Perm>>,
     /// Permissions of its parent at the time.
     pub parent_perms: Option<Vec<Perm>>,
 }
