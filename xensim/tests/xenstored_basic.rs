@@ -293,3 +293,62 @@ fn test_in_process_api_round_trips() {
         xensim::xenstored::XsError::NoEnt
     );
 }
+
+#[test]
+fn test_connect_as_unintroduced_domain_is_not_found() {
+    let xs = Xenstored::new(Quotas::default());
+    let e = xs.connect_as(9).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    assert!(xs.introduce_domain(9));
+    assert!(!xs.introduce_domain(9), "second introduction is a no-op");
+    assert!(xs.connect_as(9).is_ok());
+    assert!(xs.release_domain(9));
+    assert!(!xs.release_domain(9));
+    assert!(!xs.introduce_domain(0), "dom0 is always there");
+}
+
+#[test]
+fn test_listener_drop_removes_socket_and_keeps_connections() {
+    // Arrange
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("socket");
+    let xs = Xenstored::new(Quotas::default());
+    let l = xs.listen(&path).unwrap();
+    let mut c = Client::new(UnixStream::connect(&path).unwrap());
+    // Act
+    drop(l);
+    // Assert
+    assert!(!path.exists());
+    assert!(UnixStream::connect(&path).is_err());
+    assert!(c.read("/tool").is_ok());
+}
+
+#[test]
+fn test_domain_requests_from_dom0() {
+    let (xs, mut c) = dom0();
+    assert_eq!(
+        c.req(msg::XS_IS_DOMAIN_INTRODUCED, 0, &[b"7"]).unwrap(),
+        b"F\0"
+    );
+    c.req(msg::XS_INTRODUCE, 0, &[b"7", b"12345", b"3"])
+        .unwrap();
+    assert!(xs.is_domain_introduced(7));
+    assert_eq!(
+        c.req(msg::XS_IS_DOMAIN_INTRODUCED, 0, &[b"7"]).unwrap(),
+        b"T\0"
+    );
+    assert!(c.req(msg::XS_RESUME, 0, &[b"7"]).is_ok());
+    c.req(msg::XS_RELEASE, 0, &[b"7"]).unwrap();
+    assert!(!xs.is_domain_introduced(7));
+    assert_eq!(c.req(msg::XS_RELEASE, 0, &[b"7"]).unwrap_err(), "ENOENT");
+    assert_eq!(c.req(msg::XS_RESUME, 0, &[b"7"]).unwrap_err(), "ENOENT");
+    assert_eq!(
+        c.req(msg::XS_INTRODUCE, 0, &[b"7", b"1", b"0"])
+            .unwrap_err(),
+        "EINVAL"
+    );
+    assert_eq!(
+        c.req(msg::XS_SET_TARGET, 0, &[b"7", b"8"]).unwrap_err(),
+        "ENOENT"
+    );
+}

@@ -77,6 +77,9 @@
 //! - `XS_CONTROL` supports `print` and `log` (both answer `OK`); everything else `EINVAL`.
 //! - `XS_GET_DOMAIN_PATH` and the domain requests parse the domid strictly (`EINVAL` for
 //!   non-numbers) where cxenstored uses `atoi`.
+//! - At commit, cxenstored refuses a transaction that takes a domain's node count to
+//!   the quota or beyond (`count >= quota`), for unprivileged callers; so does this one.
+//!   (Outside transactions the count may reach the quota exactly.)
 //! - Nodes created in one request are created all or nothing; inside a transaction, a
 //!   create that cxenstored would have left half done (node quota hit part-way) marks the
 //!   transaction failed, so its commit answers `ENOMEM` as cxenstored's does.
