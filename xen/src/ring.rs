@@ -205,6 +205,17 @@ where
         })
     }
 
+    /// Attaches where the shared ring says the backend is: both private indices at the
+    /// current `rsp_prod` (the frontend's copy of what was answered), as Linux blkback does on
+    /// (re)connect. Fails with [`RingError::RequestProdOverflow`] if the frontend's `req_prod`
+    /// is more than a ring ahead of it.
+    pub fn attach_shared(mem: M) -> Result<Self, RingError> {
+        let start = mem.shared().load_u32(SRING_RSP_PROD, Ordering::Acquire)?;
+        let ring = Self::attach(mem, start)?;
+        ring.checked_req_prod()?;
+        Ok(ring)
+    }
+
     /// The memory the ring lives in.
     pub fn memory(&self) -> &M {
         &self.mem
@@ -589,6 +600,31 @@ mod tests {
         assert_eq!(front.push_request(&9), Err(RingError::Full));
         assert_eq!(back.push_response(&7), Ok(()));
         assert_eq!(back.in_flight(), 3);
+    }
+
+    #[test]
+    fn test_back_ring_attach_shared_starts_at_rsp_prod_and_checks_req_prod() {
+        let mem = ring_mem(8);
+        let mut front: Front<'_> = FrontRing::init_at(&mem, 0xffff_fffe).unwrap();
+        for i in 0..3 {
+            front.push_request(&i).unwrap();
+        }
+        front.push_requests().unwrap();
+
+        let mut back: Back<'_> = BackRing::attach_shared(&mem).unwrap();
+        let start = back.req_cons();
+        let first = back.copy_request().unwrap();
+        let rogue_prod = 0xffff_fffe_u32.wrapping_add(9);
+        mem.store_u32(SRING_REQ_PROD, rogue_prod, Ordering::Release)
+            .unwrap();
+        let rogue: Result<Back<'_>, _> = BackRing::attach_shared(&mem);
+
+        assert_eq!(start, 0xffff_fffe);
+        assert_eq!(first, Some(0));
+        assert!(matches!(
+            rogue,
+            Err(RingError::RequestProdOverflow { size: 8, .. })
+        ));
     }
 
     #[test]
