@@ -213,3 +213,20 @@ fn test_peer_xenstore_watch_sees_event() {
         .unwrap();
     assert!(status.success());
 }
+
+#[test]
+fn test_peer_xenstore_list_large_directory_uses_directory_part() {
+    // Arrange: a listing over 4096 bytes, which XS_DIRECTORY refuses with E2BIG;
+    // libxenstore then pages through XS_DIRECTORY_PART.
+    let p = Peer::new();
+    let name = |i: usize| format!("entry-{i:03}-{}", "z".repeat(40));
+    for i in 0..150 {
+        p.xs.mkdir(0, &format!("/peer/big/{}", name(i))).unwrap();
+    }
+    // Act
+    let out = p.ok("xenstore-list", &["/peer/big"]);
+    // Assert
+    let got: Vec<&str> = out.lines().collect();
+    let want: Vec<String> = (0..150).map(name).collect();
+    assert_eq!(got, want);
+}
