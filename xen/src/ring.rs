@@ -628,6 +628,58 @@ mod tests {
     }
 
     #[test]
+    fn test_back_ring_concurrent_flipping_frontend_never_panics_or_overconsumes() {
+        // A hostile frontend thread rewrites req_prod, req_event and the slots as fast as it
+        // can while the backend consumes and answers (XSA-155 / XSA-39 at the ring level).
+        let mem = std::sync::Arc::new(ring_mem(8));
+        let _front: FrontRing<u64, u64, &SharedMem> = FrontRing::init(&*mem).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flips = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let flipper = {
+            let (mem, stop, flips) = (mem.clone(), stop.clone(), flips.clone());
+            std::thread::spawn(move || {
+                let mut x: u32 = 0x9e37_79b9;
+                while !stop.load(Ordering::Relaxed) {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    let _ = mem.store_u32(SRING_REQ_PROD, x % 24, Ordering::Release);
+                    let _ = mem.store_u32(SRING_REQ_EVENT, x, Ordering::Relaxed);
+                    let slot = SRING_RING_OFFSET + (x as usize % 8) * 8;
+                    let _ = mem.write_obj(slot, &u64::from(x));
+                    flips.fetch_add(1, Ordering::Release);
+                }
+            })
+        };
+        let mut back: BackRing<u64, u64, &SharedMem> = BackRing::new(&*mem).unwrap();
+        let (mut consumed, mut overflows) = (0u64, 0u64);
+        // Start once the hostile writes have begun (a spin on the flipper's progress).
+        while flips.load(Ordering::Acquire) == 0 {
+            std::thread::yield_now();
+        }
+
+        for i in 0..20_000u64 {
+            match back.copy_request() {
+                Ok(Some(_)) => consumed += 1,
+                Ok(None) => {}
+                Err(RingError::RequestProdOverflow { .. }) => overflows += 1,
+                Err(e) => panic!("unexpected {e}"),
+            }
+            assert!(back.in_flight() <= back.size());
+            if i % 3 == 0 && back.in_flight() > 0 {
+                back.push_response(&i).unwrap();
+                let _ = back.push_responses_and_check_notify().unwrap();
+            }
+            let _ = back.final_check_for_requests();
+        }
+        stop.store(true, Ordering::Relaxed);
+        flipper.join().unwrap();
+
+        assert!(consumed + overflows > 0);
+        assert!(back.in_flight() <= 8);
+    }
+
+    #[test]
     fn test_back_ring_response_without_request_is_refused() {
         let mem = ring_mem(4);
         let _front: Front<'_> = FrontRing::init(&mem).unwrap();
