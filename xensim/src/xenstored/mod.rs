@@ -250,10 +250,10 @@ impl Xenstored {
         let thread = std::thread::Builder::new()
             .name("xenstored-accept".into())
             .spawn(move || {
+                // Every accepted connection is served, so clients queued before the
+                // listener is dropped are not lost (the wake-up connection is served
+                // too and ends at once).
                 for s in listener.incoming() {
-                    if stop2.load(Ordering::SeqCst) {
-                        break;
-                    }
                     match s {
                         Ok(s) => {
                             if let Err(e) = conn::spawn(&xs, s, 0) {
@@ -261,6 +261,9 @@ impl Xenstored {
                             }
                         }
                         Err(e) => tracing::warn!(error = %e, "xenstored: accept failed"),
+                    }
+                    if stop2.load(Ordering::SeqCst) {
+                        break;
                     }
                 }
             })?;
