@@ -1,0 +1,280 @@
+//! `domio serve`: attach to a Xen host and serve one guest's PV backends.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use backends::console::{ConsoleDriver, ConsoleLimits, ConsoleSink, ConsoleStats, LogSink};
+use clap::Args;
+use tracing::{info, info_span, warn};
+use xen::{DomId, XenHost, XsTransport};
+use xenbus::backend::{BackendDriver, BackendWatcher, DeviceInfo};
+use xenbus::{XsClient, XsOps};
+
+use crate::target::Target;
+
+/// Backend types this build serves.
+pub const AVAILABLE_TYPES: &[&str] = &["console"];
+/// Backend types that are planned but not in this build yet, with where they come from.
+const PLANNED_TYPES: &[(&str, &str)] = &[
+    ("vbd", "blkback"),
+    ("qdisk", "blkback"),
+    ("vif", "netback"),
+    ("qnic", "netback"),
+];
+
+/// Arguments of `domio serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The guest domain whose backends to serve.
+    #[arg(long, value_parser = parse_guest_domid)]
+    pub domid: DomId,
+    /// Xen host: `linux` (this dom0's /dev/xen and xenstored) or `sim:PATH` (a `domio sim`).
+    #[arg(long, default_value = "linux")]
+    pub xen: Target,
+    /// Backend types to serve, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "console")]
+    pub backend_types: Vec<String>,
+    /// How to reach xenstored on Linux: the unix socket or /dev/xen/xenbus.
+    #[arg(long, value_enum, default_value_t = XsKind::Socket)]
+    pub xenstore: XsKind,
+    /// Path of the xenstored socket (default /run/xenstored/socket).
+    #[arg(long)]
+    pub xenstore_path: Option<PathBuf>,
+    /// The domain domio runs in (the backend domain).
+    #[arg(long, default_value_t = 0)]
+    pub backend_domid: DomId,
+}
+
+/// xenstore transport choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum XsKind {
+    /// The xenstored unix socket.
+    Socket,
+    /// The kernel's /dev/xen/xenbus.
+    Device,
+}
+
+fn parse_guest_domid(s: &str) -> Result<DomId, String> {
+    let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a domain id"))?;
+    if n == 0 || n >= u32::from(xen::DOMID_SELF) {
+        return Err(format!(
+            "{n} is not a guest domain id (expected 1..{})",
+            xen::DOMID_SELF - 1
+        ));
+    }
+    Ok(n as DomId)
+}
+
+/// Checks the requested backend types and says clearly what is not available.
+pub fn check_types(types: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for t in types {
+        let t = t.trim();
+        if AVAILABLE_TYPES.contains(&t) {
+            if !out.iter().any(|o: &String| o == t) {
+                out.push(t.to_string());
+            }
+        } else if let Some((_, who)) = PLANNED_TYPES.iter().find(|(p, _)| *p == t) {
+            bail!(
+                "backend type {t:?} needs {who}, which is not in this build yet (available: {})",
+                AVAILABLE_TYPES.join(",")
+            );
+        } else {
+            bail!(
+                "unknown backend type {t:?} (available: {})",
+                AVAILABLE_TYPES.join(",")
+            );
+        }
+    }
+    if out.is_empty() {
+        bail!(
+            "--backend-types is empty (available: {})",
+            AVAILABLE_TYPES.join(",")
+        );
+    }
+    Ok(out)
+}
+
+/// A running set of backends for one guest.
+pub struct Service {
+    domid: DomId,
+    watchers: Vec<BackendWatcher>,
+    console: Option<Arc<ConsoleDriver>>,
+    xs: XsClient,
+}
+
+impl Service {
+    /// Starts serving `types` of guest `domid` on `host`.
+    pub fn start(
+        host: Arc<dyn XenHost>,
+        xs: XsClient,
+        own: DomId,
+        domid: DomId,
+        types: &[String],
+        sink: Arc<dyn ConsoleSink>,
+    ) -> anyhow::Result<Service> {
+        let span = info_span!("domio", domid);
+        let _g = span.enter();
+        let dom_path = format!("/local/domain/{domid}");
+        match xs.try_read(&dom_path) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                warn!("{dom_path} does not exist yet: is dom{domid} running? serving anyway")
+            }
+            Err(e) => warn!("cannot read {dom_path}: {e}"),
+        }
+        let mut svc = Service {
+            domid,
+            watchers: Vec::new(),
+            console: None,
+            xs: xs.clone(),
+        };
+        for t in types {
+            let driver: Arc<dyn BackendDriver> = match t.as_str() {
+                "console" => {
+                    let d =
+                        ConsoleDriver::new(host.clone(), sink.clone(), ConsoleLimits::default());
+                    svc.console = Some(d.clone());
+                    d
+                }
+                other => bail!("unknown backend type {other:?}"),
+            };
+            let w = BackendWatcher::start(xs.clone(), driver, u32::from(own), u32::from(domid))
+                .with_context(|| format!("watching {t} backends of dom{domid}"))?;
+            info!(backend = %t, dir = %w.backend_dir(), "serving");
+            svc.watchers.push(w);
+        }
+        Ok(svc)
+    }
+
+    /// Device states, per backend type.
+    pub fn devices(&self) -> Vec<(String, Vec<DeviceInfo>)> {
+        self.watchers
+            .iter()
+            .map(|w| {
+                (
+                    w.backend_dir()
+                        .rsplit('/')
+                        .nth(1)
+                        .unwrap_or("?")
+                        .to_string(),
+                    w.devices(),
+                )
+            })
+            .collect()
+    }
+
+    /// Console counters.
+    pub fn console_stats(&self) -> Vec<((u32, u32), ConsoleStats)> {
+        self.console.as_ref().map(|c| c.stats()).unwrap_or_default()
+    }
+
+    /// The console driver (to send input).
+    pub fn console(&self) -> Option<&Arc<ConsoleDriver>> {
+        self.console.as_ref()
+    }
+
+    /// Whether the guest's xenstore home is gone (domain destroyed).
+    pub fn domain_gone(&self) -> bool {
+        matches!(
+            self.xs.try_read(&format!("/local/domain/{}", self.domid)),
+            Ok(None)
+        )
+    }
+
+    /// Stops everything: each device is disconnected and its backend state set to Closed.
+    pub fn stop(self) {
+        for w in self.watchers {
+            w.stop();
+        }
+    }
+}
+
+/// Opens the xenstore connection for `args`.
+pub fn open_xenstore(
+    host: &dyn XenHost,
+    kind: XsKind,
+    path: Option<&PathBuf>,
+) -> anyhow::Result<XsClient> {
+    let transport = match kind {
+        XsKind::Socket => XsTransport::Socket(path.map(|p| p.display().to_string())),
+        XsKind::Device => XsTransport::Device,
+    };
+    let stream = host
+        .open_xenstore(&transport)
+        .with_context(|| format!("connecting to xenstore ({transport:?})"))?;
+    XsClient::new(stream).context("starting the xenstore client")
+}
+
+/// Runs `domio serve`.
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let types = check_types(&args.backend_types)?;
+    let signals = crate::signals::termination()?;
+    let host: Arc<dyn XenHost> = Arc::from(args.xen.open(args.backend_domid)?);
+    let xs = open_xenstore(host.as_ref(), args.xenstore, args.xenstore_path.as_ref())?;
+    // Wake up when any domain dies, to leave when ours is gone.
+    let released = xs
+        .watch("@releaseDomain", "domio-release")
+        .context("watching @releaseDomain")?;
+    let svc = Service::start(
+        host.clone(),
+        xs,
+        args.backend_domid,
+        args.domid,
+        &types,
+        Arc::new(LogSink),
+    )?;
+    info!(domid = args.domid, xen = %host.describe(), types = %types.join(","), "domio serving");
+    let reason = loop {
+        crossbeam_channel::select! {
+            recv(signals) -> s => break format!("signal {}", s.map(|s| s.as_str()).unwrap_or("?")),
+            default(Duration::from_millis(500)) => {
+                while released.try_recv().is_some() {
+                    if svc.domain_gone() {
+                        break;
+                    }
+                }
+                if svc.domain_gone() {
+                    break format!("dom{} was destroyed", args.domid);
+                }
+            }
+        }
+    };
+    info!(%reason, "shutting down: closing devices");
+    for (t, devs) in svc.devices() {
+        for d in devs {
+            info!(backend = %t, devid = d.devid, state = %d.state, "device at shutdown");
+        }
+    }
+    svc.stop();
+    info!("domio stopped cleanly");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_check_types_names_missing_backends_clearly() {
+        assert_eq!(
+            check_types(&["console".into(), "console".into()]).unwrap(),
+            vec!["console".to_string()]
+        );
+        let e = check_types(&["vbd".into()]).unwrap_err().to_string();
+        assert!(e.contains("needs blkback"), "{e}");
+        let e = check_types(&["bogus".into()]).unwrap_err().to_string();
+        assert!(e.contains("unknown backend type \"bogus\""), "{e}");
+    }
+
+    #[test]
+    fn test_parse_guest_domid_rejects_dom0_and_specials() {
+        assert_eq!(parse_guest_domid("5"), Ok(5));
+        assert!(parse_guest_domid("0").is_err());
+        assert!(parse_guest_domid("32752").is_err());
+        assert!(parse_guest_domid("x").is_err());
+    }
+}

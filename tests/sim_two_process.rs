@@ -1,0 +1,135 @@
+//! A second `domio` process attached to a xensim daemon serves a guest: it maps the guest's
+//! grant, binds its event channel and consumes its console output, and on SIGTERM closes
+//! the device and lets go of every grant and port.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use xen::abi::grant_table::{GTF_READING, GTF_WRITING};
+use xenbus::{XenbusState, XsOps};
+use xensim::front::console::ConsoleFront;
+use xensim::guest::Guest;
+use xensim::host::Host;
+use xensim::server::Server;
+use xensim::toolstack::DeviceSpec;
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn test_second_process_serves_guest_console_and_cleans_up_on_sigterm() {
+    // Arrange: a host with one guest that has a console device.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("xensim.sock");
+    let host = Host::new().unwrap();
+    let _server = Server::start(host.clone(), &sock).unwrap();
+    let domid = host.create_domain("g", 1024).unwrap();
+    let spec = DeviceSpec::new("console", domid, 0);
+    let ts = host.toolstack().unwrap();
+    ts.add_device(&spec).unwrap();
+    let guest = Guest::new(host.clone(), domid).unwrap();
+
+    // Act: a separate domio process attaches through the socket.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_domio"))
+        .args([
+            "--log-format",
+            "json",
+            "--log",
+            "info",
+            "serve",
+            "--domid",
+            &domid.to_string(),
+            "--xen",
+        ])
+        .arg(format!("sim:{}", sock.display()))
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let front = ConsoleFront::connect(&guest, 0, Duration::from_secs(20))
+        .expect("domio connects the console");
+    // The ring page is the guest's first grant; the other process has it mapped now.
+    let ring_gref = xensim::guest::FIRST_FREE_GREF;
+    let mapped_flags = guest.grant_flags(ring_gref).unwrap();
+    front.write(b"marker-7f3a from the guest\n").unwrap();
+    let bound_while_serving = front.backend_port();
+    let mut seen = false;
+    let mut non_json = Vec::new();
+    let end = Instant::now() + Duration::from_secs(20);
+    while !seen && Instant::now() < end {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            match serde_json::from_str::<serde_json::Value>(&l) {
+                Ok(v) => {
+                    seen = v["fields"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("marker-7f3a from the guest"))
+                        && v["fields"]["domid"] == domid;
+                }
+                Err(_) => non_json.push(l),
+            }
+        }
+    }
+    wait_for(
+        "domio to consume the output ring",
+        Duration::from_secs(10),
+        || front.unconsumed() == 0,
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+
+    // Assert
+    assert!(
+        seen,
+        "domio's JSON log never showed the guest's console line"
+    );
+    assert!(
+        non_json.is_empty(),
+        "log lines that are not JSON: {non_json:?}"
+    );
+    assert_eq!(
+        bound_while_serving.map(|(d, _)| d),
+        Some(0),
+        "domio had not bound the guest's port"
+    );
+    assert_eq!(
+        front.backend_port(),
+        None,
+        "domio exited without closing its event channel"
+    );
+    assert_eq!(
+        mapped_flags & (GTF_READING | GTF_WRITING),
+        GTF_READING | GTF_WRITING,
+        "the ring grant was not mapped writable"
+    );
+    assert!(status.success(), "domio exited with {status}");
+    let be_state = ts
+        .xs()
+        .read(&format!("{}/state", spec.backend_path()))
+        .unwrap();
+    assert_eq!(XenbusState::parse(&be_state).unwrap(), XenbusState::Closed);
+    assert_eq!(
+        guest.grant_flags(ring_gref).unwrap() & (GTF_READING | GTF_WRITING),
+        0,
+        "domio left the ring grant mapped after exiting"
+    );
+}
