@@ -523,3 +523,21 @@ fn test_xsa353_root_node_is_permission_checked() {
     assert_eq!(g.set_perms("/", &["b5"]).unwrap_err(), "EACCES");
     assert_eq!(g.rm("/tool").unwrap_err(), "EACCES");
 }
+
+#[test]
+fn test_xsa326_stale_watch_events_are_dropped_after_timeout() {
+    // Arrange: every queued event is already older than the timeout when sent.
+    let q = Quotas {
+        watch_event_timeout: std::time::Duration::ZERO,
+        ..Quotas::default()
+    };
+    let (xs, mut c) = server(q, &[]);
+    c.watch("/stale", "t").unwrap();
+    // Act
+    xs.write(0, "/stale", b"1").unwrap();
+    let evs = c.drain_events();
+    // Assert: replies still flow, events are dropped and counted.
+    assert!(evs.is_empty(), "{evs:?}");
+    assert!(xs.dropped_events(0) >= 2);
+    assert_eq!(c.read("/stale").unwrap(), b"1");
+}

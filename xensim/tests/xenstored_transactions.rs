@@ -201,3 +201,39 @@ fn test_transaction_commit_checks_node_quota_like_cxenstored() {
     assert!(one.is_ok());
     assert_eq!(xs.domain_node_count(5), 9);
 }
+
+#[test]
+fn test_transaction_read_node_deleted_by_other_is_eagain() {
+    let (_xs, mut a, mut b) = dom0();
+    a.write("/del", b"x").unwrap();
+    let t = a.tx_start().unwrap();
+    a.read_tx(t, "/del").unwrap();
+    b.rm("/del").unwrap();
+    a.write_tx(t, "/other", b"y").unwrap();
+    assert_eq!(a.tx_end(t, true).unwrap_err(), "EAGAIN");
+    assert_eq!(a.read("/other").unwrap_err(), "ENOENT");
+}
+
+#[test]
+fn test_transaction_untouched_nodes_changed_by_others_do_not_conflict() {
+    let (_xs, mut a, mut b) = dom0();
+    a.write("/mine", b"0").unwrap();
+    b.write("/theirs", b"0").unwrap();
+    let t = a.tx_start().unwrap();
+    a.write_tx(t, "/mine", b"1").unwrap();
+    b.write("/theirs", b"2").unwrap();
+    assert!(a.tx_end(t, true).is_ok());
+    assert_eq!(b.read("/mine").unwrap(), b"1");
+}
+
+#[test]
+fn test_transaction_creating_sibling_of_other_creation_is_eagain() {
+    // Creating a node rewrites its parent's child list: two creations under one
+    // parent conflict, as in cxenstored.
+    let (_xs, mut a, mut b) = dom0();
+    a.mkdir("/dir").unwrap();
+    let t = a.tx_start().unwrap();
+    a.write_tx(t, "/dir/mine", b"1").unwrap();
+    b.write("/dir/theirs", b"2").unwrap();
+    assert_eq!(a.tx_end(t, true).unwrap_err(), "EAGAIN");
+}
