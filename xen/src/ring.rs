@@ -42,6 +42,14 @@ pub enum RingError {
         /// Slot size.
         slot: usize,
     },
+    /// A value larger than a slot was to be written into one.
+    #[error("a {size}-byte value does not fit a {slot}-byte ring slot")]
+    Oversized {
+        /// Size of the value.
+        size: usize,
+        /// Slot size.
+        slot: usize,
+    },
     /// An access to the shared memory failed (cannot happen for a correctly sized ring).
     #[error("shared ring memory access failed: {0}")]
     Mem(#[from] MemError),
@@ -286,11 +294,23 @@ where
     /// Writes a response into the next response slot (not yet visible to the frontend: see
     /// [`BackRing::push_responses`]).
     pub fn push_response(&mut self, rsp: &Rsp) -> Result<(), RingError> {
+        self.push_response_as(rsp)
+    }
+
+    /// Writes another type into the next response slot, as protocols with several slot
+    /// layouts need (netif rx: a `netif_extra_info` in place of a response).
+    pub fn push_response_as<T: IntoBytes + Immutable>(&mut self, v: &T) -> Result<(), RingError> {
+        if std::mem::size_of::<T>() > self.geo.slot {
+            return Err(RingError::Oversized {
+                size: std::mem::size_of::<T>(),
+                slot: self.geo.slot,
+            });
+        }
         if self.in_flight() == 0 {
             return Err(RingError::NoOutstandingRequest);
         }
         self.sring()
-            .write_obj(self.geo.offset(self.rsp_prod_pvt), rsp)?;
+            .write_obj(self.geo.offset(self.rsp_prod_pvt), v)?;
         self.rsp_prod_pvt = self.rsp_prod_pvt.wrapping_add(1);
         Ok(())
     }
@@ -413,11 +433,22 @@ where
     /// Writes a request into the next slot (not yet visible: see
     /// [`FrontRing::push_requests`]). Fails with [`RingError::Full`] if no slot is free.
     pub fn push_request(&mut self, req: &Req) -> Result<(), RingError> {
+        self.push_request_as(req)
+    }
+
+    /// Writes another type into the next request slot (netif tx: a `netif_extra_info`).
+    pub fn push_request_as<T: IntoBytes + Immutable>(&mut self, v: &T) -> Result<(), RingError> {
+        if std::mem::size_of::<T>() > self.geo.slot {
+            return Err(RingError::Oversized {
+                size: std::mem::size_of::<T>(),
+                slot: self.geo.slot,
+            });
+        }
         if self.is_full() {
             return Err(RingError::Full);
         }
         self.sring()
-            .write_obj(self.geo.offset(self.req_prod_pvt), req)?;
+            .write_obj(self.geo.offset(self.req_prod_pvt), v)?;
         self.req_prod_pvt = self.req_prod_pvt.wrapping_add(1);
         Ok(())
     }
@@ -486,7 +517,10 @@ where
 mod tests {
     use super::*;
     use crate::abi::blkif::{BlkifRequest, BlkifResponse, BlkifX86_32Request, BlkifX86_32Response};
-    use crate::abi::netif::{NetifRxRequest, NetifRxResponse, NetifTxRequest, NetifTxResponse};
+    use crate::abi::netif::{
+        NetifExtraGso, NetifExtraInfo, NetifRxRequest, NetifRxResponse, NetifTxRequest,
+        NetifTxResponse,
+    };
     use crate::PAGE_SIZE;
     use proptest::prelude::*;
 
@@ -677,6 +711,38 @@ mod tests {
 
         assert!(consumed + overflows > 0);
         assert!(back.in_flight() <= 8);
+    }
+
+    #[test]
+    fn test_netif_rx_extra_info_pushed_as_response_reads_back_through_view() {
+        let mem = SharedMem::anonymous(PAGE_SIZE).unwrap();
+        let mut front: FrontRing<NetifRxRequest, NetifRxResponse, _> =
+            FrontRing::init(&mem).unwrap();
+        let mut back: BackRing<NetifRxRequest, NetifRxResponse, _> = BackRing::new(&mem).unwrap();
+        front
+            .push_request(&NetifRxRequest {
+                id: 1,
+                pad: 0,
+                gref: 9,
+            })
+            .unwrap();
+        front.push_requests().unwrap();
+        back.copy_request().unwrap().unwrap();
+        let gso = NetifExtraGso {
+            size: 1448,
+            type_: 1,
+            pad: 0,
+            features: 0,
+        };
+
+        back.push_response_as(&NetifExtraInfo::new_gso(0, &gso))
+            .unwrap();
+        back.push_responses().unwrap();
+        let rsp = front.get_response().unwrap().unwrap();
+        let too_big = back.push_response_as(&[0u64; 2]);
+
+        assert_eq!(rsp.as_extra_info().gso(), gso);
+        assert_eq!(too_big, Err(RingError::Oversized { size: 16, slot: 8 }));
     }
 
     #[test]

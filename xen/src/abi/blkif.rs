@@ -274,6 +274,37 @@ pub const BLKIF_X86_32_SLOT_SIZE: usize = slot_size(
 /// Requests in a one-page native blkif ring (`__CONST_RING_SIZE(blkif, 4096)`).
 pub const BLKIF_RING_SIZE_1PAGE: u32 = ring_entries(PAGE_SIZE, BLKIF_SLOT_SIZE);
 
+impl BlkifRequest {
+    /// This (private) copy of a slot read as a discard request (`operation` is
+    /// BLKIF_OP_DISCARD).
+    pub fn as_discard(&self) -> BlkifRequestDiscard {
+        BlkifRequestDiscard::read_from_prefix(self.as_bytes())
+            .map(|(v, _)| v)
+            .unwrap_or_default()
+    }
+    /// This copy read as an indirect request (`operation` is BLKIF_OP_INDIRECT).
+    pub fn as_indirect(&self) -> BlkifRequestIndirect {
+        BlkifRequestIndirect::read_from_prefix(self.as_bytes())
+            .map(|(v, _)| v)
+            .unwrap_or_default()
+    }
+}
+
+impl BlkifX86_32Request {
+    /// This copy of a 32-bit slot read as a discard request.
+    pub fn as_discard(&self) -> BlkifX86_32RequestDiscard {
+        BlkifX86_32RequestDiscard::read_from_prefix(self.as_bytes())
+            .map(|(v, _)| v)
+            .unwrap_or_default()
+    }
+    /// This copy of a 32-bit slot read as an indirect request.
+    pub fn as_indirect(&self) -> BlkifX86_32RequestIndirect {
+        BlkifX86_32RequestIndirect::read_from_prefix(self.as_bytes())
+            .map(|(v, _)| v)
+            .unwrap_or_default()
+    }
+}
+
 impl BlkifX86_32Request {
     /// Converts to the native layout (field by field, from a private copy).
     pub fn to_native(&self) -> BlkifRequest {
@@ -351,6 +382,37 @@ mod tests {
         assert_eq!(offset_of!(BlkifX86_32Request, seg), 20);
         assert_eq!(BLKIF_RING_SIZE_1PAGE, 32);
         assert_eq!(BLKIF_SEGS_PER_INDIRECT_FRAME, 512);
+    }
+
+    #[test]
+    fn test_request_views_read_discard_and_indirect_fields() {
+        let d = BlkifRequestDiscard {
+            operation: BLKIF_OP_DISCARD,
+            flag: BLKIF_DISCARD_SECURE,
+            handle: 1,
+            _pad: [0; 4],
+            id: 5,
+            sector_number: 64,
+            nr_sectors: 128,
+        };
+        let mut slot = BlkifRequest::default();
+        slot.as_mut_bytes()[..32].copy_from_slice(d.as_bytes());
+        let mut slot32 = BlkifX86_32Request::default();
+        let i32v = BlkifX86_32RequestIndirect {
+            operation: BLKIF_OP_INDIRECT,
+            indirect_op: BLKIF_OP_READ,
+            nr_segments: 300,
+            indirect_grefs: [1, 2, 3, 4, 5, 6, 7, 8],
+            ..Default::default()
+        };
+        slot32.as_mut_bytes()[..64].copy_from_slice(i32v.as_bytes());
+
+        let got = slot.as_discard();
+        let got32 = slot32.as_indirect();
+
+        assert_eq!(got, d);
+        assert_eq!({ got32.nr_segments }, 300);
+        assert_eq!({ got32.indirect_grefs }, [1, 2, 3, 4, 5, 6, 7, 8]);
     }
 
     #[test]

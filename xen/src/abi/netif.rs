@@ -303,6 +303,26 @@ impl NetifExtraInfo {
     }
 }
 
+impl NetifTxRequest {
+    /// This tx slot read as a `netif_extra_info` (it follows a request with
+    /// NETTXF_extra_info, or an extra with XEN_NETIF_EXTRA_FLAG_MORE).
+    pub fn as_extra_info(&self) -> NetifExtraInfo {
+        NetifExtraInfo::read_from_prefix(self.as_bytes())
+            .map(|(v, _)| v)
+            .unwrap_or_default()
+    }
+}
+
+impl NetifRxResponse {
+    /// This rx slot read as a `netif_extra_info` (it follows a response with
+    /// NETRXF_extra_info).
+    pub fn as_extra_info(&self) -> NetifExtraInfo {
+        NetifExtraInfo::read_from_prefix(self.as_bytes())
+            .map(|(v, _)| v)
+            .unwrap_or_default()
+    }
+}
+
 /// `struct xen_netif_ctrl_request`.
 #[repr(C)]
 #[derive(
