@@ -214,6 +214,9 @@ fn writer(mut s: UnixStream, out: &Outbox) {
 }
 
 fn reader(xs: &Arc<Xenstored>, id: u64, mut s: UnixStream, out: &Outbox, limit: usize) {
+    let domid = xs.conn_domid(id);
+    let _span = tracing::debug_span!("xenstored_conn", conn = id, domid).entered();
+    tracing::debug!("connection opened");
     loop {
         // cxenstored stops reading a domain that has too many unanswered requests.
         if !out.wait_below(limit) {
@@ -239,4 +242,5 @@ fn reader(xs: &Arc<Xenstored>, id: u64, mut s: UnixStream, out: &Outbox, limit: 
     }
     xs.drop_conn(id);
     let _ = s.shutdown(Shutdown::Both);
+    tracing::debug!(dropped_events = out.dropped_events(), "connection closed");
 }

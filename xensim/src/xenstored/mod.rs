@@ -293,6 +293,10 @@ impl Xenstored {
         lock(&self.state).add_conn(domid, out, s)
     }
 
+    pub(crate) fn conn_domid(&self, id: u64) -> Option<u32> {
+        lock(&self.state).conn_domid(id)
+    }
+
     pub(crate) fn drop_conn(&self, id: u64) {
         lock(&self.state).remove_conn(id);
     }

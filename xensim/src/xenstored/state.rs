@@ -186,6 +186,10 @@ impl State {
         }
     }
 
+    pub fn conn_domid(&self, id: u64) -> Option<u32> {
+        self.conns.get(&id).map(|c| c.domid)
+    }
+
     pub fn conn_count(&self) -> usize {
         self.conns.len()
     }
@@ -372,6 +376,14 @@ impl State {
             Err(e) => (msg::XS_ERROR, err_payload(e)),
         };
         let mut ty = ty;
+        if ty == msg::XS_ERROR {
+            tracing::debug!(
+                type_ = xenbus::wire::type_name(m.type_),
+                req_id = m.req_id,
+                error = %String::from_utf8_lossy(&payload),
+                "request refused"
+            );
+        }
         if payload.len() > XENSTORE_PAYLOAD_MAX {
             // XSA-72: never send an oversized reply.
             ty = msg::XS_ERROR;
