@@ -36,28 +36,35 @@ fn cc() -> String {
     std::env::var("CC").unwrap_or_else(|_| "cc".to_string())
 }
 
-fn require_headers() {
-    let needed = [
-        "/usr/include/xen/xen.h",
-        "/usr/include/xen/io/ring.h",
-        "/usr/include/xen/io/blkif.h",
-        "/usr/include/xen/io/netif.h",
-        "/usr/include/xen/io/xs_wire.h",
-        "/usr/include/xen/hvm/ioreq.h",
-        "/usr/include/xen/hvm/dm_op.h",
-        "/usr/include/xen/evtchn.h",
-        "/usr/include/xen/gntdev.h",
-        "/usr/include/xen/privcmd.h",
-    ];
-    let missing: Vec<&str> = needed
+/// The headers the probes include, relative to the include root.
+const HEADERS: [&str; 10] = [
+    "xen/xen.h",
+    "xen/io/ring.h",
+    "xen/io/blkif.h",
+    "xen/io/netif.h",
+    "xen/io/xs_wire.h",
+    "xen/hvm/ioreq.h",
+    "xen/hvm/dm_op.h",
+    "xen/evtchn.h",
+    "xen/gntdev.h",
+    "xen/privcmd.h",
+];
+
+/// Why the probes cannot be built with headers under `root`, if they cannot.
+fn header_problem(root: &Path) -> Option<String> {
+    let missing: Vec<String> = HEADERS
         .iter()
-        .copied()
-        .filter(|p| !Path::new(p).exists())
+        .map(|h| root.join(h))
+        .filter(|p| !p.exists())
+        .map(|p| p.display().to_string())
         .collect();
-    assert!(
-        missing.is_empty(),
-        "missing C headers {missing:?}: {INSTALL_HINT}"
-    );
+    (!missing.is_empty()).then(|| format!("missing C headers {missing:?}: {INSTALL_HINT}"))
+}
+
+fn require_headers() {
+    if let Some(problem) = header_problem(Path::new("/usr/include")) {
+        panic!("{problem}");
+    }
 }
 
 fn run(cmd: &mut Command, what: &str) -> String {
@@ -1513,6 +1520,41 @@ fn check_linux_uapi(ch: &mut Checker) {
         "IOCTL_PRIVCMD_MMAP_RESOURCE",
         IOCTL_PRIVCMD_MMAP_RESOURCE
     );
+}
+
+#[test]
+fn test_header_check_without_headers_names_the_packages() {
+    let empty = out_dir().join("no-headers");
+    std::fs::create_dir_all(&empty).unwrap();
+
+    let problem = header_problem(&empty);
+
+    let msg = problem.expect("an empty include root must be reported");
+    assert!(msg.contains("libxen-dev"), "{msg}");
+    assert!(msg.contains("xen/io/blkif.h"), "{msg}");
+}
+
+#[test]
+fn test_checker_mismatch_missing_and_unchecked_values_all_reported() {
+    let c: BTreeMap<String, i128> = [
+        ("a".to_string(), 1),
+        ("b".to_string(), 2),
+        ("extra".to_string(), 3),
+    ]
+    .into();
+    let mut ch = Checker::new("probe", c);
+
+    ch.check("a", 1);
+    ch.check("b", 5);
+    ch.check("absent", 0);
+    let errors = ch.finish();
+
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(errors.iter().any(|e| e.contains("`b`: C 2 != Rust 5")));
+    assert!(errors.iter().any(|e| e.contains("`absent`: not printed")));
+    assert!(errors
+        .iter()
+        .any(|e| e.contains("`extra`: printed by C but not checked")));
 }
 
 #[test]
