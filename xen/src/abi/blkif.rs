@@ -40,6 +40,10 @@ pub const BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST: usize = 8;
 /// Segments that fit in one indirect page (4096 / 8).
 pub const BLKIF_SEGS_PER_INDIRECT_FRAME: usize =
     PAGE_SIZE / core::mem::size_of::<BlkifRequestSegment>();
+/// Protocol upper bound on the segments of one indirect request (8 pages of 512 segments);
+/// a backend advertises its own, smaller `feature-max-indirect-segments`.
+pub const BLKIF_MAX_INDIRECT_SEGMENTS: usize =
+    BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST * BLKIF_SEGS_PER_INDIRECT_FRAME;
 /// Sector size of the protocol, in bytes.
 pub const BLKIF_SECTOR_SIZE: u64 = 512;
 /// Sectors in one 4 KiB segment page.
