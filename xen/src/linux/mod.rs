@@ -7,7 +7,7 @@
 //!
 //! [`LinuxHost`] opens them; every `open_*` opens the device again, so each handle has its own
 //! file descriptor (its own bound ports, restrictions and mappings). Every ioctl, mmap and raw
-//! pointer is in [`sys`]; [`uapi`] mirrors the kernel headers.
+//! pointer is in the private `sys` module; [`uapi`] mirrors the kernel headers.
 
 mod evtchn;
 mod gnttab;

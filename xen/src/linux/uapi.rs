@@ -3,7 +3,7 @@
 //!
 //! Pointers in these structs are carried as `u64` addresses: this module describes the
 //! x86_64 (LP64) ABI, which `tests/layout.rs` checks against the installed headers. Filling
-//! in an address, and the ioctls themselves, happen in [`super::sys`].
+//! in an address, and the ioctls themselves, happen in the private `linux::sys` module.
 
 use std::os::raw::c_ulong;
 
