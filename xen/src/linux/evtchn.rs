@@ -55,6 +55,13 @@ impl LinuxEvtchn {
         &self.path
     }
 
+    /// Records `port` as bound without an ioctl (tests drive the read/write protocol over a
+    /// socket pair instead of the device).
+    #[cfg(test)]
+    pub(crate) fn assume_bound(&self, port: Port) {
+        self.state().bound.insert(port);
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // A poisoned lock only means another thread panicked mid-update of a set of ports;
         // the set itself is still consistent enough to keep serving.

@@ -348,3 +348,46 @@ fn test_dm_invalid_arguments_refused_and_ioctl_failure_names_op() {
         other => panic!("{other:?}"),
     }
 }
+
+/// An evtchn handle whose "device" is one end of a non-blocking socket pair; the test plays
+/// the driver on the other end.
+fn evtchn_over_socketpair() -> (LinuxEvtchn, std::os::unix::net::UnixStream) {
+    let (ours, driver) = std::os::unix::net::UnixStream::pair().unwrap();
+    ours.set_nonblocking(true).unwrap();
+    let file = File::from(std::os::fd::OwnedFd::from(ours));
+    (LinuxEvtchn::from_file(file, "socketpair".into()), driver)
+}
+
+#[test]
+fn test_evtchn_pending_parses_native_u32_ports_and_stops_when_empty() {
+    let (ev, mut driver) = evtchn_over_socketpair();
+    let ports: [u32; 3] = [5, 70000, 1];
+    let bytes: Vec<u8> = ports.iter().flat_map(|p| p.to_ne_bytes()).collect();
+    driver.write_all(&bytes).unwrap();
+    let mut out = [0u32; 2];
+
+    let first = ev.pending(&mut out).unwrap();
+    let first_ports = out;
+    let second = ev.pending(&mut out).unwrap();
+    let third = ev.pending(&mut out).unwrap();
+
+    assert_eq!(first, 2);
+    assert_eq!(first_ports, [5, 70000]);
+    assert_eq!((second, out[0]), (1, 1));
+    assert_eq!(
+        third, 0,
+        "an empty non-blocking device reads as no pending ports"
+    );
+}
+
+#[test]
+fn test_evtchn_unmask_writes_the_port_number_back() {
+    let (ev, mut driver) = evtchn_over_socketpair();
+    ev.assume_bound(70000);
+
+    ev.unmask(70000).unwrap();
+    let mut got = [0u8; 4];
+    driver.read_exact(&mut got).unwrap();
+
+    assert_eq!(u32::from_ne_bytes(got), 70000);
+}
