@@ -237,3 +237,42 @@ fn test_transaction_creating_sibling_of_other_creation_is_eagain() {
     b.write("/dir/theirs", b"2").unwrap();
     assert_eq!(a.tx_end(t, true).unwrap_err(), "EAGAIN");
 }
+
+#[test]
+fn test_concurrent_transactional_increments_are_serializable() {
+    // Arrange: 4 clients each increment a counter 50 times with read-modify-write
+    // transactions, retrying on EAGAIN.
+    let xs = Xenstored::new(Quotas::default());
+    xs.write(0, "/counter", b"0").unwrap();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = Client::new(xs.connect_as(0).unwrap());
+            std::thread::spawn(move || {
+                let mut retries = 0u32;
+                for _ in 0..50 {
+                    loop {
+                        let t = c.tx_start().unwrap();
+                        let v: u64 = String::from_utf8(c.read_tx(t, "/counter").unwrap())
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        c.write_tx(t, "/counter", (v + 1).to_string().as_bytes())
+                            .unwrap();
+                        match c.tx_end(t, true) {
+                            Ok(_) => break,
+                            Err(e) => {
+                                assert_eq!(e, "EAGAIN");
+                                retries += 1;
+                            }
+                        }
+                    }
+                }
+                retries
+            })
+        })
+        .collect();
+    // Act
+    let retries: u32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    // Assert: no lost update.
+    assert_eq!(xs.read(0, "/counter").unwrap(), b"200", "{retries} retries");
+}

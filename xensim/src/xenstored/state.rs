@@ -827,3 +827,60 @@ fn directory_part(gen: u64, children: &[u8], off: usize) -> Vec<u8> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_directory_part_offset_past_end_is_generation_and_empty_string() {
+        assert_eq!(directory_part(7, b"a\0b\0", 4), b"7\0\0");
+        assert_eq!(directory_part(7, b"", 0), b"7\0\0");
+    }
+
+    #[test]
+    fn test_directory_part_whole_list_is_terminated() {
+        assert_eq!(directory_part(3, b"a\0bc\0", 0), b"3\0a\0bc\0\0");
+        // An offset inside a name returns the rest of it, as cxenstored's byte offsets.
+        assert_eq!(directory_part(3, b"a\0bc\0", 3), b"3\0c\0\0");
+    }
+
+    #[test]
+    fn test_directory_part_splits_at_whole_names_under_payload_max() {
+        let name = [b'x'; 99];
+        let mut blob = Vec::new();
+        for _ in 0..60 {
+            blob.extend_from_slice(&name);
+            blob.push(0);
+        }
+        let first = directory_part(1, &blob, 0);
+        assert!(first.len() <= XENSTORE_PAYLOAD_MAX);
+        let body = &first[2..];
+        assert_eq!(body.len() % 100, 0, "whole names only, no terminator");
+        let next = directory_part(1, &blob, body.len());
+        assert!(next.ends_with(b"\0\0"));
+        assert_eq!(body.len() + next.len() - 3, blob.len());
+    }
+
+    #[test]
+    fn test_request_argument_parsers() {
+        assert_eq!(onearg(b"/a\0"), Ok(&b"/a"[..]));
+        assert_eq!(onearg(b"/a"), Err(XsError::Inval));
+        assert_eq!(onearg(b"/a\0b\0"), Err(XsError::Inval));
+        assert_eq!(onearg(b""), Err(XsError::Inval));
+        assert_eq!(strings(b"a\0b\0c", 2).unwrap(), [&b"a"[..], b"b"]);
+        assert_eq!(strings(b"a\0b", 2), Err(XsError::Inval));
+        assert_eq!(parse_domid(b"65535"), Ok(65535));
+        assert_eq!(parse_domid(b"65536"), Err(XsError::Inval));
+        assert_eq!(parse_domid(b"-1"), Err(XsError::Inval));
+        assert_eq!(parse_offset(b"12abc"), 12);
+        assert_eq!(parse_offset(b"-3"), usize::MAX);
+        assert_eq!(parse_offset(b"99999999999999999999999"), usize::MAX);
+    }
+
+    #[test]
+    fn test_event_payload_over_limit_is_none() {
+        assert!(event_payload("/a", &[b't'; 4092]).is_some());
+        assert!(event_payload("/a", &[b't'; 4093]).is_none());
+    }
+}
