@@ -57,6 +57,10 @@ if "$DOMIO" serve --help >/dev/null 2>&1; then
       fi
     fi
     sed 's/^/    | /' "$XENLAB_ARTIFACTS/serve.txt"
+    # informational (not a failure): what xl wrote for this guest, and any ERROR domio logged
+    { xenstore-ls -fp /local/domain/0/backend; xenstore-ls -fp "/local/domain/$domid"; } > "$XENLAB_ARTIFACTS/xenstore-guest.txt" 2>&1 || true
+    ne=$(grep -c ' ERROR ' "$XENLAB_ARTIFACTS/serve.txt" || true)
+    [ "$ne" = 0 ] || log "NOTE: domio serve logged $ne ERROR line(s) (see above; xenstore dump in smoke/xenstore-guest.txt)"
     xl destroy smokeguest || true
   else
     fail serve-guest "xl create -p failed: $(tail -n3 "$XENLAB_ARTIFACTS/xl-create.log")"
