@@ -352,3 +352,18 @@ fn test_domain_requests_from_dom0() {
         "ENOENT"
     );
 }
+
+#[test]
+fn test_close_all_connections_closes_clients_and_keeps_data() {
+    let (xs, mut c) = dom0();
+    c.write("/kept", b"1").unwrap();
+    c.watch("/kept", "t").unwrap();
+    c.drain_events();
+    xs.close_all_connections();
+    assert!(matches!(
+        c.recv(),
+        Err(xenbus::wire::WireError::Closed { .. })
+    ));
+    assert_eq!(xs.connection_count(), 0);
+    assert_eq!(xs.read(0, "/kept").unwrap(), b"1");
+}

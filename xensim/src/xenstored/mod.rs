@@ -427,6 +427,12 @@ impl Xenstored {
         lock(&self.state).total_nodes()
     }
 
+    /// Closes every client connection (listeners keep accepting new ones). For an
+    /// orderly shutdown: drop the [`Listener`]s, then call this.
+    pub fn close_all_connections(&self) {
+        lock(&self.state).remove_all_conns();
+    }
+
     /// Open connections.
     pub fn connection_count(&self) -> usize {
         lock(&self.state).conn_count()

@@ -186,6 +186,14 @@ impl State {
         }
     }
 
+    /// Closes every connection (their watches and transactions go with them).
+    pub fn remove_all_conns(&mut self) {
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            self.remove_conn(id);
+        }
+    }
+
     pub fn conn_domid(&self, id: u64) -> Option<u32> {
         self.conns.get(&id).map(|c| c.domid)
     }
