@@ -38,7 +38,7 @@
 //! - Watches fire once when registered, then for every change at or below their path
 //!   (removing a subtree fires each removed child's exact watches, and the top node's
 //!   watches at or above it). A connection only receives events for nodes it can read,
-//!   or whose parent it can read (XSA-115). `@introduceDomain` and `@releaseDomain` fire
+//!   or whose parent it can read, or (for SET_PERMS) that it could read before (XSA-115). `@introduceDomain` and `@releaseDomain` fire
 //!   only for connections that can read those special nodes (dom0 by default; SET_PERMS
 //!   on them can grant others). Relative watches report relative paths.
 //! - Transactions follow cxenstored's model: each node a transaction touches (read or
@@ -77,9 +77,18 @@
 //! - `XS_CONTROL` supports `print` and `log` (both answer `OK`); everything else `EINVAL`.
 //! - `XS_GET_DOMAIN_PATH` and the domain requests parse the domid strictly (`EINVAL` for
 //!   non-numbers) where cxenstored uses `atoi`.
-//! - At commit, cxenstored refuses a transaction that takes a domain's node count to
-//!   the quota or beyond (`count >= quota`), for unprivileged callers; so does this one.
-//!   (Outside transactions the count may reach the quota exactly.)
+//! - At commit, a transaction that takes a domain's node count to the quota or beyond
+//!   (`count >= quota`, as cxenstored 4.17) fails with `ENOSPC`; outside transactions the
+//!   count may reach the quota exactly, as there too. 4.17.0 applied this check even to
+//!   dom0's transactions; we follow the later fix and check unprivileged callers only.
+//!   While a transaction runs, node creation already counts the transaction's own
+//!   pending creations (cxenstored counts committed nodes only and catches the rest at
+//!   commit).
+//! - Permission entries naming domains that do not exist are kept as given (cxenstored
+//!   4.17 marks them ignored and leaves them out of GET_PERMS).
+//! - Only dom0 is privileged (no `--master-domid`/`--priv-domid`). `XS_RESUME` answers
+//!   `OK` for an introduced domain and has no other effect (there is no shutdown state).
+//! - `@introduceDomain`/`@releaseDomain` fire watches registered on exactly that name.
 //! - Nodes created in one request are created all or nothing; inside a transaction, a
 //!   create that cxenstored would have left half done (node quota hit part-way) marks the
 //!   transaction failed, so its commit answers `ENOMEM` as cxenstored's does.
