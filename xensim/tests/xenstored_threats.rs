@@ -15,8 +15,48 @@ use xensim::xenstored::{Quotas, Xenstored};
 use xenstored_common::{ev, Client};
 use zerocopy::IntoBytes;
 
-/// How long a write must make no progress before we conclude the server stopped reading.
-const STALL: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long a write may make no progress before we look at whether the server stopped
+/// reading.
+const STALL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Writes the requests `make(0)`, `make(1)`, ... without reading any reply, until the
+/// server has stopped reading: a write makes no progress and the server holds the
+/// outstanding-request quota of replies. Returns how many requests were (at least
+/// partly) sent and the unsent rest of the last one.
+fn send_until_stalled(
+    xs: &Xenstored,
+    domid: u16,
+    s: &mut UnixStream,
+    max: u32,
+    make: impl Fn(u32) -> Vec<u8>,
+) -> (u32, Vec<u8>) {
+    let limit = xs.quotas().outstanding_requests;
+    s.set_write_timeout(Some(STALL)).unwrap();
+    let mut sent = 0;
+    while sent < max {
+        let bytes = make(sent);
+        let mut off = 0;
+        while off < bytes.len() {
+            match s.write(&bytes[off..]) {
+                Ok(n) => off += n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    if xs.queued_output(domid).replies >= limit {
+                        s.set_write_timeout(None).unwrap();
+                        return if off > 0 {
+                            (sent + 1, bytes[off..].to_vec())
+                        } else {
+                            (sent, Vec::new())
+                        };
+                    }
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        sent += 1;
+    }
+    s.set_write_timeout(None).unwrap();
+    (sent, Vec::new())
+}
 
 fn server(q: Quotas, domus: &[u16]) -> (Arc<Xenstored>, Client) {
     let xs = Xenstored::new(q);
@@ -224,28 +264,19 @@ fn test_xsa326_unread_replies_stay_bounded() {
     // Arrange
     let (xs, mut c0) = server(Quotas::default(), &[5]);
     let mut g = Client::new(xs.connect_as(5).unwrap());
-    g.s.set_write_timeout(Some(STALL)).unwrap();
-    // Act: requests without reading a single reply, until the server stops reading
-    // (a write makes no progress for STALL).
-    let mut sent = 0u32;
-    let mut rest: Vec<u8> = Vec::new();
-    while sent < 100_000 {
-        let m = Message::with_strings(msg::XS_WRITE, sent, 0, &[b"x"]);
-        let mut bytes = m.encode().unwrap();
-        bytes.extend_from_slice(sent.to_string().as_bytes());
-        let len = (bytes.len() - 16) as u32;
-        bytes[12..16].copy_from_slice(&len.to_ne_bytes());
-        match g.s.write(&bytes) {
-            Ok(n) if n == bytes.len() => sent += 1,
-            Ok(n) => {
-                rest = bytes[n..].to_vec();
-                sent += 1;
-                break;
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
-            Err(e) => panic!("{e}"),
+    // Act: requests without reading a single reply, until the server stops reading.
+    let (sent, rest) = send_until_stalled(&xs, 5, &mut g.s, 100_000, |i| {
+        let mut p = b"x\0".to_vec();
+        p.extend_from_slice(i.to_string().as_bytes());
+        Message {
+            type_: msg::XS_WRITE,
+            req_id: i,
+            tx_id: 0,
+            payload: p,
         }
-    }
+        .encode()
+        .unwrap()
+    });
     // Assert: the client was stopped, the server holds at most the quota of replies,
     // and it has not processed everything sent.
     assert!(sent < 100_000, "the server kept reading");
@@ -264,12 +295,15 @@ fn test_xsa326_unread_replies_stay_bounded() {
         "others are served"
     );
     // The client reads again: every request is answered, in order.
-    g.s.set_write_timeout(None).unwrap();
-    g.s.write_all(&rest).unwrap();
+    // The rest of a partly sent request goes out while we read (the server reads
+    // again only once we do).
+    let mut w = g.s.try_clone().unwrap();
+    let finish = std::thread::spawn(move || w.write_all(&rest));
     for i in 0..sent {
         let m = g.recv().unwrap();
         assert_eq!((m.type_, m.req_id), (msg::XS_WRITE, i));
     }
+    finish.join().unwrap().unwrap();
     let last = (sent - 1).to_string();
     assert_eq!(c0.read("/local/domain/5/x").unwrap(), last.as_bytes());
 }
@@ -364,33 +398,22 @@ fn test_xsa416_unread_large_replies_stay_bounded() {
     c0.set_perms("/big", &["r0"]).unwrap();
     let expected = c0.req(msg::XS_DIRECTORY, 0, &[b"/big"]).unwrap();
     let mut g = Client::new(xs.connect_as(5).unwrap());
-    g.s.set_write_timeout(Some(STALL)).unwrap();
     let req = Message::with_strings(msg::XS_DIRECTORY, 0, 0, &[b"/big"])
         .encode()
         .unwrap();
     // Act
-    let mut sent = 0;
-    let mut rest = Vec::new();
-    while sent < 10_000 {
-        match g.s.write(&req) {
-            Ok(n) if n == req.len() => sent += 1,
-            Ok(n) => {
-                rest = req[n..].to_vec();
-                sent += 1;
-                break;
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
-            Err(e) => panic!("{e}"),
-        }
-    }
+    let (sent, rest) = send_until_stalled(&xs, 5, &mut g.s, 10_000, |_| req.clone());
     // Assert
     assert!(sent < 10_000, "the server kept reading");
     assert!(xs.queued_output(5).replies <= 20);
-    g.s.set_write_timeout(None).unwrap();
-    g.s.write_all(&rest).unwrap();
+    // The rest of a partly sent request goes out while we read (the server reads
+    // again only once we do).
+    let mut w = g.s.try_clone().unwrap();
+    let finish = std::thread::spawn(move || w.write_all(&rest));
     for _ in 0..sent {
         assert_eq!(g.recv().unwrap().payload, expected);
     }
+    finish.join().unwrap().unwrap();
 }
 
 #[test]
