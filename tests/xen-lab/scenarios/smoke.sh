@@ -61,6 +61,10 @@ if "$DOMIO" serve --help >/dev/null 2>&1; then
     { xenstore-ls -fp /local/domain/0/backend; xenstore-ls -fp "/local/domain/$domid"; } > "$XENLAB_ARTIFACTS/xenstore-guest.txt" 2>&1 || true
     ne=$(grep -c ' ERROR ' "$XENLAB_ARTIFACTS/serve.txt" || true)
     [ "$ne" = 0 ] || log "NOTE: domio serve logged $ne ERROR line(s) (see above; xenstore dump in smoke/xenstore-guest.txt)"
+    # xl writes backend/console/<domid>/0 (frontend /local/domain/<domid>/console, type xenconsoled)
+    # with state 1 for every PV guest; xenconsoled serves it. Show whether domio touched it.
+    st=$(xenstore-read "/local/domain/0/backend/console/$domid/0/state" 2>/dev/null || echo none)
+    [ "$st" = 1 ] || log "NOTE: the xenconsoled console's backend state is now '$st' (xl wrote 1): domio serve changed it"
     xl destroy smokeguest || true
   else
     fail serve-guest "xl create -p failed: $(tail -n3 "$XENLAB_ARTIFACTS/xl-create.log")"
