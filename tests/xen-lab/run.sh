@@ -131,7 +131,7 @@ fi
 # ---- 4. summary ---------------------------------------------------------------------------------
 # results come from the share; if the share is missing, fall back to the XENLAB-RESULT console lines
 if [ -f "$SHARE/summary.txt" ]; then SRC=$SHARE/summary.txt
-else SRC=$OUT/console-results.txt; sed -n 's/^ *[0-9.]* XENLAB-RESULT /RESULT /p' "$OUT/serial.log" > "$SRC" 2>/dev/null || true; fi
+else SRC=$OUT/console-results.txt; sed -n 's/^ *[0-9.]* XENLAB-\(RESULT\|NOTE\) /\1 /p' "$OUT/serial.log" > "$SRC" 2>/dev/null || true; fi
 nfail=0
 echo
 echo "==================== xen-lab summary ($OUT) ===================="
@@ -140,6 +140,7 @@ for s in "${SCEN[@]}"; do
   if [ -z "$line" ]; then printf '  FAIL  %-16s did not run or did not finish\n' "$s"; nfail=$((nfail + 1)); continue; fi
   read -r _ _ v dur why <<<"$line"
   printf '  %-4s  %-16s %7s  %s\n' "$v" "$s" "$dur" "${why:-}"
+  grep -E "^NOTE $s " "$SRC" | sed "s/^NOTE $s /          note: /" || true
   [ "$v" = PASS ] || nfail=$((nfail + 1))
 done
 [ -n "$VM_OK" ] || echo "  FAIL  (vm)             $VM_WHY"

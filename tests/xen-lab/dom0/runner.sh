@@ -38,6 +38,9 @@ for s in $SCEN; do
   else v=FAIL; why="exit status 0 but last line is not PASS: $last"; fi
   echo "RESULT $s $v ${dur}s $why" >> $R/summary.txt
   echo "XENLAB-RESULT $s $v ${dur}s $why"
+  # lines with "NOTE:" are findings worth a look that do not fail the scenario: surface them
+  grep -a 'NOTE:' "$out" | sed 's/^.*NOTE: *//' | while IFS= read -r n; do
+    echo "NOTE $s $n" >> $R/summary.txt; echo "XENLAB-NOTE $s $n"; done
   if [ $v = FAIL ]; then echo "XENLAB: --- last 40 lines of $s.txt:"; tail -n40 "$out" | sed "s/^/XENLAB: [$s] /"; fi
   cleanup_domains
 done

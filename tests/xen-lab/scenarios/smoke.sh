@@ -60,7 +60,7 @@ if "$DOMIO" serve --help >/dev/null 2>&1; then
     # informational (not a failure): what xl wrote for this guest, and any ERROR domio logged
     { xenstore-ls -fp /local/domain/0/backend; xenstore-ls -fp "/local/domain/$domid"; } > "$XENLAB_ARTIFACTS/xenstore-guest.txt" 2>&1 || true
     ne=$(grep -c ' ERROR ' "$XENLAB_ARTIFACTS/serve.txt" || true)
-    [ "$ne" = 0 ] || log "NOTE: domio serve logged $ne ERROR line(s) (see above; xenstore dump in smoke/xenstore-guest.txt)"
+    [ "$ne" = 0 ] || log "NOTE: domio serve logged $ne ERROR line(s) (see results/smoke/serve.txt and smoke/xenstore-guest.txt)"
     # xl writes backend/console/<domid>/0 (frontend /local/domain/<domid>/console, type xenconsoled)
     # with state 1 for every PV guest; xenconsoled serves it. Show whether domio touched it.
     st=$(xenstore-read "/local/domain/0/backend/console/$domid/0/state" 2>/dev/null || echo none)
