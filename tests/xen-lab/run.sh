@@ -23,6 +23,7 @@ REPO=$(cd "$XENLAB_HERE/../.." && pwd)
 SCEN_DIR=$XENLAB_HERE/scenarios
 
 all_scenarios() { (cd "$SCEN_DIR" && ls -- *.sh | sed 's/\.sh$//'); }
+usage_err() { printf '[xen-lab] ERROR: %s\n' "$*" >&2; exit 2; }
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 2; }
 
 SHELL_MODE=""; SCEN=()
@@ -32,8 +33,8 @@ for a in "$@"; do
     --list) all_scenarios; exit 0 ;;
     -h|--help) usage ;;
     -*) echo "unknown option: $a" >&2; usage ;;
-    *) [[ $a =~ ^[A-Za-z0-9_-]+$ ]] || die "bad scenario name '$a' (letters, digits, _ and - only)"
-       [ -f "$SCEN_DIR/$a.sh" ] || die "no scenario '$a' (no $SCEN_DIR/$a.sh); have: $(all_scenarios | tr '\n' ' ')"
+    *) [[ $a =~ ^[A-Za-z0-9_-]+$ ]] || usage_err "bad scenario name '$a' (letters, digits, _ and - only)"
+       [ -f "$SCEN_DIR/$a.sh" ] || usage_err "no scenario '$a' (no $SCEN_DIR/$a.sh); have: $(all_scenarios | tr '\n' ' ')"
        SCEN+=("$a") ;;
   esac
 done

@@ -2,6 +2,10 @@
 # shellcheck shell=bash
 XENLAB_HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)   # tests/xen-lab
 XENLAB_DIR=${XENLAB_DIR:-$XENLAB_HERE/work}                      # cache + outputs (git-ignored)
+case $XENLAB_DIR in
+  *[,\ ]*) printf '[xen-lab] ERROR: XENLAB_DIR=%s contains a comma or a space; QEMU option and multiboot module strings cannot carry them\n' "$XENLAB_DIR" >&2; exit 1 ;;
+esac
+mkdir -p "$XENLAB_DIR" && XENLAB_DIR=$(cd "$XENLAB_DIR" && pwd)   # absolute: the scripts cd around
 
 say() { printf '[xen-lab %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { printf '[xen-lab] ERROR: %s\n' "$*" >&2; exit 1; }
