@@ -3,7 +3,8 @@
 # network) and runs scenarios (tests/xen-lab/scenarios/<name>.sh) inside dom0 with the domio
 # binary in the initramfs. See tests/xen-lab/README.md.
 #
-# Usage: tests/xen-lab/run.sh [--shell] [--list] [scenario...]     (default: all scenarios)
+# Usage: tests/xen-lab/run.sh [--shell] [--list] [scenario...]
+#   (no scenario named: all of them, except opt-in ones marked "# xenlab-default: no")
 #   --shell   after the scenarios (if any are named), give a root shell on dom0's console
 #             (needs a terminal; no time limit; Ctrl-a x quits QEMU)
 #   --list    list the scenarios and exit
@@ -23,6 +24,10 @@ REPO=$(cd "$XENLAB_HERE/../.." && pwd)
 SCEN_DIR=$XENLAB_HERE/scenarios
 
 all_scenarios() { (cd "$SCEN_DIR" && ls -- *.sh | sed 's/\.sh$//'); }
+# the default set: all scenarios except those marked "# xenlab-default: no" (opt-in, run by name)
+default_scenarios() { local s; for s in $(all_scenarios); do grep -q '^# xenlab-default: *no' "$SCEN_DIR/$s.sh" || echo "$s"; done; }
+list_scenarios() { local s; for s in $(all_scenarios); do
+  printf '%-16s %s\n' "$s" "$(grep -q '^# xenlab-default: *no' "$SCEN_DIR/$s.sh" && echo '(opt-in: not in the default set)')"; done; }
 usage_err() { printf '[xen-lab] ERROR: %s\n' "$*" >&2; exit 2; }
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 2; }
 
@@ -30,7 +35,7 @@ SHELL_MODE=""; SCEN=()
 for a in "$@"; do
   case $a in
     --shell) SHELL_MODE=1 ;;
-    --list) all_scenarios; exit 0 ;;
+    --list) list_scenarios; exit 0 ;;
     -h|--help) usage ;;
     -*) echo "unknown option: $a" >&2; usage ;;
     *) [[ $a =~ ^[A-Za-z0-9_-]+$ ]] || usage_err "bad scenario name '$a' (letters, digits, _ and - only)"
@@ -38,7 +43,7 @@ for a in "$@"; do
        SCEN+=("$a") ;;
   esac
 done
-if [ ${#SCEN[@]} = 0 ] && [ -z "$SHELL_MODE" ]; then mapfile -t SCEN < <(all_scenarios); fi
+if [ ${#SCEN[@]} = 0 ] && [ -z "$SHELL_MODE" ]; then mapfile -t SCEN < <(default_scenarios); fi
 [ "$(id -u)" = 0 ] || die "run as root (apt-get install of QEMU's host libraries; 9p share with security_model=none)"
 T_START=$(now_ms)
 
