@@ -8,5 +8,6 @@
 //! layout per device: `mod.rs` (driver, negotiation), ring handling, `metrics.rs`.
 #![deny(unsafe_code)]
 
+pub mod blk;
 pub mod console;
 pub mod ratelimit;
