@@ -75,7 +75,7 @@ pub fn validate(info: &EngineInfo, req: &IoRequest) -> Result<u64, i32> {
     if matches!(req.op, IoOp::Discard | IoOp::SecureDiscard) && info.discard.is_none() {
         return Err(libc::EOPNOTSUPP);
     }
-    if req.offset % sector != 0 || len % sector != 0 {
+    if !req.offset.is_multiple_of(sector) || !len.is_multiple_of(sector) {
         return Err(libc::EINVAL);
     }
     match req.offset.checked_add(len) {
