@@ -39,7 +39,7 @@ pub fn add_console_device(host: &Host, domid: DomId) -> anyhow::Result<()> {
     let ts = host
         .toolstack()
         .map_err(|e| anyhow::anyhow!("toolstack connection: {e}"))?;
-    ts.add_device(&DeviceSpec::new("console", domid, 0))
+    ts.add_device(&DeviceSpec::console(domid, 0))
         .context("adding the console device")?;
     Ok(())
 }

@@ -31,7 +31,7 @@ fn test_second_process_serves_guest_console_and_cleans_up_on_sigterm() {
     let host = Host::new().unwrap();
     let _server = Server::start(host.clone(), &sock).unwrap();
     let domid = host.create_domain("g", 1024).unwrap();
-    let spec = DeviceSpec::new("console", domid, 0);
+    let spec = DeviceSpec::console(domid, 0);
     let ts = host.toolstack().unwrap();
     ts.add_device(&spec).unwrap();
     let guest = Guest::new(host.clone(), domid).unwrap();

@@ -58,8 +58,7 @@ fn rig(devids: &[u32], limits: ConsoleLimits) -> Rig {
     let domid = host.create_domain("g", 256).unwrap();
     let ts = host.toolstack().unwrap();
     for d in devids {
-        ts.add_device(&DeviceSpec::new("console", domid, *d))
-            .unwrap();
+        ts.add_device(&DeviceSpec::console(domid, *d)).unwrap();
     }
     let sim: Arc<dyn XenHost> = Arc::new(SimHost::connect(server.path(), 0).unwrap());
     let xs = XsClient::new(sim.open_xenstore(&xen::XsTransport::Socket(None)).unwrap()).unwrap();
@@ -194,4 +193,48 @@ fn test_console_frontend_close_and_reconnect_is_served_again() {
 
     wait_for("second line", || r.lines.has(0, "second life"));
     drop(r.watcher);
+}
+
+#[test]
+fn test_console_of_xenconsoled_is_left_untouched() {
+    // xl creates backend/console/<domid>/0 for every PV guest with its frontend at
+    // /local/domain/<domid>/console, type xenconsoled: xenconsoled serves it, not us.
+    let r = rig(&[], ConsoleLimits::default());
+    let d = r.guest.domid();
+    let ts = r.host.toolstack().unwrap();
+    let xs = ts.xs();
+    let be0 = format!("/local/domain/0/backend/console/{d}/0");
+    let fe0 = format!("/local/domain/{d}/console");
+    for (k, v) in [
+        ("frontend", fe0.as_str()),
+        ("frontend-id", &d.to_string()),
+        ("online", "1"),
+        ("protocol", "vt100"),
+        ("state", "1"),
+    ] {
+        xenbus::XsOps::write(xs, &format!("{be0}/{k}"), v.as_bytes()).unwrap();
+    }
+    xenbus::XsOps::write(xs, &format!("{fe0}/type"), b"xenconsoled").unwrap();
+    // A secondary console given to xenconsoled too, and one given to us.
+    let mut theirs = DeviceSpec::console(d, 1);
+    theirs.frontend_ro = vec![("type".into(), "xenconsoled".into())];
+    ts.add_device(&theirs).unwrap();
+    ts.add_device(&DeviceSpec::console(d, 2)).unwrap();
+
+    let ours = ConsoleFront::connect(&r.guest, 2, Duration::from_secs(10)).unwrap();
+    ours.write(b"ours\n").unwrap();
+    wait_for("our console", || r.lines.has(2, "ours"));
+
+    for be in [be0, theirs.backend_path()] {
+        let keys = xenbus::XsOps::directory(xs, &be).unwrap();
+        assert_eq!(
+            xenbus::XsOps::read(xs, &format!("{be}/state")).unwrap(),
+            b"1",
+            "{be} state changed"
+        );
+        assert!(
+            !keys.iter().any(|k| k == "error" || k == "hotplug-status"),
+            "{be} was written to: {keys:?}"
+        );
+    }
 }

@@ -200,6 +200,15 @@ pub trait BackendDriver: Send + Sync + 'static {
         true
     }
 
+    /// Whether this backend serves the device at all. Called before anything is validated or
+    /// written: a device declined here is left exactly as it is (for example the PV console
+    /// that xl creates for every guest belongs to xenconsoled, not to a device model).
+    /// A device declined once is not asked about again until its backend node is re-created.
+    fn claims(&self, ctx: &DeviceCtx) -> Result<bool, DeviceError> {
+        let _ = ctx;
+        Ok(true)
+    }
+
     /// Reads the toolstack's configuration (`params`, `mode`, ...), opens what the device
     /// needs and advertises its features (with [`DeviceCtx::write_backend`]). Called for a new
     /// device and again after each frontend restart; the watcher then writes InitWait.
@@ -966,6 +975,20 @@ impl Engine {
                 Ok(_) => return,
                 Err(e) => {
                     warn!(error = %e, "reading the backend state failed");
+                    return;
+                }
+            }
+            let ctx = self.ctx(devid);
+            match self.driver.claims(&ctx) {
+                Ok(true) => {}
+                Ok(false) => {
+                    info!("not ours to serve; leaving it alone");
+                    self.rejected.insert(devid);
+                    return;
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot tell whether the device is ours; leaving it alone");
+                    self.rejected.insert(devid);
                     return;
                 }
             }

@@ -21,8 +21,11 @@ pub struct DeviceSpec {
     pub devid: u32,
     /// Extra backend keys (`params`, `mode`, `mac`, ...).
     pub backend: Vec<(String, String)>,
-    /// Extra frontend keys.
+    /// Extra frontend keys (owned by the guest, like the directory).
     pub frontend: Vec<(String, String)>,
+    /// Frontend keys the guest may read but not change (libxl's `ro_front`: owned by the
+    /// backend domain), such as a console's `type`.
+    pub frontend_ro: Vec<(String, String)>,
 }
 
 impl DeviceSpec {
@@ -36,7 +39,19 @@ impl DeviceSpec {
             devid,
             backend: Vec::new(),
             frontend: Vec::new(),
+            frontend_ro: Vec::new(),
         }
+    }
+
+    /// A secondary PV console served by a device model, as `libxl__device_console_add` writes
+    /// it: backend `protocol = vt100`; frontend `type = ioemu` and `limit`, read-only to the
+    /// guest.
+    pub fn console(frontend_domid: DomId, devid: u32) -> Self {
+        let mut s = DeviceSpec::new("console", frontend_domid, devid);
+        s.backend.push(("protocol".into(), "vt100".into()));
+        s.frontend_ro.push(("type".into(), "ioemu".into()));
+        s.frontend_ro.push(("limit".into(), "1048576".into()));
+        s
     }
     /// `/local/domain/<backend>/backend/<kind>/<domid>/<devid>`.
     pub fn backend_path(&self) -> String {
@@ -131,6 +146,11 @@ impl Toolstack {
             tx.write(&format!("{fe}/state"), b"1")?;
             for (k, v) in &spec.frontend {
                 tx.write(&format!("{fe}/{k}"), v.as_bytes())?;
+            }
+            for (k, v) in &spec.frontend_ro {
+                let p = format!("{fe}/{k}");
+                tx.write(&p, v.as_bytes())?;
+                tx.set_perms(&p, &perms(spec.backend_domid, spec.frontend_domid))?;
             }
             tx.mkdir(&be)?;
             tx.set_perms(&be, &perms(spec.backend_domid, spec.frontend_domid))?;

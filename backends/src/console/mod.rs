@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::info;
 use xen::XenHost;
-use xenbus::backend::{BackendDriver, Device, DeviceCtx, DriverError};
+use xenbus::backend::{BackendDriver, Device, DeviceCtx, DeviceError, DriverError};
 
 pub use metrics::{ConsoleMetrics, ConsoleStats};
 use ring::RingThread;
@@ -160,6 +160,24 @@ impl ConsoleDriver {
 impl BackendDriver for ConsoleDriver {
     fn backend_type(&self) -> &str {
         "console"
+    }
+
+    /// Only consoles the toolstack gave to a device model: libxl writes the frontend's
+    /// `type` (a node the guest can read but not write) as `ioemu` for those and
+    /// `xenconsoled` for the ones xenconsoled serves, such as console 0 of every PV guest.
+    fn claims(&self, ctx: &DeviceCtx) -> Result<bool, DeviceError> {
+        let Some(fe) = ctx.read_backend("frontend")? else {
+            return Ok(false);
+        };
+        let expected = format!(
+            "/local/domain/{}/device/console/{}",
+            ctx.frontend_domid(),
+            ctx.devid()
+        );
+        if fe != expected {
+            return Ok(false);
+        }
+        Ok(ctx.read_frontend_raw("type")?.as_deref() == Some(&b"ioemu"[..]))
     }
 
     fn probe(&self, ctx: &DeviceCtx) -> Result<Box<dyn Device>, DriverError> {

@@ -3,7 +3,8 @@
 # console: domio serve as the backend of a real PV console on real Xen. The guest is created
 # paused by xl (which only knows console 0, the one xenconsoled serves); the scenario then
 # writes the nodes of a second console, device/console/1, by hand (backend
-# /local/domain/0/backend/console/<domid>/1, as libxl would), starts
+# /local/domain/0/backend/console/<domid>/1, as libxl would for a console served by a device
+# model: frontend `type = ioemu`, read-only to the guest), starts
 # `domio serve --domid <domid> --xen linux`, and unpauses the guest. Linux's hvc_xen frontend
 # connects; guest/console.sh writes three lines to /dev/hvc1. Checks: both ends reach
 # Connected (4), domio logs the guest's lines, and after `xl destroy` domio notices and exits 0.
@@ -15,8 +16,9 @@ FE=/local/domain/$D/device/console/1
 BE=/local/domain/0/backend/console/$D/1
 check write-console-1-nodes sh -c "
   xenstore-write $BE/frontend $FE $BE/frontend-id $D $BE/online 1 $BE/protocol vt100 $BE/state 1 &&
-  xenstore-write $FE/backend $BE $FE/backend-id 0 $FE/state 1 $FE/limit 1048576 &&
-  xenstore-chmod -r $BE n0 r$D && xenstore-chmod -r $FE n$D r0"
+  xenstore-write $FE/backend $BE $FE/backend-id 0 $FE/state 1 $FE/limit 1048576 $FE/type ioemu &&
+  xenstore-chmod -r $BE n0 r$D && xenstore-chmod -r $FE n$D r0 &&
+  xenstore-chmod $FE/type n0 r$D && xenstore-chmod $FE/limit n0 r$D"
 
 log "running: $DOMIO serve --domid $D --xen linux"
 "$DOMIO" serve --domid "$D" --xen linux > "$XENLAB_ARTIFACTS/serve.txt" 2>&1 &

@@ -43,9 +43,13 @@ if "$DOMIO" serve --help >/dev/null 2>&1; then
     log "running: $DOMIO serve --domid $domid --xen linux  (guest created paused)"
     "$DOMIO" serve --domid "$domid" --xen linux > "$XENLAB_ARTIFACTS/serve.txt" 2>&1 &
     pid=$!
-    # no readiness signal from domio yet: require it to stay up for a 3 s observation window
-    if wait_for "domio serve exiting early" 3 proc_exited $pid > /dev/null; then
+    # domio logs "domio serving" once every backend watcher is up
+    serving() { grep -q 'domio serving' "$XENLAB_ARTIFACTS/serve.txt" || proc_exited $pid; }
+    wait_for "domio serve to be ready" 30 serving > /dev/null || true
+    if proc_exited $pid; then
       rc=0; wait $pid || rc=$?; fail serve-stays-up "domio serve exited by itself with status $rc"
+    elif ! grep -q 'domio serving' "$XENLAB_ARTIFACTS/serve.txt"; then
+      fail serve-ready "no 'domio serving' line within 30 s"; kill -KILL $pid; wait $pid || true
     else
       pass serve-stays-up
       kill -TERM $pid
@@ -60,11 +64,15 @@ if "$DOMIO" serve --help >/dev/null 2>&1; then
     # informational (not a failure): what xl wrote for this guest, and any ERROR domio logged
     { xenstore-ls -fp /local/domain/0/backend; xenstore-ls -fp "/local/domain/$domid"; } > "$XENLAB_ARTIFACTS/xenstore-guest.txt" 2>&1 || true
     ne=$(grep -c ' ERROR ' "$XENLAB_ARTIFACTS/serve.txt" || true)
-    [ "$ne" = 0 ] || log "NOTE: domio serve logged $ne ERROR line(s) (see results/smoke/serve.txt and smoke/xenstore-guest.txt)"
+    if [ "$ne" = 0 ]; then pass serve-no-errors; else fail serve-no-errors "domio serve logged $ne ERROR line(s)"; fi
     # xl writes backend/console/<domid>/0 (frontend /local/domain/<domid>/console, type xenconsoled)
-    # with state 1 for every PV guest; xenconsoled serves it. Show whether domio touched it.
+    # with state 1 for every PV guest; xenconsoled serves it, and domio must not touch it.
     st=$(xenstore-read "/local/domain/0/backend/console/$domid/0/state" 2>/dev/null || echo none)
-    [ "$st" = 1 ] || log "NOTE: the xenconsoled console's backend state is now '$st' (xl wrote 1): domio serve changed it"
+    if [ "$st" = 1 ] && ! xenstore-exists "/local/domain/0/backend/console/$domid/0/error" 2>/dev/null; then
+      pass xenconsoled-console-untouched
+    else
+      fail xenconsoled-console-untouched "its backend state is now '$st' (xl wrote 1) or domio wrote an error node"
+    fi
     xl destroy smokeguest || true
   else
     fail serve-guest "xl create -p failed: $(tail -n3 "$XENLAB_ARTIFACTS/xl-create.log")"
