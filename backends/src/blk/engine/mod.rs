@@ -14,6 +14,17 @@
 //! the completion, so a caller that recycles those vectors allocates nothing per request.
 
 pub mod null;
+pub mod open;
+mod pool;
+pub mod qcow2;
+pub mod raw;
+#[allow(unsafe_code)]
+mod sys;
+mod uring;
+
+pub use open::{open_engine, parse_params, EngineOptions, ImageFormat, Params};
+pub use qcow2::Qcow2Engine;
+pub use raw::{Mechanism, RawEngine, RawOptions};
 
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
