@@ -1,5 +1,6 @@
 //! Guest-side PV frontends that drive domio's backends, negotiating as Linux's frontends do.
 
+pub mod blk;
 pub mod console;
 
 use std::time::{Duration, Instant};
