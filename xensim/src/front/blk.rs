@@ -959,47 +959,44 @@ impl BlkQueue {
         Ok(self.port.notify()?)
     }
 
-    /// Every grant this queue holds (ring, pool, in-flight, leaked).
-    fn all_grants(&self) -> impl Iterator<Item = GrantRef> + '_ {
-        let pages = self.pool.iter().chain(self.leaked.iter()).chain(
-            self.shadow
-                .iter()
-                .flat_map(|s| s.data.iter().chain(s.indirect.iter())),
-        );
-        self.ring_grefs
-            .iter()
-            .copied()
-            .chain(pages.filter_map(|p| p.gref))
-    }
-
-    /// Revokes every grant and frees every page; returns the grants the backend still maps.
+    /// Revokes every grant (ring, pool, in flight, leaked) and, once none is left, frees
+    /// every page. Returns the grants the backend still maps; calling it again retries
+    /// exactly those.
     fn release(&mut self) -> Vec<GrantRef> {
-        let grefs: Vec<GrantRef> = self.all_grants().collect();
+        let guest = self.guest.clone();
         let mut still = Vec::new();
-        for g in grefs {
-            if self.guest.end_access(g).is_err() {
+        let mut end = |g: GrantRef| {
+            let ok = guest.end_access(g).is_ok();
+            if !ok {
                 still.push(g);
+            }
+            ok
+        };
+        self.ring_grefs.retain(|g| !end(*g));
+        let pages = self.pool.iter_mut().chain(self.leaked.iter_mut()).chain(
+            self.shadow
+                .iter_mut()
+                .flat_map(|s| s.data.iter_mut().chain(s.indirect.iter_mut())),
+        );
+        for p in pages {
+            if let Some(g) = p.gref {
+                if end(g) {
+                    p.gref = None;
+                }
             }
         }
         if still.is_empty() {
-            let pages: Vec<Gfn> = self
-                .pool
-                .drain(..)
-                .chain(self.leaked.drain(..))
-                .chain(self.shadow.iter_mut().flat_map(|s| {
-                    s.data
-                        .drain(..)
-                        .chain(s.indirect.drain(..))
-                        .collect::<Vec<_>>()
-                }))
-                .map(|p| p.gfn)
-                .chain(self.ring_gfns.iter().copied())
-                .collect();
-            for gfn in pages {
+            let mut gfns: Vec<Gfn> = self.ring_gfns.drain(..).collect();
+            gfns.extend(self.pool.drain(..).map(|p| p.gfn));
+            gfns.extend(self.leaked.drain(..).map(|p| p.gfn));
+            for s in &mut self.shadow {
+                gfns.extend(s.data.drain(..).map(|p| p.gfn));
+                gfns.extend(s.indirect.drain(..).map(|p| p.gfn));
+                s.in_use = false;
+            }
+            for gfn in gfns {
                 self.guest.free_page(gfn);
             }
-            self.ring_grefs.clear();
-            self.ring_gfns.clear();
         }
         still
     }
@@ -1333,8 +1330,8 @@ impl BlkFront {
     /// Closes as `blkfront_closing`/`xenbus_frontend_closed` do: Closing, wait for the backend
     /// to be Closing or Closed, Closed, wait for the backend's Closed; then revokes every
     /// grant (ring, pool, in flight). Fails with [`BlkFrontError::StillMapped`] if the backend
-    /// still maps any of them.
-    pub fn close(mut self) -> Result<(), BlkFrontError> {
+    /// still maps any of them; [`BlkFront::release`] then retries those.
+    pub fn close(&mut self) -> Result<(), BlkFrontError> {
         let timeout = self.opts.timeout;
         self.link.switch_state(XenbusState::Closing)?;
         self.link
