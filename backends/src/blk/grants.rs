@@ -1,0 +1,116 @@
+//! The persistent-grant cache (feature-persistent): pages a frontend keeps granted stay mapped
+//! between requests, keyed by grant reference, bounded, evicted least-recently-used among the
+//! pages no request is using.
+//!
+//! Each page is its own [`GrantMapping`] so it can be unmapped alone; the cache hands out
+//! `Arc`s so that an I/O segment keeps its page mapped while the engine uses it. As in Linux
+//! blkback, persistent pages are mapped writable (a frontend that negotiated persistent grants
+//! grants every page read-write) and one grant is never mapped twice (XSA-218 class).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use xen::{DomId, GrantError, GrantMapping, GrantRef, GrantTables};
+
+/// Linux blkback's default bound (`xen_blkif_max_pgrants`).
+pub const DEFAULT_MAX_PERSISTENT_GRANTS: usize = 1056;
+
+#[derive(Debug)]
+struct Entry {
+    mapping: Arc<GrantMapping>,
+    last_used: u64,
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// Already mapped.
+    Hit(Arc<GrantMapping>),
+    /// Mapped now and cached.
+    Mapped(Arc<GrantMapping>),
+    /// The cache is full of pages in use: the caller maps this page for this request only.
+    Full,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct PersistentGrants {
+    domid: DomId,
+    max: usize,
+    entries: HashMap<GrantRef, Entry>,
+    tick: u64,
+}
+
+impl PersistentGrants {
+    /// An empty cache of at most `max` pages of domain `domid`.
+    pub fn new(domid: DomId, max: usize) -> Self {
+        PersistentGrants {
+            domid,
+            max,
+            entries: HashMap::with_capacity(max.min(4096)),
+            tick: 0,
+        }
+    }
+
+    /// Pages cached (mapped).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True if nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Finds `gref`, or maps and caches it (evicting an unused page if full). Returns
+    /// `(lookup, evicted)`.
+    pub fn get(
+        &mut self,
+        gnttab: &dyn GrantTables,
+        gref: GrantRef,
+    ) -> Result<(Lookup, u64), GrantError> {
+        self.tick += 1;
+        if let Some(e) = self.entries.get_mut(&gref) {
+            e.last_used = self.tick;
+            return Ok((Lookup::Hit(e.mapping.clone()), 0));
+        }
+        let mut evicted = 0;
+        if self.entries.len() >= self.max {
+            if !self.evict_one() {
+                return Ok((Lookup::Full, 0));
+            }
+            evicted = 1;
+        }
+        let m = Arc::new(gnttab.map(self.domid, &[gref], true)?);
+        self.entries.insert(
+            gref,
+            Entry {
+                mapping: m.clone(),
+                last_used: self.tick,
+            },
+        );
+        Ok((Lookup::Mapped(m), evicted))
+    }
+
+    /// Evicts the least recently used page that no request holds; false if none.
+    fn evict_one(&mut self) -> bool {
+        let victim = self
+            .entries
+            .iter()
+            .filter(|(_, e)| Arc::strong_count(&e.mapping) == 1)
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(g, _)| *g);
+        match victim {
+            Some(g) => {
+                self.entries.remove(&g);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Unmaps every cached page (their last users drop them otherwise).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+}

@@ -1,0 +1,1016 @@
+//! One ring thread per queue: polls the event channel, the engine's completion fd and a
+//! waker; copies each request once, validates it ([`Request::parse`]), maps its grants in one
+//! batch (or takes them from the persistent cache, or grant-copies them), submits a batch to
+//! the engine, and answers completions field by field.
+//!
+//! Nothing on the request path allocates once the ring is warm: request slots, their segment
+//! vectors (recycled through the engine's completions), the indirect-segment buffers and the
+//! grant-reference scratch are preallocated (grant-copy mode excepted, see [`GrantMode`]).
+
+use std::collections::VecDeque;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use tracing::{debug, info, warn, Span};
+use xen::abi::blkif::*;
+use xen::ring::{BackRing, RingError};
+use xen::{
+    CopyDir, CopySegment, DomId, EventChannels, GrantMapping, GrantRef, GrantTables, Port,
+    SharedMem, XenHost, PAGE_SIZE,
+};
+use xenbus::backend::DeviceCtx;
+
+use super::engine::{Completion, Engine, EngineError, IoOp, IoRequest, IoSeg};
+use super::grants::{Lookup, PersistentGrants};
+use super::metrics::{add, sub, BlkMetrics};
+use super::request::{BadRequest, DiskLimits, Op, Request, Seg, Segments, MAX_INDIRECT_SEGMENTS};
+use super::{BlkError, DevShared, GrantMode, Protocol};
+use crate::ratelimit::TokenBucket;
+
+/// Wakes a ring thread (stop, or a control message).
+#[derive(Debug)]
+pub(crate) struct Waker {
+    fd: EventFd,
+    stop: AtomicBool,
+}
+
+impl Waker {
+    pub(crate) fn wake(&self) {
+        let _ = self.fd.write(1);
+    }
+}
+
+/// Messages to a ring thread.
+pub(crate) enum Ctl {
+    /// Re-read the disk size; answer with the new capacity in bytes.
+    Refresh(mpsc::Sender<Result<u64, EngineError>>),
+}
+
+/// How the device reaches a running queue.
+pub(crate) struct QueueHandle {
+    pub(crate) waker: Arc<Waker>,
+    pub(crate) ctl: mpsc::Sender<Ctl>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl QueueHandle {
+    /// Stops the thread after its in-flight I/O completes and a final flush; waits for it.
+    pub(crate) fn stop(mut self) {
+        self.waker.stop.store(true, Ordering::SeqCst);
+        self.waker.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Everything a queue needs to start.
+pub(crate) struct QueueParams {
+    pub host: Arc<dyn XenHost>,
+    pub ctx: DeviceCtx,
+    pub domid: DomId,
+    pub queue: u32,
+    pub ring_refs: Vec<GrantRef>,
+    pub port: Port,
+    pub protocol: Protocol,
+    pub persistent: bool,
+    pub grant_mode: GrantMode,
+    pub max_persistent_grants: usize,
+    pub limits: DiskLimits,
+    pub engine: Box<dyn Engine>,
+    pub shared: Arc<DevShared>,
+    pub span: Span,
+}
+
+enum Ring {
+    Native(BackRing<BlkifRequest, BlkifResponse, GrantMapping>),
+    X86_32(BackRing<BlkifX86_32Request, BlkifX86_32Response, GrantMapping>),
+}
+
+impl Ring {
+    /// Copies the next request once and validates it.
+    fn next(
+        &mut self,
+        disk: &DiskLimits,
+    ) -> Result<Option<Result<Request, BadRequest>>, RingError> {
+        Ok(match self {
+            Ring::Native(r) => r.copy_request()?.map(|raw| Request::parse(&raw, disk)),
+            Ring::X86_32(r) => r
+                .copy_request()?
+                .map(|raw| Request::parse_x86_32(&raw, disk)),
+        })
+    }
+
+    /// Writes a response field by field (explicit zero padding: XSA-216).
+    fn respond(&mut self, id: u64, operation: u8, status: i16) -> Result<(), RingError> {
+        let rsp = BlkifResponse {
+            id,
+            operation,
+            _pad0: 0,
+            status,
+            _pad1: [0; 4],
+        };
+        match self {
+            Ring::Native(r) => r.push_response(&rsp),
+            Ring::X86_32(r) => r.push_response(&BlkifX86_32Response::from_native(&rsp)),
+        }
+    }
+
+    fn push_and_check_notify(&mut self) -> Result<bool, RingError> {
+        match self {
+            Ring::Native(r) => r.push_responses_and_check_notify(),
+            Ring::X86_32(r) => r.push_responses_and_check_notify(),
+        }
+    }
+
+    fn final_check(&mut self) -> Result<bool, RingError> {
+        match self {
+            Ring::Native(r) => r.final_check_for_requests(),
+            Ring::X86_32(r) => r.final_check_for_requests(),
+        }
+    }
+
+    fn size(&self) -> u32 {
+        match self {
+            Ring::Native(r) => r.size(),
+            Ring::X86_32(r) => r.size(),
+        }
+    }
+}
+
+/// One request slot, preallocated.
+struct Slot {
+    req: Option<Request>,
+    /// Segment vector, recycled through the engine.
+    segs: Vec<IoSeg>,
+    /// Validated indirect segments.
+    iseg: Vec<Seg>,
+    /// The batch mapping of a non-persistent request (unmapped before the response).
+    mapping: Option<Arc<GrantMapping>>,
+    /// Grant-copy mode: bounce pages, one per segment.
+    bounce: Vec<Arc<SharedMem>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Barrier {
+    None,
+    /// A barrier waits in this slot for everything before it to complete.
+    Waiting(usize),
+    /// The barrier in this slot is running; nothing else starts until it completes.
+    Running(usize),
+}
+
+struct Queue {
+    ring: Ring,
+    gnttab: Box<dyn GrantTables>,
+    evtchn: Box<dyn EventChannels>,
+    local: Port,
+    engine: Box<dyn Engine>,
+    ctx: DeviceCtx,
+    domid: DomId,
+    queue: u32,
+    limits: DiskLimits,
+    persistent: Option<PersistentGrants>,
+    grant_mode: GrantMode,
+    shared: Arc<DevShared>,
+    waker: Arc<Waker>,
+    ctl: mpsc::Receiver<Ctl>,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    /// Requests handed to the engine (or waiting in `backlog`) and not completed.
+    submitted: usize,
+    backlog: VecDeque<IoRequest>,
+    barrier: Barrier,
+    done: Vec<Completion>,
+    grefs: Vec<GrantRef>,
+    indirect_raw: Vec<u8>,
+    indirect_segs: Vec<BlkifRequestSegment>,
+    bounce_pool: Vec<Arc<SharedMem>>,
+    scratch: Vec<u8>,
+    responses: u32,
+    rogue: bool,
+    log_bucket: TokenBucket,
+}
+
+/// Starts the ring thread of one queue: maps the ring (one batch of all its refs), binds the
+/// event channel (on a handle restricted to the frontend's domain), attaches to the ring.
+pub(crate) fn start(p: QueueParams) -> Result<QueueHandle, BlkError> {
+    let (domid, devid, queue) = (p.domid, p.ctx.devid(), p.queue);
+    let host_err = |source| BlkError::Host {
+        domid,
+        devid,
+        source,
+    };
+    let gnttab = p.host.open_gnttab().map_err(host_err)?;
+    let mapping = gnttab
+        .map(domid, &p.ring_refs, true)
+        .map_err(|source| BlkError::MapRing {
+            domid,
+            devid,
+            queue,
+            source,
+        })?;
+    add(&p.shared.metrics.grant_maps, 1);
+    add(
+        &p.shared.metrics.grant_pages_mapped,
+        p.ring_refs.len() as u64,
+    );
+    let ring_err = |source| BlkError::Ring {
+        domid,
+        devid,
+        queue,
+        source,
+    };
+    let ring = match p.protocol {
+        Protocol::Native | Protocol::X86_64 => {
+            Ring::Native(BackRing::attach_shared(mapping).map_err(ring_err)?)
+        }
+        Protocol::X86_32 => Ring::X86_32(BackRing::attach_shared(mapping).map_err(ring_err)?),
+    };
+    let evtchn = p.host.open_evtchn().map_err(host_err)?;
+    let bind_err = |source| BlkError::Bind {
+        domid,
+        devid,
+        port: p.port,
+        source,
+    };
+    evtchn.restrict(domid).map_err(bind_err)?;
+    let local = evtchn.bind_interdomain(domid, p.port).map_err(bind_err)?;
+    let fd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).map_err(|e| {
+        BlkError::Os {
+            domid,
+            devid,
+            what: "eventfd",
+            source: e.into(),
+        }
+    })?;
+    let waker = Arc::new(Waker {
+        fd,
+        stop: AtomicBool::new(false),
+    });
+    let (ctl_tx, ctl_rx) = mpsc::channel();
+    let n = ring.size() as usize;
+    let slots = (0..n)
+        .map(|_| Slot {
+            req: None,
+            segs: Vec::with_capacity(BLKIF_MAX_SEGMENTS_PER_REQUEST),
+            iseg: Vec::new(),
+            mapping: None,
+            bounce: Vec::new(),
+        })
+        .collect();
+    let mut q = Queue {
+        ring,
+        gnttab,
+        evtchn,
+        local,
+        engine: p.engine,
+        ctx: p.ctx,
+        domid,
+        queue,
+        limits: p.limits,
+        persistent: p
+            .persistent
+            .then(|| PersistentGrants::new(domid, p.max_persistent_grants)),
+        grant_mode: p.grant_mode,
+        shared: p.shared,
+        waker: waker.clone(),
+        ctl: ctl_rx,
+        slots,
+        free: (0..n).rev().collect(),
+        submitted: 0,
+        backlog: VecDeque::with_capacity(n),
+        barrier: Barrier::None,
+        done: Vec::with_capacity(n),
+        grefs: Vec::with_capacity(usize::from(MAX_INDIRECT_SEGMENTS)),
+        indirect_raw: vec![0u8; usize::from(MAX_INDIRECT_SEGMENTS) * 8],
+        indirect_segs: vec![BlkifRequestSegment::default(); usize::from(MAX_INDIRECT_SEGMENTS)],
+        bounce_pool: Vec::new(),
+        scratch: Vec::new(),
+        responses: 0,
+        rogue: false,
+        log_bucket: TokenBucket::new(5.0, 20.0),
+    };
+    let span = p.span.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("blk-d{domid}-{devid}-q{queue}"))
+        .spawn(move || {
+            let _g = span.enter();
+            q.run();
+        })
+        .map_err(|source| BlkError::Os {
+            domid,
+            devid,
+            what: "spawning the ring thread",
+            source,
+        })?;
+    debug!(queue, port = p.port, local, "blk ring connected");
+    Ok(QueueHandle {
+        waker,
+        ctl: ctl_tx,
+        thread: Some(thread),
+    })
+}
+
+/// Maps a batch of grants for one request (all or nothing).
+fn map_batch(
+    gnttab: &dyn GrantTables,
+    domid: DomId,
+    m: &BlkMetrics,
+    refs: &[GrantRef],
+    writable: bool,
+) -> Result<Arc<GrantMapping>, ()> {
+    add(&m.grant_maps, 1);
+    match gnttab.map(domid, refs, writable) {
+        Ok(map) => {
+            add(&m.grant_pages_mapped, refs.len() as u64);
+            Ok(Arc::new(map))
+        }
+        Err(e) => {
+            debug!(error = %e, "grant map failed");
+            Err(())
+        }
+    }
+}
+
+/// Decodes `blkif_request_segment`s from a private byte copy of an indirect page.
+fn decode_segments(bytes: &[u8], out: &mut [BlkifRequestSegment]) {
+    for (chunk, s) in bytes.chunks_exact(8).zip(out.iter_mut()) {
+        *s = BlkifRequestSegment {
+            gref: u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]),
+            first_sect: chunk[4],
+            last_sect: chunk[5],
+            _pad: [0; 2],
+        };
+    }
+}
+
+impl Queue {
+    fn run(&mut self) {
+        let mut ports = [0 as Port; 8];
+        loop {
+            {
+                let mut fds = [
+                    PollFd::new(self.evtchn.fd(), PollFlags::POLLIN),
+                    PollFd::new(self.engine.completion_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.waker.fd.as_fd(), PollFlags::POLLIN),
+                ];
+                if let Err(e) = poll(&mut fds, PollTimeout::NONE) {
+                    if e != nix::errno::Errno::EINTR {
+                        warn!(error = %e, "blk ring poll failed; stopping");
+                        break;
+                    }
+                }
+            }
+            let _ = self.waker.fd.read();
+            if self.waker.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            while let Ok(ctl) = self.ctl.try_recv() {
+                match ctl {
+                    Ctl::Refresh(reply) => {
+                        let r = self.engine.refresh_capacity();
+                        if let Ok(bytes) = &r {
+                            self.limits.sectors = bytes / BLKIF_SECTOR_SIZE;
+                        }
+                        let _ = reply.send(r);
+                    }
+                }
+            }
+            let mut delivered = false;
+            while let Ok(n) = self.evtchn.pending(&mut ports) {
+                if n == 0 {
+                    break;
+                }
+                add(&self.shared.metrics.events, n as u64);
+                delivered |= ports[..n].contains(&self.local);
+            }
+            self.pass();
+            if delivered {
+                let _ = self.evtchn.unmask(self.local);
+                self.pass();
+            }
+            if self.rogue && self.submitted == 0 {
+                break;
+            }
+        }
+        self.shutdown();
+    }
+
+    /// Reap, consume, kick, answer.
+    fn pass(&mut self) {
+        self.reap();
+        if !self.rogue {
+            self.consume();
+        }
+        self.publish();
+    }
+
+    fn stalled(&self) -> bool {
+        self.barrier != Barrier::None || self.free.is_empty()
+    }
+
+    fn consume(&mut self) {
+        loop {
+            while !self.stalled() {
+                match self.ring.next(&self.limits) {
+                    Ok(Some(Ok(req))) => self.start_request(req),
+                    Ok(Some(Err(bad))) => self.refuse(bad),
+                    Ok(None) => break,
+                    Err(e) => return self.go_rogue(e),
+                }
+            }
+            self.kick();
+            if self.stalled() {
+                return;
+            }
+            match self.ring.final_check() {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => return self.go_rogue(e),
+            }
+        }
+    }
+
+    fn go_rogue(&mut self, e: RingError) {
+        self.rogue = true;
+        add(&self.shared.metrics.rogue_rings, 1);
+        warn!(
+            queue = self.queue,
+            error = %e,
+            "frontend broke the ring protocol; halting this ring"
+        );
+        let _ = self.ctx.report_error(&format!(
+            "queue {}: frontend broke the ring protocol ({e}); ring halted",
+            self.queue
+        ));
+    }
+
+    fn refuse(&mut self, bad: BadRequest) {
+        add(&self.shared.metrics.bad_requests, 1);
+        add(&self.shared.metrics.errors, 1);
+        if self.log_bucket.take(1.0) {
+            let suppressed = self.log_bucket.take_denied();
+            warn!(queue = self.queue, error = %bad, suppressed, "refusing a malformed request");
+        }
+        self.respond(bad.id, bad.op, bad.status());
+    }
+
+    fn respond(&mut self, id: u64, op: u8, status: i16) {
+        // Only fails if no request is outstanding, which cannot happen here.
+        if self.ring.respond(id, op, status).is_ok() {
+            self.responses += 1;
+        }
+    }
+
+    fn publish(&mut self) {
+        if self.responses == 0 {
+            return;
+        }
+        self.responses = 0;
+        if let Ok(true) = self.ring.push_and_check_notify() {
+            add(&self.shared.metrics.notifications, 1);
+            let _ = self.evtchn.notify(self.local);
+        }
+    }
+
+    fn fail_slot(&mut self, idx: usize, status: i16) {
+        let slot = &mut self.slots[idx];
+        slot.segs.clear();
+        slot.mapping = None;
+        self.bounce_pool.append(&mut slot.bounce);
+        let req = slot.req.take();
+        self.free.push(idx);
+        if let Some(r) = req {
+            add(&self.shared.metrics.errors, 1);
+            self.respond(r.id, r.rsp_op, status);
+        }
+    }
+
+    fn start_request(&mut self, mut req: Request) {
+        let Some(idx) = self.free.pop() else {
+            return;
+        };
+        // Indirect: copy the segment pages once into private memory, then validate.
+        if let Segments::Indirect {
+            pages,
+            nr_pages,
+            nr_segments,
+        } = req.segments
+        {
+            add(&self.shared.metrics.indirect, 1);
+            let bytes = usize::from(nr_segments) * 8;
+            let pages = &pages[..usize::from(nr_pages)];
+            if self.read_indirect(pages, bytes).is_err() {
+                add(&self.shared.metrics.grant_errors, 1);
+                self.slots[idx].req = Some(req);
+                return self.fail_slot(idx, BLKIF_RSP_ERROR);
+            }
+            decode_segments(&self.indirect_raw[..bytes], &mut self.indirect_segs);
+            let mut iseg = std::mem::take(&mut self.slots[idx].iseg);
+            let r = req.parse_indirect(
+                &self.indirect_segs[..usize::from(nr_segments)],
+                &self.limits,
+                &mut iseg,
+            );
+            self.slots[idx].iseg = iseg;
+            if let Err(bad) = r {
+                self.free.push(idx);
+                return self.refuse(bad);
+            }
+        }
+        self.slots[idx].req = Some(req);
+        if let Err(status) = self.attach_memory(idx, &req) {
+            add(&self.shared.metrics.grant_errors, 1);
+            return self.fail_slot(idx, status);
+        }
+        if req.op == Op::Barrier && self.submitted > 0 {
+            self.barrier = Barrier::Waiting(idx);
+            return;
+        }
+        self.submit(idx);
+    }
+
+    /// Copies the first `bytes` of the indirect pages into `indirect_raw` (once).
+    fn read_indirect(&mut self, pages: &[GrantRef], bytes: usize) -> Result<(), ()> {
+        let per_page = PAGE_SIZE;
+        if self.grant_mode == GrantMode::Copy {
+            let mut segs: Vec<CopySegment<'_>> = Vec::with_capacity(pages.len());
+            for (g, chunk) in pages
+                .iter()
+                .zip(self.indirect_raw[..bytes].chunks_mut(per_page))
+            {
+                segs.push(CopySegment {
+                    domid: self.domid,
+                    gref: *g,
+                    offset: 0,
+                    local: CopyDir::FromGuest(chunk),
+                    status: 0,
+                });
+            }
+            add(&self.shared.metrics.grant_copies, 1);
+            self.gnttab.copy(&mut segs).map_err(|_| ())?;
+            return if segs.iter().all(|s| s.status == 0) {
+                Ok(())
+            } else {
+                Err(())
+            };
+        }
+        for (i, g) in pages.iter().enumerate() {
+            let start = i * per_page;
+            let end = bytes.min(start + per_page);
+            let mapping = match self.persistent.as_mut() {
+                Some(cache) => match cache.get(self.gnttab.as_ref(), *g) {
+                    Ok((Lookup::Hit(m), _)) => {
+                        add(&self.shared.metrics.persistent_hits, 1);
+                        m
+                    }
+                    Ok((Lookup::Mapped(m), ev)) => {
+                        add(&self.shared.metrics.persistent_misses, 1);
+                        add(&self.shared.metrics.persistent_evictions, ev);
+                        add(&self.shared.metrics.grant_maps, 1);
+                        add(&self.shared.metrics.grant_pages_mapped, 1);
+                        m
+                    }
+                    Ok((Lookup::Full, _)) => map_batch(
+                        self.gnttab.as_ref(),
+                        self.domid,
+                        &self.shared.metrics,
+                        &[*g],
+                        false,
+                    )?,
+                    Err(_) => return Err(()),
+                },
+                None => map_batch(
+                    self.gnttab.as_ref(),
+                    self.domid,
+                    &self.shared.metrics,
+                    &[*g],
+                    false,
+                )?,
+            };
+            mapping
+                .mem()
+                .read(0, &mut self.indirect_raw[start..end])
+                .map_err(|_| ())?;
+        }
+        Ok(())
+    }
+
+    /// Builds the slot's I/O segments over the guest's pages. On error nothing stays mapped
+    /// for this request (persistent pages stay in the cache).
+    fn attach_memory(&mut self, idx: usize, req: &Request) -> Result<(), i16> {
+        let device_writes = req.op.device_writes_memory();
+        let mut segs = std::mem::take(&mut self.slots[idx].segs);
+        segs.clear();
+        let iseg = std::mem::take(&mut self.slots[idx].iseg);
+        let list: &[Seg] = match req.segments {
+            Segments::Direct { .. } => req.direct_segments(),
+            Segments::Indirect { .. } => &iseg,
+            Segments::None => &[],
+        };
+        let r = if list.is_empty() {
+            Ok(())
+        } else {
+            match self.grant_mode {
+                GrantMode::Copy => self.attach_copy(idx, list, device_writes, &mut segs),
+                GrantMode::Map => self.attach_map(idx, list, device_writes, &mut segs),
+            }
+        };
+        let slot = &mut self.slots[idx];
+        slot.segs = segs;
+        slot.iseg = iseg;
+        if r.is_err() {
+            slot.segs.clear();
+            slot.mapping = None;
+        }
+        r
+    }
+
+    fn attach_map(
+        &mut self,
+        idx: usize,
+        list: &[Seg],
+        device_writes: bool,
+        segs: &mut Vec<IoSeg>,
+    ) -> Result<(), i16> {
+        let err = BLKIF_RSP_ERROR;
+        if let Some(cache) = self.persistent.as_mut() {
+            // Pages the full cache cannot take are mapped for this request only.
+            for s in list {
+                match cache.get(self.gnttab.as_ref(), s.gref) {
+                    Ok((Lookup::Hit(m), _)) => {
+                        add(&self.shared.metrics.persistent_hits, 1);
+                        segs.push(
+                            IoSeg::new(m, s.offset(), s.len(), device_writes).map_err(|_| err)?,
+                        );
+                    }
+                    Ok((Lookup::Mapped(m), ev)) => {
+                        add(&self.shared.metrics.persistent_misses, 1);
+                        add(&self.shared.metrics.persistent_evictions, ev);
+                        add(&self.shared.metrics.grant_maps, 1);
+                        add(&self.shared.metrics.grant_pages_mapped, 1);
+                        segs.push(
+                            IoSeg::new(m, s.offset(), s.len(), device_writes).map_err(|_| err)?,
+                        );
+                    }
+                    Ok((Lookup::Full, _)) => {
+                        // Every cached page is in use: map this one for this request only.
+                        let m = map_batch(
+                            self.gnttab.as_ref(),
+                            self.domid,
+                            &self.shared.metrics,
+                            &[s.gref],
+                            device_writes,
+                        )
+                        .map_err(|_| err)?;
+                        segs.push(
+                            IoSeg::new(m, s.offset(), s.len(), device_writes).map_err(|_| err)?,
+                        );
+                    }
+                    Err(e) => {
+                        debug!(error = %e, gref = s.gref, "persistent grant map failed");
+                        return Err(err);
+                    }
+                }
+            }
+            return Ok(());
+        }
+        self.grefs.clear();
+        self.grefs.extend(list.iter().map(|s| s.gref));
+        let refs = std::mem::take(&mut self.grefs);
+        let m = map_batch(
+            self.gnttab.as_ref(),
+            self.domid,
+            &self.shared.metrics,
+            &refs,
+            device_writes,
+        );
+        self.grefs = refs;
+        let m = m.map_err(|_| err)?;
+        for (i, s) in list.iter().enumerate() {
+            let off = i * PAGE_SIZE + s.offset();
+            segs.push(IoSeg::new(m.clone(), off, s.len(), device_writes).map_err(|_| err)?);
+        }
+        self.slots[idx].mapping = Some(m);
+        Ok(())
+    }
+
+    fn bounce_page(&mut self) -> Result<Arc<SharedMem>, i16> {
+        match self.bounce_pool.pop() {
+            Some(p) => Ok(p),
+            None => SharedMem::anonymous(PAGE_SIZE)
+                .map(Arc::new)
+                .map_err(|_| BLKIF_RSP_ERROR),
+        }
+    }
+
+    fn attach_copy(
+        &mut self,
+        idx: usize,
+        list: &[Seg],
+        device_writes: bool,
+        segs: &mut Vec<IoSeg>,
+    ) -> Result<(), i16> {
+        let err = BLKIF_RSP_ERROR;
+        let mut bounce = std::mem::take(&mut self.slots[idx].bounce);
+        for _ in 0..list.len() {
+            match self.bounce_page() {
+                Ok(p) => bounce.push(p),
+                Err(e) => {
+                    self.bounce_pool.append(&mut bounce);
+                    return Err(e);
+                }
+            }
+        }
+        let r = (|| {
+            if !device_writes {
+                self.copy_segments(list, &bounce, false)?;
+            }
+            for (s, b) in list.iter().zip(&bounce) {
+                let mem: Arc<dyn super::engine::IoMem> = b.clone();
+                segs.push(IoSeg::new(mem, s.offset(), s.len(), device_writes).map_err(|_| err)?);
+            }
+            Ok(())
+        })();
+        if r.is_err() {
+            segs.clear();
+            self.bounce_pool.append(&mut bounce);
+        }
+        self.slots[idx].bounce = bounce;
+        r
+    }
+
+    /// Grant-copies between the guest's segments and the bounce pages, one batch.
+    fn copy_segments(
+        &mut self,
+        list: &[Seg],
+        bounce: &[Arc<SharedMem>],
+        to_guest: bool,
+    ) -> Result<(), i16> {
+        let err = BLKIF_RSP_ERROR;
+        let need = list.len() * PAGE_SIZE;
+        if self.scratch.len() < need {
+            self.scratch.resize(need, 0);
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let r = (|| {
+            if to_guest {
+                for ((s, b), chunk) in list.iter().zip(bounce).zip(scratch.chunks_mut(PAGE_SIZE)) {
+                    b.read(s.offset(), &mut chunk[..s.len()]).map_err(|_| err)?;
+                }
+            }
+            let mut cs: Vec<CopySegment<'_>> = Vec::with_capacity(list.len());
+            for (s, chunk) in list.iter().zip(scratch.chunks_mut(PAGE_SIZE)) {
+                let local = &mut chunk[..s.len()];
+                cs.push(CopySegment {
+                    domid: self.domid,
+                    gref: s.gref,
+                    offset: s.offset() as u16,
+                    local: if to_guest {
+                        CopyDir::ToGuest(local)
+                    } else {
+                        CopyDir::FromGuest(local)
+                    },
+                    status: 0,
+                });
+            }
+            add(&self.shared.metrics.grant_copies, 1);
+            self.gnttab.copy(&mut cs).map_err(|_| err)?;
+            if cs.iter().any(|c| c.status != 0) {
+                return Err(err);
+            }
+            drop(cs);
+            if !to_guest {
+                for ((s, b), chunk) in list.iter().zip(bounce).zip(scratch.chunks(PAGE_SIZE)) {
+                    b.write(s.offset(), &chunk[..s.len()]).map_err(|_| err)?;
+                }
+            }
+            Ok(())
+        })();
+        self.scratch = scratch;
+        r
+    }
+
+    fn submit(&mut self, idx: usize) {
+        let slot = &mut self.slots[idx];
+        let Some(req) = slot.req else {
+            return;
+        };
+        let has_data = !slot.segs.is_empty();
+        let (op, fua) = match req.op {
+            Op::Read => (IoOp::Read, false),
+            Op::Write { flush } => (IoOp::Write, flush),
+            Op::Flush => (IoOp::Flush, false),
+            Op::Barrier if has_data => (IoOp::Write, true),
+            Op::Barrier => (IoOp::Flush, false),
+            Op::Discard { secure: false } => (IoOp::Discard, false),
+            Op::Discard { secure: true } => (IoOp::SecureDiscard, false),
+        };
+        if req.op == Op::Barrier {
+            self.barrier = Barrier::Running(idx);
+        }
+        let io = IoRequest {
+            tag: idx as u64,
+            op,
+            offset: req.sector.saturating_mul(BLKIF_SECTOR_SIZE),
+            len: req.nr_sectors.saturating_mul(BLKIF_SECTOR_SIZE),
+            segs: std::mem::take(&mut slot.segs),
+            fua,
+        };
+        self.submitted += 1;
+        add(&self.shared.metrics.in_flight, 1);
+        if let Err(io) = self.engine.queue(io) {
+            self.backlog.push_back(io);
+        }
+    }
+
+    fn kick(&mut self) {
+        if let Err(e) = self.engine.kick() {
+            if self.log_bucket.take(1.0) {
+                warn!(queue = self.queue, error = %e, "engine kick failed");
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        loop {
+            self.done.clear();
+            match self.engine.reap(&mut self.done) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    if self.log_bucket.take(1.0) {
+                        warn!(queue = self.queue, error = %e, "engine reap failed");
+                    }
+                    break;
+                }
+            }
+            let mut done = std::mem::take(&mut self.done);
+            for c in done.drain(..) {
+                self.complete(c);
+            }
+            self.done = done;
+            // Room in the engine again: move the backlog in.
+            while let Some(io) = self.backlog.pop_front() {
+                if let Err(io) = self.engine.queue(io) {
+                    self.backlog.push_front(io);
+                    break;
+                }
+            }
+            if let Barrier::Waiting(idx) = self.barrier {
+                if self.submitted == 0 {
+                    self.submit(idx);
+                }
+            }
+            self.kick();
+        }
+    }
+
+    fn complete(&mut self, c: Completion) {
+        let idx = c.tag as usize;
+        let Some(slot) = self.slots.get_mut(idx) else {
+            return;
+        };
+        let Some(req) = slot.req.take() else {
+            return;
+        };
+        self.submitted = self.submitted.saturating_sub(1);
+        sub(&self.shared.metrics.in_flight, 1);
+        let mut segs = c.segs;
+        segs.clear();
+        slot.segs = segs;
+        let mut status = match c.result {
+            Ok(_) => BLKIF_RSP_OKAY,
+            Err(errno) if errno == libc::EOPNOTSUPP => BLKIF_RSP_EOPNOTSUPP,
+            Err(_) => BLKIF_RSP_ERROR,
+        };
+        if status == BLKIF_RSP_OKAY && req.op == Op::Read && self.grant_mode == GrantMode::Copy {
+            let bounce = std::mem::take(&mut self.slots[idx].bounce);
+            let iseg = std::mem::take(&mut self.slots[idx].iseg);
+            let list: &[Seg] = match req.segments {
+                Segments::Indirect { .. } => &iseg,
+                _ => req.direct_segments(),
+            };
+            if self.copy_segments(list, &bounce, true).is_err() {
+                add(&self.shared.metrics.grant_errors, 1);
+                status = BLKIF_RSP_ERROR;
+            }
+            self.slots[idx].bounce = bounce;
+            self.slots[idx].iseg = iseg;
+        }
+        let slot = &mut self.slots[idx];
+        // Unmap (non-persistent) before the response is visible (XSA-396 class).
+        slot.mapping = None;
+        self.bounce_pool.append(&mut slot.bounce);
+        self.free.push(idx);
+        let m = &self.shared.metrics;
+        let bytes = req.nr_sectors.saturating_mul(BLKIF_SECTOR_SIZE);
+        if status == BLKIF_RSP_OKAY {
+            match req.op {
+                Op::Read => {
+                    add(&m.reads, 1);
+                    add(&m.bytes_read, bytes);
+                }
+                Op::Write { .. } => {
+                    add(&m.writes, 1);
+                    add(&m.bytes_written, bytes);
+                }
+                Op::Flush => add(&m.flushes, 1),
+                Op::Barrier => {
+                    add(&m.barriers, 1);
+                    add(&m.bytes_written, bytes);
+                }
+                Op::Discard { .. } => add(&m.discards, 1),
+            }
+        } else {
+            add(&m.errors, 1);
+        }
+        if self.barrier == Barrier::Running(idx) {
+            self.barrier = Barrier::None;
+        }
+        self.respond(req.id, req.rsp_op, status);
+    }
+
+    /// Waits for in-flight I/O, flushes, and releases every mapping.
+    fn shutdown(&mut self) {
+        if let Barrier::Waiting(idx) = self.barrier {
+            if self.submitted == 0 {
+                self.submit(idx);
+                self.kick();
+            }
+        }
+        self.drain_in_flight();
+        // A final flush so that what the guest wrote is durable once we report Closed.
+        if !self.limits.read_only {
+            let io = IoRequest {
+                tag: u64::MAX,
+                op: IoOp::Flush,
+                offset: 0,
+                len: 0,
+                segs: Vec::new(),
+                fua: false,
+            };
+            if self.engine.queue(io).is_ok() {
+                self.kick();
+                self.wait_engine_idle();
+            }
+        }
+        self.publish();
+        for s in &mut self.slots {
+            s.segs.clear();
+            s.mapping = None;
+            s.bounce.clear();
+        }
+        self.bounce_pool.clear();
+        if let Some(c) = self.persistent.as_mut() {
+            c.clear();
+        }
+        info!(queue = self.queue, "blk ring stopped");
+    }
+
+    fn drain_in_flight(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self.submitted > 0 && std::time::Instant::now() < deadline {
+            if !self.wait_completion_fd() {
+                break;
+            }
+            self.reap();
+        }
+        if self.submitted > 0 {
+            warn!(
+                queue = self.queue,
+                in_flight = self.submitted,
+                "I/O still in flight at disconnect"
+            );
+        }
+    }
+
+    fn wait_engine_idle(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self.engine.in_flight() > 0 && std::time::Instant::now() < deadline {
+            if !self.wait_completion_fd() {
+                break;
+            }
+            self.done.clear();
+            let _ = self.engine.reap(&mut self.done);
+            self.done.clear();
+        }
+    }
+
+    fn wait_completion_fd(&self) -> bool {
+        let mut fds = [PollFd::new(self.engine.completion_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::from(1000u16)).is_ok()
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        let _ = self.evtchn.unbind(self.local);
+    }
+}
