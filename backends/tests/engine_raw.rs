@@ -1,0 +1,485 @@
+//! The raw engine through the `Engine` trait, once per mechanism (io_uring, thread pool):
+//! data round trips at odd sector offsets, batching, queue depth, the validation rules shared
+//! with `null::validate`, flush, FUA, discard, write-zeroes and online resize.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use backends::blk::engine::{
+    open_engine, Completion, Engine, EngineOptions, IoMem, IoOp, IoRequest, IoSeg, Mechanism,
+    RawEngine, RawOptions,
+};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use xen::SharedMem;
+
+const MIB: u64 = 1 << 20;
+const MECHS: [Mechanism; 2] = [Mechanism::IoUring, Mechanism::ThreadPool];
+
+fn mem(len: usize) -> Arc<SharedMem> {
+    Arc::new(SharedMem::anonymous(len).unwrap())
+}
+
+fn seg(m: &Arc<SharedMem>, offset: usize, len: usize, device_writes: bool) -> IoSeg {
+    let m: Arc<dyn IoMem> = m.clone();
+    IoSeg::new(m, offset, len, device_writes).unwrap()
+}
+
+fn req(tag: u64, op: IoOp, offset: u64, segs: Vec<IoSeg>, len: u64) -> IoRequest {
+    IoRequest {
+        tag,
+        op,
+        offset,
+        len,
+        segs,
+        fua: false,
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+        .collect()
+}
+
+/// A file of `size` bytes filled with `pattern(size, 7)`.
+fn image(dir: &Path, size: u64) -> PathBuf {
+    let p = dir.join("disk.img");
+    std::fs::write(&p, pattern(size as usize, 7)).unwrap();
+    p
+}
+
+fn open(path: &Path, mech: Mechanism, depth: u32, read_only: bool) -> RawEngine {
+    let opts = RawOptions {
+        queue_depth: depth,
+        mechanism: mech,
+        direct: true,
+        pool_threads: 2,
+    };
+    RawEngine::open(path.to_str().unwrap(), read_only, &opts).unwrap()
+}
+
+/// Queues `reqs` (all must fit), kicks once, and waits on the completion fd until every one is
+/// reaped. Returns the completions sorted by tag.
+fn run(e: &mut dyn Engine, reqs: Vec<IoRequest>) -> Vec<Completion> {
+    let n = reqs.len();
+    for r in reqs {
+        e.queue(r).expect("queue has room");
+    }
+    e.kick().unwrap();
+    wait(e, n)
+}
+
+/// Waits on the completion fd until `n` completions are reaped; sorted by tag.
+fn wait(e: &mut dyn Engine, n: usize) -> Vec<Completion> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let mut fds = [PollFd::new(e.completion_fd(), PollFlags::POLLIN)];
+        let ready = poll(&mut fds, PollTimeout::from(10_000u16)).unwrap();
+        assert!(
+            ready > 0,
+            "no completion within 10 s ({} of {n})",
+            out.len()
+        );
+        e.reap(&mut out).unwrap();
+    }
+    assert_eq!(e.in_flight(), 0);
+    out.sort_by_key(|c| c.tag);
+    out
+}
+
+fn results(cs: &[Completion]) -> Vec<Result<u64, i32>> {
+    cs.iter().map(|c| c.result).collect()
+}
+
+fn file_bytes(p: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    File::open(p)
+        .unwrap()
+        .read_exact_at(&mut b, offset)
+        .unwrap();
+    b
+}
+
+#[test]
+fn test_raw_engine_opens_direct_with_requested_mechanism() {
+    for mech in MECHS {
+        // Arrange
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), MIB);
+        // Act
+        let e = open(&p, mech, 8, false);
+        // Assert
+        assert_eq!(e.uses_io_uring(), mech == Mechanism::IoUring);
+        assert!(e.is_direct(), "ext4 allows O_DIRECT: {}", e.info().describe);
+        let i = e.info();
+        assert_eq!(
+            (i.capacity, i.logical_sector, i.physical_sector),
+            (MIB, 512, 4096)
+        );
+        assert_eq!((i.discard, i.secure_discard), (Some(4096), false));
+        assert!(i.volatile_cache && !i.read_only);
+        assert!(i.describe.contains(p.to_str().unwrap()));
+    }
+}
+
+#[test]
+fn test_raw_engine_odd_sector_multi_segment_write_then_read_round_trips() {
+    for mech in MECHS {
+        // Arrange: three segments starting at sectors 1, 3 and 0 of their pages.
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), 4 * MIB);
+        let mut e = open(&p, mech, 8, false);
+        let src = mem(3 * 4096);
+        let data = pattern(1024 + 2560 + 4096, 99);
+        src.write(512, &data[..1024]).unwrap();
+        src.write(4096 + 1536, &data[1024..3584]).unwrap();
+        src.write(8192, &data[3584..]).unwrap();
+        let wsegs = vec![
+            seg(&src, 512, 1024, false),
+            seg(&src, 4096 + 1536, 2560, false),
+            seg(&src, 8192, 4096, false),
+        ];
+        let off = MIB + 3 * 512;
+        // Act: write, then read back into a different layout.
+        let w = run(&mut e, vec![req(1, IoOp::Write, off, wsegs, 0)]);
+        let dst = mem(3 * 4096);
+        let rsegs = vec![
+            seg(&dst, 3584, 512, true),
+            seg(&dst, 4096 + 512, 7168, true),
+        ];
+        let r = run(&mut e, vec![req(2, IoOp::Read, off, rsegs, 0)]);
+        // Assert
+        assert_eq!(results(&w), vec![Ok(7680)], "{mech:?}");
+        assert_eq!(results(&r), vec![Ok(7680)], "{mech:?}");
+        assert!(w[0].segs.is_empty() && w[0].segs.capacity() >= 3);
+        let mut back = vec![0u8; 7680];
+        dst.read(3584, &mut back[..512]).unwrap();
+        dst.read(4096 + 512, &mut back[512..]).unwrap();
+        assert_eq!(back, data, "{mech:?}");
+        assert_eq!(file_bytes(&p, off, 7680), data, "{mech:?}");
+        assert_eq!(
+            file_bytes(&p, off - 512, 512),
+            pattern(4 * MIB as usize, 7)[(off - 512) as usize..off as usize],
+            "neighbouring sector untouched"
+        );
+    }
+}
+
+#[test]
+fn test_raw_engine_batch_of_32_random_writes_reads_back_each() {
+    for mech in MECHS {
+        // Arrange
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), 4 * MIB);
+        let mut e = open(&p, mech, 32, false);
+        let m = mem(32 * 4096);
+        let blocks: Vec<u64> = (0..32u64).map(|i| (i * 37 + 11) % 1024).collect();
+        for i in 0..32 {
+            m.write(i * 4096, &pattern(4096, i as u8)).unwrap();
+        }
+        let writes = (0..32)
+            .map(|i| {
+                let s = seg(&m, i * 4096, 4096, false);
+                req(i as u64, IoOp::Write, blocks[i] * 4096, vec![s], 0)
+            })
+            .collect();
+        // Act
+        let w = run(&mut e, writes);
+        let back = mem(32 * 4096);
+        let reads = (0..32)
+            .map(|i| {
+                let s = seg(&back, i * 4096, 4096, true);
+                req(100 + i as u64, IoOp::Read, blocks[i] * 4096, vec![s], 0)
+            })
+            .collect();
+        let r = run(&mut e, reads);
+        // Assert
+        assert!(results(&w).iter().all(|r| *r == Ok(4096)), "{mech:?}");
+        assert!(results(&r).iter().all(|r| *r == Ok(4096)), "{mech:?}");
+        for i in 0..32 {
+            let mut b = vec![0u8; 4096];
+            back.read(i * 4096, &mut b).unwrap();
+            assert_eq!(b, pattern(4096, i as u8), "{mech:?} block {i}");
+        }
+    }
+}
+
+#[test]
+fn test_raw_engine_at_queue_depth_returns_request_until_reaped() {
+    for mech in MECHS {
+        // Arrange
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), MIB);
+        let mut e = open(&p, mech, 4, false);
+        for t in 0..4 {
+            e.queue(req(t, IoOp::Flush, 0, vec![], 0)).unwrap();
+        }
+        // Act
+        let refused = e.queue(req(9, IoOp::Flush, 0, vec![], 0));
+        e.kick().unwrap();
+        let done = wait(&mut e, 4);
+        let after = run(&mut e, vec![req(10, IoOp::Flush, 0, vec![], 0)]);
+        // Assert
+        assert_eq!(refused.map_err(|r| r.tag), Err(9), "{mech:?}");
+        assert_eq!(results(&done), vec![Ok(0); 4]);
+        assert_eq!(results(&after), vec![Ok(0)]);
+    }
+}
+
+#[test]
+fn test_raw_engine_invalid_requests_complete_with_validate_errnos() {
+    for mech in MECHS {
+        // Arrange
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), MIB);
+        let mut e = open(&p, mech, 8, false);
+        let m = mem(8192);
+        // Act
+        let cs = run(
+            &mut e,
+            vec![
+                req(1, IoOp::Read, MIB - 512, vec![seg(&m, 0, 1024, true)], 0),
+                req(2, IoOp::Write, 100, vec![seg(&m, 0, 512, false)], 0),
+                req(3, IoOp::Read, 0, vec![seg(&m, 0, 100, true)], 0),
+                req(4, IoOp::SecureDiscard, 0, vec![], 4096),
+                req(5, IoOp::Discard, u64::MAX - 511, vec![], 512),
+                req(6, IoOp::WriteZeroes, 512, vec![], 1000),
+            ],
+        );
+        // Assert
+        assert_eq!(
+            results(&cs),
+            vec![
+                Err(libc::EIO),
+                Err(libc::EINVAL),
+                Err(libc::EINVAL),
+                Err(libc::EOPNOTSUPP),
+                Err(libc::EIO),
+                Err(libc::EINVAL)
+            ],
+            "{mech:?}"
+        );
+    }
+}
+
+#[test]
+fn test_raw_engine_read_only_refuses_writes_with_erofs_and_still_reads() {
+    for mech in MECHS {
+        // Arrange
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), MIB);
+        let mut e = open(&p, mech, 8, true);
+        let m = mem(4096);
+        // Act
+        let cs = run(
+            &mut e,
+            vec![
+                req(1, IoOp::Write, 0, vec![seg(&m, 0, 512, false)], 0),
+                req(2, IoOp::Discard, 0, vec![], 4096),
+                req(3, IoOp::WriteZeroes, 0, vec![], 4096),
+                req(4, IoOp::Read, 4096, vec![seg(&m, 0, 4096, true)], 0),
+            ],
+        );
+        // Assert
+        assert!(e.info().read_only && e.info().discard.is_none());
+        assert_eq!(
+            results(&cs),
+            vec![
+                Err(libc::EROFS),
+                Err(libc::EROFS),
+                Err(libc::EROFS),
+                Ok(4096)
+            ]
+        );
+        let mut b = vec![0u8; 4096];
+        m.read(0, &mut b).unwrap();
+        assert_eq!(b, pattern(MIB as usize, 7)[4096..8192]);
+    }
+}
+
+#[test]
+fn test_raw_engine_discard_reads_zeroes_and_deallocates_blocks() {
+    for mech in MECHS {
+        // Arrange
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), 4 * MIB);
+        File::open(&p).unwrap().sync_all().unwrap();
+        let blocks_before = std::fs::metadata(&p).unwrap().blocks();
+        let mut e = open(&p, mech, 8, false);
+        // Act
+        let d = run(&mut e, vec![req(1, IoOp::Discard, MIB, vec![], MIB)]);
+        let m = mem(8192);
+        let r = run(
+            &mut e,
+            vec![req(
+                2,
+                IoOp::Read,
+                MIB + 4096,
+                vec![seg(&m, 0, 8192, true)],
+                0,
+            )],
+        );
+        // Assert
+        assert_eq!(results(&d), vec![Ok(MIB)], "{mech:?}");
+        assert_eq!(results(&r), vec![Ok(8192)]);
+        let mut b = vec![1u8; 8192];
+        m.read(0, &mut b).unwrap();
+        assert!(
+            b.iter().all(|&x| x == 0),
+            "{mech:?}: discarded range reads zeroes"
+        );
+        let blocks_after = std::fs::metadata(&p).unwrap().blocks();
+        assert!(
+            blocks_before - blocks_after >= MIB / 512,
+            "{mech:?}: {blocks_before} -> {blocks_after} 512-byte blocks"
+        );
+        let f = File::open(&p).unwrap();
+        let hole = nix::unistd::lseek(
+            std::os::fd::AsRawFd::as_raw_fd(&f.as_fd()),
+            0,
+            nix::unistd::Whence::SeekHole,
+        )
+        .unwrap();
+        assert_eq!(
+            hole as u64, MIB,
+            "{mech:?}: first hole is the discarded range"
+        );
+        assert_eq!(
+            file_bytes(&p, 2 * MIB, 16),
+            pattern(4 * MIB as usize, 7)[2 << 20..(2 << 20) + 16]
+        );
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 4 * MIB, "size kept");
+    }
+}
+
+#[test]
+fn test_raw_engine_write_zeroes_zeroes_range_and_keeps_neighbours() {
+    for mech in MECHS {
+        // Arrange
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), MIB);
+        let mut e = open(&p, mech, 8, false);
+        // Act
+        let z = run(
+            &mut e,
+            vec![req(1, IoOp::WriteZeroes, 1536, vec![], 8192 + 512)],
+        );
+        // Assert
+        assert_eq!(results(&z), vec![Ok(8704)], "{mech:?}");
+        let all = pattern(MIB as usize, 7);
+        assert!(file_bytes(&p, 1536, 8704).iter().all(|&b| b == 0));
+        assert_eq!(file_bytes(&p, 1024, 512), all[1024..1536]);
+        assert_eq!(file_bytes(&p, 10240, 512), all[10240..10752]);
+    }
+}
+
+#[test]
+fn test_raw_engine_fua_write_and_flush_complete_with_data_in_file() {
+    for mech in MECHS {
+        // Arrange
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), MIB);
+        let mut e = open(&p, mech, 8, false);
+        let m = mem(4096);
+        m.write(0, &pattern(4096, 42)).unwrap();
+        let mut w = req(1, IoOp::Write, 8192, vec![seg(&m, 0, 4096, false)], 0);
+        w.fua = true;
+        // Act
+        let cs = run(&mut e, vec![w, req(2, IoOp::Flush, 0, vec![], 0)]);
+        // Assert
+        assert_eq!(results(&cs), vec![Ok(4096), Ok(0)], "{mech:?}");
+        assert_eq!(file_bytes(&p, 8192, 4096), pattern(4096, 42));
+    }
+}
+
+#[test]
+fn test_raw_engine_grown_file_refresh_capacity_sees_new_size() {
+    for mech in MECHS {
+        // Arrange
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), MIB);
+        let mut e = open(&p, mech, 8, false);
+        let m = mem(4096);
+        let before = run(
+            &mut e,
+            vec![req(1, IoOp::Write, MIB, vec![seg(&m, 0, 4096, false)], 0)],
+        );
+        // Act
+        File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(2 * MIB)
+            .unwrap();
+        let cap = e.refresh_capacity().unwrap();
+        let after = run(
+            &mut e,
+            vec![req(2, IoOp::Write, MIB, vec![seg(&m, 0, 4096, false)], 0)],
+        );
+        // Assert
+        assert_eq!(results(&before), vec![Err(libc::EIO)]);
+        assert_eq!((cap, e.info().capacity), (2 * MIB, 2 * MIB));
+        assert_eq!(results(&after), vec![Ok(4096)], "{mech:?}");
+    }
+}
+
+#[test]
+fn test_raw_engine_dropped_with_requests_in_flight_waits_and_keeps_memory_valid() {
+    for mech in MECHS {
+        // Arrange
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), 4 * MIB);
+        let mut e = open(&p, mech, 32, false);
+        let m = mem(32 * 4096);
+        for i in 0..32 {
+            let s = seg(&m, i * 4096, 4096, true);
+            e.queue(req(i as u64, IoOp::Read, i as u64 * 65536, vec![s], 0))
+                .unwrap();
+        }
+        e.kick().unwrap();
+        // Act
+        drop(e);
+        // Assert: the reads that ran filled the buffer correctly, none wrote elsewhere.
+        assert_eq!(Arc::strong_count(&m), 1, "{mech:?}: every segment released");
+    }
+}
+
+#[test]
+fn test_open_engine_env_var_forces_thread_pool_and_formats_dispatch() {
+    // Arrange
+    let dir = tempfile::tempdir().unwrap();
+    let p = image(dir.path(), MIB);
+    let params = format!("aio:{}", p.display());
+    std::env::set_var("DOMIO_BLK_MECHANISM", "thread-pool");
+    // Act
+    let pool = open_engine(&params, false, &EngineOptions::default()).unwrap();
+    std::env::set_var("DOMIO_BLK_MECHANISM", "io_uring");
+    let ring = open_engine(&params, false, &EngineOptions::default()).unwrap();
+    std::env::remove_var("DOMIO_BLK_MECHANISM");
+    let null = open_engine("null:1M", true, &EngineOptions::default()).unwrap();
+    let not_qcow2 = open_engine(
+        &format!("qcow2:{}", p.display()),
+        false,
+        &EngineOptions::default(),
+    );
+    // Assert
+    assert!(
+        pool.info().describe.starts_with("raw thread-pool"),
+        "{}",
+        pool.info().describe
+    );
+    assert!(
+        ring.info().describe.starts_with("raw io_uring"),
+        "{}",
+        ring.info().describe
+    );
+    assert_eq!((null.info().capacity, null.info().read_only), (MIB, true));
+    let err = not_qcow2.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        err.contains(p.to_str().unwrap()) && err.contains("not a qcow2"),
+        "{err}"
+    );
+}
