@@ -522,14 +522,17 @@ impl Engine for RawEngine {
         let before = out.len();
         out.extend(self.done.drain(..));
         self.pool.drain(out);
-        if let Some(u) = &mut self.uring {
-            u.reap(&self.files, out).map_err(|source| EngineError::Io {
-                op: "io_uring submit",
-                source,
-            })?;
-        }
+        let resubmit = match &mut self.uring {
+            Some(u) => u.reap(&self.files, out).map(|_| ()),
+            None => Ok(()),
+        };
+        // Count what was reaped even if resubmitting the rest failed.
         let n = out.len() - before;
         self.in_flight = self.in_flight.saturating_sub(n);
+        resubmit.map_err(|source| EngineError::Io {
+            op: "io_uring submit",
+            source,
+        })?;
         Ok(n)
     }
 

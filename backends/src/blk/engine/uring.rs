@@ -122,7 +122,14 @@ impl Uring {
     pub(crate) fn submit(&mut self) -> io::Result<()> {
         while self.unsubmitted > 0 {
             match self.ring.submit() {
-                Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n.max(1)),
+                Ok(n) => {
+                    // Entries the kernel did not take stay in the queue for the next call.
+                    let left = self.ring.submission().len();
+                    self.unsubmitted = left;
+                    if left > 0 && n == 0 {
+                        return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+                    }
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => return Err(e),
             }
