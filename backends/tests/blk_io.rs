@@ -1,0 +1,499 @@
+//! blkback data paths against xensim guests: reads and writes through mapped, persistent and
+//! copied grants, indirect requests, both ring layouts, multi-page rings, multi-queue, flush,
+//! barrier, discard, resize, metrics.
+
+mod blk_common;
+
+use backends::blk::engine::IoOp;
+use backends::blk::{BlkConfig, GrantMode};
+use blk_common::*;
+use xen::abi::blkif::*;
+use xen::PAGE_SIZE;
+use xenbus::XenbusState;
+
+fn pattern(seed: u8) -> Vec<u8> {
+    (0..PAGE_SIZE)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Writes two pages at sector 16, reads them back into fresh pages, compares.
+fn write_read_roundtrip(r: &Rig, f: &mut TestFront, q: usize) {
+    let (g1, r1) = f.data_page(0, true);
+    let (g2, r2) = f.data_page(0, true);
+    f.guest.write_page(g1, 0, &pattern(1)).unwrap();
+    f.guest.write_page(g2, 0, &pattern(2)).unwrap();
+    let w = f.roundtrip(q, &rw(BLKIF_OP_WRITE, 1, 16, &[(r1, 0, 7), (r2, 0, 7)]));
+    assert_eq!(
+        w,
+        Rsp {
+            id: 1,
+            op: BLKIF_OP_WRITE,
+            status: BLKIF_RSP_OKAY
+        }
+    );
+    assert_eq!(r.disk.read_at(16 * 512, PAGE_SIZE), pattern(1));
+    assert_eq!(r.disk.read_at(16 * 512 + PAGE_SIZE, PAGE_SIZE), pattern(2));
+
+    let (g3, r3) = f.data_page(0xee, false);
+    let (g4, r4) = f.data_page(0xee, false);
+    let rd = f.roundtrip(q, &rw(BLKIF_OP_READ, 2, 16, &[(r3, 0, 7), (r4, 0, 7)]));
+    assert_eq!(rd.status, BLKIF_RSP_OKAY);
+    assert_eq!(f.page(g3), pattern(1));
+    assert_eq!(f.page(g4), pattern(2));
+}
+
+#[test]
+fn test_blk_write_then_read_round_trips_data() {
+    let r = rig(&[(0, "w")]);
+    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+
+    write_read_roundtrip(&r, &mut f, 0);
+
+    let s = r.stats(0);
+    assert_eq!((s.reads, s.writes, s.errors), (1, 1, 0));
+    assert_eq!(s.bytes_written, 8192);
+    assert_eq!(s.bytes_read, 8192);
+    assert_eq!(s.in_flight, 0);
+}
+
+#[test]
+fn test_blk_partial_sectors_move_only_those_sectors() {
+    let r = rig(&[(0, "w")]);
+    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    let (g, gr) = f.data_page(0, true);
+    f.guest.write_page(g, 0, &pattern(9)).unwrap();
+
+    // Sectors 2..=4 of the page go to disk sectors 100..=102.
+    let rsp = f.roundtrip(0, &rw(BLKIF_OP_WRITE, 5, 100, &[(gr, 2, 4)]));
+
+    assert_eq!(rsp.status, BLKIF_RSP_OKAY);
+    assert_eq!(
+        r.disk.read_at(100 * 512, 1536),
+        pattern(9)[1024..2560].to_vec()
+    );
+    assert_eq!(r.disk.read_at(99 * 512, 512), vec![0u8; 512]);
+    assert_eq!(r.disk.read_at(103 * 512, 512), vec![0u8; 512]);
+}
+
+#[test]
+fn test_blk_probe_advertises_features_and_geometry() {
+    let r = rig(&[(0, "w")]);
+    assert!(r
+        .watcher
+        .as_ref()
+        .unwrap()
+        .wait_until(T, |d| d.iter().any(|i| i.state == XenbusState::InitWait)));
+
+    let k = |key: &str| r.read_backend(0, key);
+
+    assert_eq!(k("feature-flush-cache").as_deref(), Some("1"));
+    assert_eq!(k("feature-barrier").as_deref(), Some("1"));
+    assert_eq!(k("feature-discard").as_deref(), Some("1"));
+    assert_eq!(k("discard-granularity").as_deref(), Some("4096"));
+    assert_eq!(k("discard-secure").as_deref(), Some("0"));
+    assert_eq!(k("feature-persistent").as_deref(), Some("1"));
+    assert_eq!(k("feature-max-indirect-segments").as_deref(), Some("256"));
+    assert_eq!(k("max-ring-page-order").as_deref(), Some("4"));
+    assert!(k("multi-queue-max-queues").unwrap().parse::<u32>().unwrap() >= 1);
+    assert_eq!(k("sectors"), Some((DISK_BYTES / 512).to_string()));
+    assert_eq!(k("sector-size").as_deref(), Some("512"));
+    assert_eq!(k("physical-sector-size").as_deref(), Some("4096"));
+    assert_eq!(k("info").as_deref(), Some("0"));
+    assert_eq!(k("hotplug-status").as_deref(), Some("connected"));
+}
+
+#[test]
+fn test_blk_read_only_mode_sets_info_and_hides_discard() {
+    let r = rig(&[(0, "r")]);
+    let _f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+
+    assert_eq!(r.read_backend(0, "info"), Some(VDISK_READONLY.to_string()));
+    assert_eq!(r.read_backend(0, "feature-discard").as_deref(), Some("0"));
+}
+
+#[test]
+fn test_blk_cdrom_device_type_sets_cdrom_removable_readonly() {
+    let disk = MemDisk::new(DISK_BYTES);
+    let r = rig_with_factory(&[], BlkConfig::default(), disk.clone(), mem_factory(disk));
+    let mut spec = vbd_spec(r.guest.domid(), 3, "r");
+    spec.backend[2].1 = "cdrom".into();
+    r.toolstack.add_device(&spec).unwrap();
+    let _f = TestFront::connect(&r.guest, 3, FrontOpts::default());
+
+    let info: u32 = r.read_backend(3, "info").unwrap().parse().unwrap();
+
+    assert_eq!(info, VDISK_READONLY | VDISK_CDROM | VDISK_REMOVABLE);
+}
+
+#[test]
+fn test_blk_persistent_grants_hit_after_first_use_and_unmap_at_close() {
+    let r = rig(&[(0, "w")]);
+    let mut f = TestFront::connect(
+        &r.guest,
+        0,
+        FrontOpts {
+            persistent: true,
+            ..FrontOpts::default()
+        },
+    );
+    let (g, gr) = f.data_page(0, false);
+    f.guest.write_page(g, 0, &pattern(3)).unwrap();
+
+    for id in 0..5 {
+        let rsp = f.roundtrip(0, &rw(BLKIF_OP_WRITE, id, 8 * id, &[(gr, 0, 7)]));
+        assert_eq!(rsp.status, BLKIF_RSP_OKAY);
+    }
+    let s = r.stats(0);
+    let still_mapped = mapped(&r.guest, gr);
+    f.close();
+
+    assert_eq!(s.persistent_misses, 1);
+    assert_eq!(s.persistent_hits, 4);
+    assert!(
+        still_mapped,
+        "a persistent grant stays mapped between requests"
+    );
+    assert!(
+        !mapped(&r.guest, gr),
+        "persistent grants are unmapped at disconnect"
+    );
+    assert_eq!(r.disk.read_at(32 * 512, PAGE_SIZE), pattern(3));
+}
+
+#[test]
+fn test_blk_persistent_cache_is_bounded_lru() {
+    let cfg = BlkConfig {
+        max_persistent_grants: 4,
+        ..BlkConfig::default()
+    };
+    let r = rig_with(&[(0, "w")], cfg);
+    let mut f = TestFront::connect(
+        &r.guest,
+        0,
+        FrontOpts {
+            persistent: true,
+            ..FrontOpts::default()
+        },
+    );
+    let pages: Vec<_> = (0..10).map(|_| f.data_page(1, false)).collect();
+
+    for (i, (_, gr)) in pages.iter().enumerate() {
+        let rsp = f.roundtrip(0, &rw(BLKIF_OP_WRITE, i as u64, 0, &[(*gr, 0, 7)]));
+        assert_eq!(rsp.status, BLKIF_RSP_OKAY);
+    }
+    let still: usize = pages.iter().filter(|(_, g)| mapped(&r.guest, *g)).count();
+
+    assert_eq!(still, 4);
+    assert_eq!(r.stats(0).persistent_evictions, 6);
+    assert!(
+        mapped(&r.guest, pages[9].1),
+        "the most recent page is cached"
+    );
+    assert!(!mapped(&r.guest, pages[0].1), "the oldest page was evicted");
+}
+
+#[test]
+fn test_blk_non_persistent_grants_unmapped_before_response() {
+    let r = rig(&[(0, "w")]);
+    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    let (_, gr) = f.data_page(0, false);
+
+    let rsp = f.roundtrip(0, &rw(BLKIF_OP_READ, 1, 0, &[(gr, 0, 7)]));
+
+    assert_eq!(rsp.status, BLKIF_RSP_OKAY);
+    assert!(
+        !mapped(&r.guest, gr),
+        "mapped after its response (XSA-396 class)"
+    );
+}
+
+#[test]
+fn test_blk_grant_copy_mode_round_trips_without_mapping_data() {
+    let cfg = BlkConfig {
+        grant_mode: GrantMode::Copy,
+        ..BlkConfig::default()
+    };
+    let r = rig_with(&[(0, "w")], cfg);
+    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+
+    write_read_roundtrip(&r, &mut f, 0);
+
+    let s = r.stats(0);
+    assert!(s.grant_copies >= 2);
+    assert_eq!(s.grant_maps, 1, "only the ring page is mapped");
+}
+
+fn indirect_request(
+    f: &TestFront,
+    op: u8,
+    id: u64,
+    sector: u64,
+    segs: &[(u32, u8, u8)],
+) -> (BlkifRequestIndirect, u32) {
+    let (ig, ir) = f.data_page(0, true);
+    let mut bytes = Vec::new();
+    for (g, a, b) in segs {
+        bytes.extend_from_slice(&g.to_le_bytes());
+        bytes.extend_from_slice(&[*a, *b, 0, 0]);
+    }
+    f.guest.write_page(ig, 0, &bytes).unwrap();
+    let mut grefs = [0u32; 8];
+    grefs[0] = ir;
+    (
+        BlkifRequestIndirect {
+            operation: BLKIF_OP_INDIRECT,
+            indirect_op: op,
+            nr_segments: segs.len() as u16,
+            id,
+            sector_number: sector,
+            indirect_grefs: grefs,
+            ..Default::default()
+        },
+        ir,
+    )
+}
+
+#[test]
+fn test_blk_indirect_write_of_64_segments_round_trips() {
+    let r = rig(&[(0, "w")]);
+    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    let pages: Vec<_> = (0..64).map(|i| f.data_page(i as u8, true)).collect();
+    let segs: Vec<_> = pages.iter().map(|(_, g)| (*g, 0u8, 7u8)).collect();
+
+    let (req, ir) = indirect_request(&f, BLKIF_OP_WRITE, 42, 0, &segs);
+    let at = f.slot_addr(0, f.queues[0].req_prod_pvt);
+    f.guest.ram().write_obj(at, &req).unwrap();
+    f.queues[0].req_prod_pvt += 1;
+    f.push(0);
+    let rsp = f.responses(0, 1)[0];
+
+    assert_eq!(
+        rsp,
+        Rsp {
+            id: 42,
+            op: BLKIF_OP_WRITE,
+            status: BLKIF_RSP_OKAY
+        }
+    );
+    for i in [0usize, 17, 63] {
+        assert_eq!(r.disk.read_at(i * PAGE_SIZE, 4), vec![i as u8; 4]);
+    }
+    assert!(!mapped(&r.guest, ir));
+    assert_eq!(r.stats(0).indirect, 1);
+}
+
+#[test]
+fn test_blk_x86_32_protocol_round_trips_with_12_byte_responses() {
+    let r = rig(&[(0, "w")]);
+    let mut f = TestFront::connect(
+        &r.guest,
+        0,
+        FrontOpts {
+            protocol: Some(XEN_IO_PROTO_ABI_X86_32),
+            ..FrontOpts::default()
+        },
+    );
+
+    write_read_roundtrip(&r, &mut f, 0);
+    let bad = f.roundtrip(0, &rw(77, 0xdead_beef_0000_0001, 0, &[]));
+
+    assert_eq!(
+        bad,
+        Rsp {
+            id: 0xdead_beef_0000_0001,
+            op: 77,
+            status: BLKIF_RSP_EOPNOTSUPP
+        }
+    );
+}
+
+#[test]
+fn test_blk_x86_64_protocol_and_order_2_ring_fill_whole_ring() {
+    let r = rig(&[(0, "w")]);
+    let mut f = TestFront::connect(
+        &r.guest,
+        0,
+        FrontOpts {
+            protocol: Some(XEN_IO_PROTO_ABI_X86_64),
+            order: Some(2),
+            ..FrontOpts::default()
+        },
+    );
+    let size = f.queues[0].size;
+    let (_, gr) = f.data_page(5, false);
+    assert_eq!(size, 128);
+
+    for i in 0..size {
+        f.put(0, &rw(BLKIF_OP_READ, u64::from(i), 0, &[(gr, 0, 0)]));
+    }
+    f.push(0);
+    let rsps = f.responses(0, size as usize);
+
+    assert!(rsps.iter().all(|r| r.status == BLKIF_RSP_OKAY));
+    let mut ids: Vec<u64> = rsps.iter().map(|r| r.id).collect();
+    ids.sort();
+    assert_eq!(ids, (0..u64::from(size)).collect::<Vec<_>>());
+}
+
+#[test]
+fn test_blk_multi_queue_each_queue_serves_its_ring() {
+    let cfg = BlkConfig {
+        max_queues: 3,
+        ..BlkConfig::default()
+    };
+    let r = rig_with(&[(0, "w")], cfg);
+    let mut f = TestFront::connect(
+        &r.guest,
+        0,
+        FrontOpts {
+            queues: 3,
+            order: Some(1),
+            ..FrontOpts::default()
+        },
+    );
+
+    for q in 0..3 {
+        let (g, gr) = f.data_page(0, true);
+        f.guest.write_page(g, 0, &[q as u8 + 1; 512]).unwrap();
+        let rsp = f.roundtrip(q, &rw(BLKIF_OP_WRITE, q as u64, q as u64, &[(gr, 0, 0)]));
+        assert_eq!(rsp.status, BLKIF_RSP_OKAY);
+    }
+
+    for q in 0..3usize {
+        assert_eq!(r.disk.read_at(q * 512, 512), vec![q as u8 + 1; 512]);
+    }
+}
+
+#[test]
+fn test_blk_flush_with_and_without_data_reach_engine_durably() {
+    let r = rig(&[(0, "w")]);
+    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    let (_, gr) = f.data_page(7, true);
+
+    let a = f.roundtrip(0, &rw(BLKIF_OP_FLUSH_DISKCACHE, 1, 0, &[]));
+    let b = f.roundtrip(0, &rw(BLKIF_OP_FLUSH_DISKCACHE, 2, 8, &[(gr, 0, 7)]));
+
+    assert_eq!((a.status, b.status), (BLKIF_RSP_OKAY, BLKIF_RSP_OKAY));
+    let ops = r.disk.ops();
+    assert_eq!(ops[0].op, IoOp::Flush);
+    assert_eq!(
+        (ops[1].op, ops[1].fua, ops[1].offset),
+        (IoOp::Write, true, 8 * 512)
+    );
+    assert_eq!(r.disk.read_at(8 * 512, 4), vec![7; 4]);
+}
+
+#[test]
+fn test_blk_barrier_waits_for_earlier_requests_then_runs_alone() {
+    let r = rig(&[(0, "w")]);
+    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    let (_, gr) = f.data_page(1, true);
+    r.disk.hold();
+
+    f.put(0, &rw(BLKIF_OP_WRITE, 1, 0, &[(gr, 0, 7)]));
+    f.put(0, &rw(BLKIF_OP_WRITE, 2, 8, &[(gr, 0, 7)]));
+    f.put(0, &rw(BLKIF_OP_WRITE_BARRIER, 3, 16, &[(gr, 0, 7)]));
+    f.put(0, &rw(BLKIF_OP_WRITE, 4, 24, &[(gr, 0, 7)]));
+    f.push(0);
+    wait_for("the two writes before the barrier", || r.disk.held() == 2);
+    let held_before = r.disk.held();
+    r.disk.release();
+    let rsps = f.responses(0, 4);
+
+    assert_eq!(
+        held_before, 2,
+        "the barrier must not start while earlier writes run"
+    );
+    assert!(rsps.iter().all(|x| x.status == BLKIF_RSP_OKAY));
+    let ops = r.disk.ops();
+    let order: Vec<u64> = ops.iter().map(|o| o.offset / 512).collect();
+    assert_eq!(order[2], 16, "barrier after the earlier writes: {order:?}");
+    assert!(ops[2].fua);
+    assert_eq!(order[3], 24, "later write after the barrier: {order:?}");
+    assert_eq!(r.stats(0).barriers, 1);
+}
+
+#[test]
+fn test_blk_discard_in_range_reaches_engine() {
+    let r = rig(&[(0, "w")]);
+    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    r.disk.write_at(4096, &[9; 4096]);
+    let d = BlkifRequestDiscard {
+        operation: BLKIF_OP_DISCARD,
+        flag: 0,
+        id: 11,
+        sector_number: 8,
+        nr_sectors: 8,
+        ..Default::default()
+    };
+
+    let at = f.slot_addr(0, f.queues[0].req_prod_pvt);
+    f.guest.ram().write_obj(at, &d).unwrap();
+    f.queues[0].req_prod_pvt += 1;
+    f.push(0);
+    let rsp = f.responses(0, 1)[0];
+
+    assert_eq!(
+        rsp,
+        Rsp {
+            id: 11,
+            op: BLKIF_OP_DISCARD,
+            status: BLKIF_RSP_OKAY
+        }
+    );
+    assert_eq!(r.disk.read_at(4096, 4096), vec![0; 4096]);
+    assert_eq!(r.stats(0).discards, 1);
+}
+
+#[test]
+fn test_blk_resize_updates_sectors_and_rewrites_connected_state() {
+    let r = rig(&[(0, "w")]);
+    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    let (_, gr) = f.data_page(0, false);
+    let beyond = DISK_BYTES / 512;
+    let before = f.roundtrip(0, &rw(BLKIF_OP_READ, 1, beyond, &[(gr, 0, 7)]));
+    let w = f
+        .link
+        .xs()
+        .watch(&format!("{}/state", f.link.backend()), "resize")
+        .unwrap();
+    let _ = w.recv_timeout(T); // the initial event of a new watch
+    r.disk.set_capacity(DISK_BYTES * 2);
+
+    let sectors = r.driver.resize(u32::from(r.guest.domid()), 0).unwrap();
+    let state_event = w.recv_timeout(T);
+    let after = f.roundtrip(0, &rw(BLKIF_OP_READ, 2, beyond, &[(gr, 0, 7)]));
+
+    assert_eq!(before.status, BLKIF_RSP_ERROR);
+    assert_eq!(sectors, DISK_BYTES * 2 / 512);
+    assert_eq!(r.read_backend(0, "sectors"), Some(sectors.to_string()));
+    assert!(state_event.is_ok(), "the backend state is written again");
+    assert_eq!(r.read_backend(0, "state").as_deref(), Some("4"));
+    assert_eq!(after.status, BLKIF_RSP_OKAY);
+    assert_eq!(r.stats(0).resizes, 1);
+}
+
+#[test]
+fn test_blk_null_engine_from_default_factory_serves_io() {
+    let disk = MemDisk::new(0);
+    let r = rig_with_factory(
+        &[],
+        BlkConfig::default(),
+        disk,
+        backends::blk::default_engine_factory(),
+    );
+    let mut spec = vbd_spec(r.guest.domid(), 0, "w");
+    spec.backend[0].1 = "null:64M".into();
+    r.toolstack.add_device(&spec).unwrap();
+    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    let (_, gr) = f.data_page(0, false);
+
+    let rsp = f.roundtrip(0, &rw(BLKIF_OP_READ, 1, 0, &[(gr, 0, 7)]));
+
+    assert_eq!(rsp.status, BLKIF_RSP_OKAY);
+    assert_eq!(
+        r.read_backend(0, "sectors"),
+        Some((64u64 << 11).to_string())
+    );
+}
