@@ -5,6 +5,7 @@
 //! Xen interfaces of this host work: used by the real-Xen lab).
 #![deny(unsafe_code)]
 
+mod bench;
 mod demo;
 mod logging;
 mod probe;
@@ -42,6 +43,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Check this host's Xen interfaces (xenstore, event channels, grants, privcmd).
     Probe(probe::ProbeArgs),
+    /// Measure a backend driven by a simulated guest in this process.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Command::Sim(a) => sim::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Probe(a) => probe::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match r {
         Ok(code) => code,
