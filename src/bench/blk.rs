@@ -856,4 +856,50 @@ mod tests {
         assert_eq!(read(format!("{fe}/backend")), be);
         assert!(rig.socket().exists());
     }
+
+    #[test]
+    fn test_measure_loop_against_null_responder_counts_every_request() {
+        let args = parse(&[
+            "--duration",
+            "0.3",
+            "--qd",
+            "8",
+            "--queues",
+            "2",
+            "--ring-order",
+            "1",
+            "--pattern",
+            "randrw",
+            "--bs",
+            "64k",
+        ])
+        .unwrap();
+        args.validate().unwrap();
+        let rig = SimRig::start(8192, |d| vbd_spec(d, &args.params(), true)).unwrap();
+        let sim = Arc::new(SimHost::connect(rig.socket(), 0).unwrap());
+        let xs = open_xenstore(sim.as_ref(), XsKind::Socket, None).unwrap();
+        let responder = super::super::fake::NullResponder::start(
+            sim,
+            xs,
+            rig.domid,
+            rig.spec.backend_path(),
+            rig.spec.frontend_path(),
+            1 << 21,
+        );
+
+        let (mut front, rep) = run_frontend(&args, &rig).unwrap();
+        responder.stop().unwrap();
+        let released = front.release();
+
+        assert!(rep.requests > 16, "{rep:?}");
+        assert_eq!(rep.errors, 0);
+        assert_eq!((rep.queues, rep.ring_order), (2, 1));
+        assert!(rep.persistent);
+        assert_eq!(rep.indirect_segments, 32);
+        assert!(rep.lat_p50_us > 0.0);
+        assert!(rep.lat_p50_us <= rep.lat_p99_us && rep.lat_p99_us <= rep.lat_p999_us);
+        assert!(rep.lat_p999_us <= rep.lat_max_us);
+        assert!((rep.mbps - rep.iops * 65536.0 / 1e6).abs() < 1e-6 * rep.mbps.max(1.0));
+        released.unwrap();
+    }
 }

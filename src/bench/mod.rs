@@ -7,6 +7,8 @@
 
 mod blk;
 mod cpu;
+#[cfg(test)]
+mod fake;
 mod hist;
 
 use std::process::ExitCode;
