@@ -16,10 +16,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use backends::blk::engine::{open_engine, EngineOptions};
+use backends::blk::{BlkConfig, BlkDriver, DiskParams, EngineFactory};
 use backends::console::LogSink;
 use clap::{Args, ValueEnum};
 use xen::abi::blkif::BLKIF_RSP_OKAY;
 use xen::{DomId, XenHost};
+use xenbus::BackendWatcher;
 use xensim::client::SimHost;
 use xensim::front::blk::{BlkFront, BlkFrontOptions, BlkOp, BlkQueue};
 use xensim::guest::Guest;
@@ -523,12 +526,6 @@ pub struct BlkReport {
 /// Runs `domio bench blk`.
 pub fn run(args: BlkArgs) -> anyhow::Result<ExitCode> {
     args.validate()?;
-    if !AVAILABLE_TYPES.contains(&BACKEND_TYPE) {
-        bail!(
-            "domio's {BACKEND_TYPE} backend (blkback) is not in this build yet (available: {})",
-            AVAILABLE_TYPES.join(",")
-        );
-    }
     let rep = measure(&args)?;
     print_report(&rep, args.json);
     Ok(if rep.errors == 0 && rep.requests > 0 {
@@ -536,6 +533,56 @@ pub fn run(args: BlkArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The engines `params` names (`null:`, `aio:`/`raw:`, `qcow2:`), opened by blkback's own
+/// opener with its default options.
+fn engine_factory() -> EngineFactory {
+    Arc::new(|p: &DiskParams| {
+        let params = match &p.format {
+            Some(f) => format!("{f}:{}", p.path),
+            None => p.path.clone(),
+        };
+        open_engine(&params, p.read_only, &EngineOptions::default())
+    })
+}
+
+/// domio's side of the bench: `serve`'s [`Service`] when this build's `serve` lists the vbd
+/// type, else blkback's driver on the same [`BackendWatcher`] that `Service` starts per type.
+enum Backend {
+    Service(Service),
+    Watcher(BackendWatcher),
+}
+
+impl Backend {
+    fn start(sim: Arc<dyn XenHost>, domid: DomId) -> anyhow::Result<Backend> {
+        let xs = open_xenstore(sim.as_ref(), XsKind::Socket, None)?;
+        if AVAILABLE_TYPES.contains(&BACKEND_TYPE) {
+            let svc = Service::start(
+                sim,
+                xs,
+                0,
+                domid,
+                &[BACKEND_TYPE.to_string()],
+                Arc::new(LogSink),
+            )?;
+            return Ok(Backend::Service(svc));
+        }
+        tracing::warn!(
+            "`domio serve` does not list {BACKEND_TYPE} in this build: starting backends::blk::BlkDriver on a BackendWatcher directly, as serve's Service does per type"
+        );
+        let driver = BlkDriver::new(sim, BACKEND_TYPE, BlkConfig::default(), engine_factory());
+        let w = BackendWatcher::start(xs, driver, 0, u32::from(domid))
+            .with_context(|| format!("watching {BACKEND_TYPE} backends of dom{domid}"))?;
+        Ok(Backend::Watcher(w))
+    }
+
+    fn stop(self) {
+        match self {
+            Backend::Service(s) => s.stop(),
+            Backend::Watcher(w) => w.stop(),
+        }
+    }
 }
 
 /// Sets everything up, measures, tears down.
@@ -549,19 +596,19 @@ pub fn measure(args: &BlkArgs) -> anyhow::Result<BlkReport> {
     let sim: Arc<dyn XenHost> = Arc::new(
         SimHost::connect(rig.socket(), 0).context("attaching domio to the simulated host")?,
     );
-    let xs = open_xenstore(sim.as_ref(), XsKind::Socket, None)?;
-    let svc = Service::start(
-        sim,
-        xs,
-        0,
-        rig.domid,
-        &[BACKEND_TYPE.to_string()],
-        Arc::new(LogSink),
-    )?;
+    let backend = Backend::start(sim, rig.domid)?;
     let result = run_frontend(args, &rig);
-    svc.stop();
-    let (mut front, rep) = result?;
-    drop(front.release());
+    let (mut front, rep) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            backend.stop();
+            return Err(e);
+        }
+    };
+    // The guest closes its disk as Linux does on shutdown; then domio stops.
+    let closed = front.close();
+    backend.stop();
+    closed.context("closing the guest's disk (every grant must be revocable)")?;
     drop(rig);
     Ok(rep)
 }
