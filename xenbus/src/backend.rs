@@ -581,6 +581,59 @@ pub struct DeviceInfo {
     pub probes: u32,
 }
 
+/// A per-device budget for log lines a guest can trigger (THREATS §5, XSA-180): at most
+/// [`LogBudget::PER_WINDOW`] lines per [`LogBudget::WINDOW`]; the number suppressed is
+/// reported when the next window opens.
+struct LogBudget {
+    window: Instant,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    const PER_WINDOW: u32 = 32;
+    const WINDOW: Duration = Duration::from_secs(10);
+
+    fn new() -> LogBudget {
+        LogBudget {
+            window: Instant::now(),
+            used: 0,
+            suppressed: 0,
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.window) >= Self::WINDOW {
+            if self.suppressed > 0 {
+                warn!(
+                    suppressed = self.suppressed,
+                    "guest-triggered log lines were suppressed by the rate limit"
+                );
+            }
+            self.window = now;
+            self.used = 0;
+            self.suppressed = 0;
+        }
+        if self.used < Self::PER_WINDOW {
+            self.used += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}
+
+/// Logs through a device's [`LogBudget`].
+macro_rules! limited {
+    ($budget:expr, $lvl:ident!($($arg:tt)*)) => {
+        if $budget.allow() {
+            $lvl!($($arg)*);
+        }
+    };
+}
+
 struct Dev {
     ctx: DeviceCtx,
     device: Option<Box<dyn Device>>,
@@ -596,6 +649,7 @@ struct Dev {
     frontend_state: Option<XenbusState>,
     bad_state_count: u64,
     probes: u32,
+    log: LogBudget,
     _frontend_watch: Option<WatchGuard>,
 }
 
@@ -1060,6 +1114,7 @@ impl Engine {
             frontend_state: None,
             bad_state_count: 0,
             probes: 0,
+            log: LogBudget::new(),
             _frontend_watch: Some(watch),
         };
         self.probe(&mut dev);
@@ -1080,7 +1135,7 @@ impl Engine {
                     }
                     Hotplug::Deferred => debug!("hotplug deferred by the driver"),
                     Hotplug::Failed(msg) => {
-                        error!(error = %msg, "hotplug failed");
+                        limited!(dev.log, error!(error = %msg, "hotplug failed"));
                         let _ = dev.ctx.hotplug_failed(&msg);
                         dev.await_restart = true;
                         set_state(dev, XenbusState::Closed);
@@ -1088,11 +1143,14 @@ impl Engine {
                     }
                 }
                 dev.device = Some(device);
-                info!(probe = dev.probes, "probed; waiting for the frontend");
+                limited!(
+                    dev.log,
+                    info!(probe = dev.probes, "probed; waiting for the frontend")
+                );
                 set_state(dev, XenbusState::InitWait);
             }
             Err(e) => {
-                error!(error = %e, "probe failed");
+                limited!(dev.log, error!(error = %e, "probe failed"));
                 let _ = dev.ctx.report_error(&format!("probe failed: {e}"));
                 dev.await_restart = true;
                 set_state(dev, XenbusState::Closed);
@@ -1138,9 +1196,10 @@ impl Engine {
                 dev.bad_state_count += 1;
                 dev.frontend_state = None;
                 // XSA-180: a guest must not be able to flood our log.
-                if dev.bad_state_count.is_power_of_two() {
-                    warn!(error = %e, count = dev.bad_state_count, "ignoring an invalid frontend state");
-                }
+                limited!(
+                    dev.log,
+                    warn!(error = %e, count = dev.bad_state_count, "ignoring an invalid frontend state")
+                );
                 return true;
             }
         };
@@ -1159,7 +1218,10 @@ impl Engine {
         match fe {
             XenbusState::Unknown => {
                 if dev.frontend_seen {
-                    info!("frontend state node vanished; closing the device");
+                    limited!(
+                        dev.log,
+                        info!("frontend state node vanished; closing the device")
+                    );
                     self.disconnect(dev);
                     set_state(dev, XenbusState::Closed);
                     return false;
@@ -1176,7 +1238,10 @@ impl Engine {
                             | XenbusState::Reconfigured
                     );
                 if restarted && !dev.await_restart {
-                    info!(backend = %dev.state, "frontend restarted; probing again");
+                    limited!(
+                        dev.log,
+                        info!(backend = %dev.state, "frontend restarted; probing again")
+                    );
                     self.disconnect(dev);
                     self.probe(dev);
                 }
@@ -1204,7 +1269,10 @@ impl Engine {
                 self.disconnect(dev);
                 set_state(dev, XenbusState::Closed);
                 if !self.online(dev) {
-                    info!("frontend closed and the device is offline; removing it");
+                    limited!(
+                        dev.log,
+                        info!("frontend closed and the device is offline; removing it")
+                    );
                     return false;
                 }
             }
@@ -1234,16 +1302,16 @@ impl Engine {
         let r = device.connect(&dev.ctx);
         let took = t0.elapsed();
         if took > Duration::from_secs(1) {
-            warn!(?took, "connect blocked the watcher");
+            limited!(dev.log, warn!(?took, "connect blocked the watcher"));
         }
         match r {
             Ok(()) => {
                 dev.connected = true;
-                info!("connected");
+                limited!(dev.log, info!("connected"));
                 set_state(dev, XenbusState::Connected);
             }
             Err(e) => {
-                error!(error = %e, "connect failed");
+                limited!(dev.log, error!(error = %e, "connect failed"));
                 device.disconnect(&dev.ctx);
                 if let Err(we) = dev.ctx.report_error(&format!("connect failed: {e}")) {
                     debug!(error = %we, "writing the error node failed");
@@ -1260,7 +1328,7 @@ impl Engine {
         dev.connected = false;
         if let Some(device) = dev.device.as_mut() {
             device.disconnect(&dev.ctx);
-            info!("disconnected");
+            limited!(dev.log, info!("disconnected"));
         }
     }
 
@@ -1271,7 +1339,10 @@ impl Engine {
         match device.reconfigure(&dev.ctx, fe) {
             Ok(()) => set_state(dev, next),
             Err(e) => {
-                error!(error = %e, "reconfiguration failed; closing");
+                limited!(
+                    dev.log,
+                    error!(error = %e, "reconfiguration failed; closing")
+                );
                 let _ = dev.ctx.report_error(&format!("reconfigure failed: {e}"));
                 self.disconnect(dev);
                 set_state(dev, XenbusState::Closing);
@@ -1328,6 +1399,14 @@ mod tests {
         assert!(!valid_type("../x"));
         assert!(!valid_type("a/b"));
         assert!(!valid_type("VBD"));
+    }
+
+    #[test]
+    fn test_log_budget_flood_is_cut_after_the_window_allowance() {
+        let mut b = LogBudget::new();
+        let allowed = (0..10_000).filter(|_| b.allow()).count();
+        assert_eq!(allowed, LogBudget::PER_WINDOW as usize);
+        assert_eq!(b.suppressed, 10_000 - u64::from(LogBudget::PER_WINDOW));
     }
 
     #[test]
