@@ -549,13 +549,13 @@ fn engine_factory() -> EngineFactory {
 
 /// domio's side of the bench: `serve`'s [`Service`] when this build's `serve` lists the vbd
 /// type, else blkback's driver on the same [`BackendWatcher`] that `Service` starts per type.
-enum Backend {
+pub(super) enum Backend {
     Service(Service),
     Watcher(BackendWatcher),
 }
 
 impl Backend {
-    fn start(sim: Arc<dyn XenHost>, domid: DomId) -> anyhow::Result<Backend> {
+    pub(super) fn start(sim: Arc<dyn XenHost>, domid: DomId) -> anyhow::Result<Backend> {
         let xs = open_xenstore(sim.as_ref(), XsKind::Socket, None)?;
         if AVAILABLE_TYPES.contains(&BACKEND_TYPE) {
             let svc = Service::start(
@@ -577,7 +577,7 @@ impl Backend {
         Ok(Backend::Watcher(w))
     }
 
-    fn stop(self) {
+    pub(super) fn stop(self) {
         match self {
             Backend::Service(s) => s.stop(),
             Backend::Watcher(w) => w.stop(),

@@ -8,6 +8,8 @@
 mod blk;
 mod cpu;
 #[cfg(test)]
+mod e2e;
+#[cfg(test)]
 mod fake;
 mod hist;
 
