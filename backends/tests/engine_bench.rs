@@ -72,7 +72,12 @@ fn bench(path: &str, mech: Mechanism, secs: u64) -> f64 {
         e.kick().unwrap();
     }
     let iops = ops as f64 / start.elapsed().as_secs_f64();
-    println!("{:<60} {:>9.0} IOPS", e.info().describe, iops);
+    println!(
+        "{:<60} {:>9.0} IOPS (O_DIRECT alignment {:?})",
+        e.info().describe,
+        iops,
+        e.direct_alignment()
+    );
     iops
 }
 

@@ -483,3 +483,43 @@ fn test_open_engine_env_var_forces_thread_pool_and_formats_dispatch() {
         "{err}"
     );
 }
+
+#[test]
+fn test_raw_engine_request_with_more_segments_than_iov_max_transfers_all() {
+    for mech in MECHS {
+        // Arrange: 1100 one-sector segments (IOV_MAX is 1024), each at an odd sector.
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), 2 * MIB);
+        let mut e = open(&p, mech, 4, false);
+        let n = 1100;
+        let src = mem(n * 1024);
+        let data = pattern(n * 512, 5);
+        let segs: Vec<IoSeg> = (0..n)
+            .map(|i| {
+                src.write(i * 1024 + 512, &data[i * 512..(i + 1) * 512])
+                    .unwrap();
+                seg(&src, i * 1024 + 512, 512, false)
+            })
+            .collect();
+        let dst = mem(n * 512);
+        // Act
+        let w = run(&mut e, vec![req(1, IoOp::Write, 4096, segs, 0)]);
+        let r = run(
+            &mut e,
+            vec![req(
+                2,
+                IoOp::Read,
+                4096,
+                vec![seg(&dst, 0, n * 512, true)],
+                0,
+            )],
+        );
+        // Assert
+        assert_eq!(results(&w), vec![Ok(n as u64 * 512)], "{mech:?}");
+        assert_eq!(results(&r), vec![Ok(n as u64 * 512)], "{mech:?}");
+        let mut back = vec![0u8; n * 512];
+        dst.read(0, &mut back).unwrap();
+        assert_eq!(back, data, "{mech:?}");
+        assert_eq!(file_bytes(&p, 4096, n * 512), data, "{mech:?}");
+    }
+}

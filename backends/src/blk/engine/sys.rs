@@ -67,11 +67,21 @@ impl IoVecs {
         self.iov.clear();
     }
 
-    fn count(&self) -> libc::c_int {
-        // At most IOV_MAX (1024) entries: blkif requests carry at most a few hundred segments.
-        libc::c_int::try_from(self.iov.len()).unwrap_or(libc::c_int::MAX)
+    /// Entries handed to one system call: at most IOV_MAX (1024). A longer request transfers
+    /// in pieces; callers treat the piece as a short transfer and go on with the rest.
+    fn count(&self) -> usize {
+        self.iov.len().min(IOV_MAX)
+    }
+
+    /// Segments still described.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.iov.len()
     }
 }
+
+/// Linux's UIO_MAXIOV.
+const IOV_MAX: usize = 1024;
 
 fn ret(r: libc::ssize_t) -> io::Result<usize> {
     usize::try_from(r).map_err(|_| io::Error::last_os_error())
@@ -81,18 +91,20 @@ fn ret(r: libc::ssize_t) -> io::Result<usize> {
 /// `IoSeg`s for the duration of the call).
 pub(crate) fn preadv(fd: BorrowedFd<'_>, iov: &IoVecs, offset: u64) -> io::Result<usize> {
     let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EIO))?;
+    let n = iov.count() as libc::c_int;
     // SAFETY: every iovec points into a live, bounds-checked, writable segment mapping (IoSeg
     // refuses read-only mappings for device writes) owned by the caller until this returns.
-    let r = unsafe { libc::preadv(fd.as_raw_fd(), iov.iov.as_ptr(), iov.count(), off) };
+    let r = unsafe { libc::preadv(fd.as_raw_fd(), iov.iov.as_ptr(), n, off) };
     ret(r)
 }
 
 /// `pwritev` from the segments described by `iov`.
 pub(crate) fn pwritev(fd: BorrowedFd<'_>, iov: &IoVecs, offset: u64) -> io::Result<usize> {
     let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EIO))?;
+    let n = iov.count() as libc::c_int;
     // SAFETY: every iovec points into a live, bounds-checked segment mapping owned by the
     // caller until this returns; the kernel only reads it.
-    let r = unsafe { libc::pwritev(fd.as_raw_fd(), iov.iov.as_ptr(), iov.count(), off) };
+    let r = unsafe { libc::pwritev(fd.as_raw_fd(), iov.iov.as_ptr(), n, off) };
     ret(r)
 }
 
@@ -106,7 +118,7 @@ pub(crate) fn push_rw(
     write: bool,
     user_data: u64,
 ) -> Result<(), squeue::PushError> {
-    let n = u32::try_from(iov.iov.len()).unwrap_or(u32::MAX);
+    let n = iov.count() as u32;
     let fd = types::Fd(fd.as_raw_fd());
     let sqe = if write {
         opcode::Writev::new(fd, iov.iov.as_ptr(), n)
@@ -217,4 +229,47 @@ pub(crate) fn dio_alignment(f: &File) -> Option<(u32, u32)> {
         return None;
     }
     Some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blk::engine::IoMem;
+    use std::sync::Arc;
+    use xen::SharedMem;
+
+    #[test]
+    fn test_iovecs_advance_skips_whole_and_partial_segments() {
+        // Arrange
+        let m: Arc<dyn IoMem> = Arc::new(SharedMem::anonymous(8192).unwrap());
+        let segs = vec![
+            IoSeg::new(m.clone(), 0, 512, true).unwrap(),
+            IoSeg::new(m.clone(), 1024, 1024, true).unwrap(),
+            IoSeg::new(m.clone(), 4096, 4096, true).unwrap(),
+        ];
+        let mut v = IoVecs::with_capacity(3);
+        v.fill(&segs);
+        // Act
+        v.advance(512 + 100);
+        // Assert
+        assert_eq!(v.len(), 2);
+        assert_eq!(v.iov[0].iov_len, 924);
+        assert_eq!(v.iov[0].iov_base as usize, segs[1].addr() as usize + 100);
+        v.advance(924 + 4096);
+        assert_eq!(v.len(), 0);
+    }
+
+    #[test]
+    fn test_iovecs_count_caps_at_iov_max() {
+        // Arrange
+        let m: Arc<dyn IoMem> = Arc::new(SharedMem::anonymous(4096).unwrap());
+        let segs: Vec<IoSeg> = (0..1500)
+            .map(|_| IoSeg::new(m.clone(), 0, 512, true).unwrap())
+            .collect();
+        let mut v = IoVecs::with_capacity(0);
+        // Act
+        v.fill(&segs);
+        // Assert
+        assert_eq!((v.len(), v.count()), (1500, IOV_MAX));
+    }
 }
