@@ -406,3 +406,30 @@ fn test_lifecycle_devices_of_other_domains_are_not_touched() {
     );
     s.stop();
 }
+
+#[test]
+fn test_lifecycle_xenstore_connection_lost_disconnects_every_device() {
+    // Arrange: a watcher on its own dom0 connection, serving a connected disk.
+    let sim = Sim::new();
+    let guest = sim.guest(DOMID as u16);
+    let driver = RecDriver::new("vbd");
+    let sock = sim.xs.connect_as(0).unwrap();
+    let shut = sock.try_clone().unwrap();
+    let client = xenbus::XsClient::from_unix(sock, "watcher dom0").unwrap();
+    let watcher = BackendWatcher::start(client, driver.clone(), 0, DOMID).unwrap();
+    let be = backend_path("vbd", DOMID, DEVID);
+    sim.add_disk("vbd", DOMID, DEVID);
+    wait_state(&sim.dom0, &be, XenbusState::InitWait);
+    frontend_publish(&guest, DOMID, DEVID, "8");
+    wait_state(&sim.dom0, &be, XenbusState::Connected);
+    // Act: xenstored goes away under the watcher.
+    shut.shutdown(std::net::Shutdown::Both).unwrap();
+    // Assert: the rings are stopped and the device dropped; the watcher ends, not hangs.
+    driver.log.wait("disconnect and drop", |c| {
+        c.contains(&Call::Disconnect(DEVID)) && c.contains(&Call::Drop(DEVID))
+    });
+    assert!(watcher.wait_until(WAIT, |d| d.is_empty()));
+    assert!(watcher.is_finished());
+    watcher.stop();
+    driver.log.check_invariants(true);
+}
