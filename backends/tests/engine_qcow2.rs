@@ -7,7 +7,8 @@ use std::process::Command;
 use std::sync::Arc;
 
 use backends::blk::engine::{
-    open_engine, Completion, Engine, EngineOptions, IoMem, IoOp, IoRequest, IoSeg, Qcow2Engine,
+    open_engine, Completion, Engine, EngineOptions, ImageFormat, IoMem, IoOp, IoRequest, IoSeg,
+    Qcow2Engine,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use xen::SharedMem;
@@ -315,4 +316,32 @@ fn test_qcow2_engine_open_bad_image_names_path_and_problem() {
     // Assert
     assert!(e.contains(s(&raw)) && e.contains("not a qcow2"), "{e}");
     assert!(missing.contains("/nonexistent/x.qcow2"), "{missing}");
+}
+
+#[test]
+fn test_open_engine_format_override_opens_bare_path_as_qcow2() {
+    // Arrange
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("o.qcow2");
+    assert!(qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]).0);
+    let opts = EngineOptions {
+        format: Some(ImageFormat::Qcow2),
+        ..EngineOptions::default()
+    };
+    // Act
+    let bare = open_engine(s(&img), true, &EngineOptions::default()).unwrap();
+    let forced = open_engine(s(&img), true, &opts).unwrap();
+    // Assert: no probing, a bare path is raw (the qcow2 file's own bytes) unless told.
+    assert!(
+        bare.info().describe.starts_with("raw"),
+        "{}",
+        bare.info().describe
+    );
+    assert_ne!(bare.info().capacity, MIB);
+    assert!(
+        forced.info().describe.starts_with("qcow2"),
+        "{}",
+        forced.info().describe
+    );
+    assert_eq!(forced.info().capacity, MIB);
 }

@@ -661,4 +661,21 @@ mod tests {
         assert!(mem_align <= 4096 && off_align <= 4096);
         assert!(!e.files.needs_buffered(&r));
     }
+
+    #[test]
+    fn test_write_zeroes_fallback_zeroes_range_across_chunks() {
+        // Arrange: the path taken where fallocate(ZERO_RANGE) is refused.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("z.img");
+        std::fs::write(&p, vec![0xEEu8; 256 * 1024]).unwrap();
+        let e = RawEngine::open(p.to_str().unwrap(), false, &RawOptions::default()).unwrap();
+        // Act
+        let r = write_zeroes(&e.files, 512, 140 * 1024);
+        // Assert
+        assert_eq!(r, Ok(()));
+        let disk = std::fs::read(&p).unwrap();
+        assert!(disk[..512].iter().all(|&b| b == 0xEE));
+        assert!(disk[512..512 + 140 * 1024].iter().all(|&b| b == 0));
+        assert!(disk[512 + 140 * 1024..].iter().all(|&b| b == 0xEE));
+    }
 }
