@@ -472,3 +472,94 @@ fn test_raw_req_prod_is_written_verbatim() {
         0xdead_beef
     );
 }
+
+#[test]
+fn test_submit_at_sector_offset_builds_partial_segments_and_round_trips() {
+    let rig = rig();
+    let (mut front, be) = connected(&rig, opts(), LINUX_CONNECT_KEYS, Misbehave::None);
+    let q = front.queue(0).unwrap();
+    let data = pattern(4096 + 1024, 5);
+
+    let id = q
+        .submit_at(
+            BlkOp::Write {
+                sector: 100,
+                data: &data,
+            },
+            3,
+        )
+        .unwrap();
+    q.push().unwrap();
+    let mut done = None;
+    while done.is_none() {
+        q.wait(TIMEOUT).unwrap();
+        q.reap(|c, _| done = Some(*c)).unwrap();
+    }
+    let write_segs = be.seen.last_segs.lock().unwrap().clone();
+    let rid = q
+        .submit_at(
+            BlkOp::Read {
+                sector: 100,
+                len: data.len(),
+            },
+            7,
+        )
+        .unwrap();
+    q.push().unwrap();
+    let mut back = vec![0u8; data.len()];
+    let mut got = None;
+    while got.is_none() {
+        q.wait(TIMEOUT).unwrap();
+        q.reap(|c, d| {
+            d.copy_to(&mut back).unwrap();
+            got = Some(c.id);
+        })
+        .unwrap();
+    }
+    let read_segs = be.seen.last_segs.lock().unwrap().clone();
+    let bad = q.submit_at(
+        BlkOp::Read {
+            sector: 0,
+            len: 512,
+        },
+        8,
+    );
+
+    assert_eq!(done.unwrap().id, id);
+    assert_eq!(got, Some(rid));
+    assert_eq!(write_segs, vec![(3, 7), (0, 4)]);
+    assert_eq!(read_segs, vec![(7, 7), (0, 7), (0, 0)]);
+    assert_eq!(back, data);
+    assert_eq!(
+        &be.disk.lock().unwrap()[100 * 512..100 * 512 + data.len()],
+        &data[..]
+    );
+    assert!(matches!(bad, Err(BlkFrontError::InvalidRequest { .. })));
+}
+
+#[test]
+fn test_secure_discard_refused_unless_backend_offers_it() {
+    let rig = rig();
+    let (mut front, _be) = connected(&rig, opts(), LINUX_CONNECT_KEYS, Misbehave::None);
+    let q = front.queue(0).unwrap();
+
+    let r = q.submit(BlkOp::Discard {
+        sector: 0,
+        nr_sectors: 8,
+        secure: true,
+    });
+
+    assert!(matches!(r, Err(BlkFrontError::Unsupported { .. })), "{r:?}");
+}
+
+#[test]
+fn test_refresh_sectors_reads_resized_disk() {
+    let rig = rig();
+    let (mut front, _be) = connected(&rig, opts(), LINUX_CONNECT_KEYS, Misbehave::None);
+    rig.write_be("sectors", "4096");
+
+    let n = front.refresh_sectors().unwrap();
+
+    assert_eq!(n, 4096);
+    assert_eq!(front.disk().unwrap().sectors, 4096);
+}

@@ -255,6 +255,7 @@ pub struct Completion {
 pub struct CompletedData<'a> {
     guest: &'a Guest,
     pages: &'a [PoolPage],
+    offset: usize,
     len: usize,
 }
 
@@ -262,10 +263,16 @@ impl CompletedData<'_> {
     /// Copies the request's data (what a read brought in) into `buf`; returns the bytes copied.
     pub fn copy_to(&self, buf: &mut [u8]) -> Result<usize, GuestError> {
         let n = buf.len().min(self.len);
-        for (i, chunk) in buf[..n].chunks_mut(PAGE_SIZE).enumerate() {
-            if let Some(p) = self.pages.get(i) {
-                self.guest.read_page(p.gfn, 0, chunk)?;
+        let mut done = 0;
+        for (i, p) in self.pages.iter().enumerate() {
+            if done == n {
+                break;
             }
+            let at = if i == 0 { self.offset } else { 0 };
+            let chunk = (PAGE_SIZE - at).min(n - done);
+            self.guest
+                .read_page(p.gfn, at, &mut buf[done..done + chunk])?;
+            done += chunk;
         }
         Ok(n)
     }
@@ -291,9 +298,23 @@ struct Shadow {
     in_use: bool,
     /// The operation the response must name (the inner one of an indirect request).
     op: u8,
+    /// Byte offset of the data in its first page.
+    offset: usize,
     len: usize,
     data: Vec<PoolPage>,
     indirect: Vec<PoolPage>,
+}
+
+/// Where a request's data goes.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    id: u32,
+    operation: u8,
+    sector: u64,
+    /// Byte offset of the data in its first page.
+    offset: usize,
+    len: usize,
+    indirect: bool,
 }
 
 /// Per-queue settings decided at Connected.
@@ -305,6 +326,7 @@ struct QueueCfg {
     flush: bool,
     barrier: bool,
     discard: bool,
+    discard_secure: bool,
 }
 
 /// Counters of one queue.
@@ -561,7 +583,17 @@ impl BlkQueue {
     /// Writes a request into the next ring slot (not yet visible: see [`BlkQueue::push`]) and
     /// returns its id. Data is copied into pool pages, as Linux does with persistent grants.
     pub fn submit(&mut self, op: BlkOp<'_>) -> Result<u64, BlkFrontError> {
+        self.submit_at(op, 0)
+    }
+
+    /// Like [`BlkQueue::submit`], with the data starting at sector `first_sect` (0..=7) of its
+    /// first page, as a bio whose first vector has an offset: the first segment covers
+    /// `first_sect..`, the others start at 0, and the last may end before sector 7.
+    pub fn submit_at(&mut self, op: BlkOp<'_>, first_sect: u8) -> Result<u64, BlkFrontError> {
         self.check_usable()?;
+        if first_sect >= BLKIF_SECTORS_PER_PAGE {
+            return Err(self.invalid(format!("first sector {first_sect} is not in a page")));
+        }
         let (operation, sector, len, data) = match op {
             BlkOp::Read { sector, len } => (BLKIF_OP_READ, sector, len, None),
             BlkOp::Write { sector, data } => (BLKIF_OP_WRITE, sector, data.len(), Some(data)),
@@ -595,7 +627,12 @@ impl BlkQueue {
         if len == 0 && matches!(operation, BLKIF_OP_READ | BLKIF_OP_WRITE) {
             return Err(self.invalid("a read or write needs data".into()));
         }
-        let nr_segs = len.div_ceil(PAGE_SIZE);
+        let offset = if len == 0 {
+            0
+        } else {
+            usize::from(first_sect) * BLKIF_SECTOR_SIZE as usize
+        };
+        let nr_segs = (offset + len).div_ceil(PAGE_SIZE);
         let indirect = nr_segs > BLKIF_MAX_SEGMENTS_PER_REQUEST;
         if indirect {
             if nr_segs > self.cfg.max_indirect {
@@ -615,11 +652,20 @@ impl BlkQueue {
             });
         };
         let mut sh = std::mem::take(&mut self.shadow[id as usize]);
-        let r = self.fill(&mut sh, id, operation, sector, len, data, indirect);
+        let layout = Layout {
+            id,
+            operation,
+            sector,
+            offset,
+            len,
+            indirect,
+        };
+        let r = self.fill(&mut sh, &layout, data);
         match r {
             Ok(()) => {
                 sh.in_use = true;
                 sh.op = operation;
+                sh.offset = offset;
                 sh.len = len;
                 self.shadow[id as usize] = sh;
                 self.stats.submitted += 1;
@@ -635,33 +681,42 @@ impl BlkQueue {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn fill(
         &mut self,
         sh: &mut Shadow,
-        id: u32,
-        operation: u8,
-        sector: u64,
-        len: usize,
+        l: &Layout,
         data: Option<&[u8]>,
-        indirect: bool,
     ) -> Result<(), BlkFrontError> {
-        let nr_segs = len.div_ceil(PAGE_SIZE);
+        let Layout {
+            id,
+            operation,
+            sector,
+            offset,
+            len,
+            indirect,
+        } = *l;
+        let end = offset + len;
+        let nr_segs = end.div_ceil(PAGE_SIZE);
         let mut segs = [BlkifRequestSegment::default(); BLKIF_MAX_SEGMENTS_PER_REQUEST];
         let mut ind_page: Option<PoolPage> = None;
         let mut ind_buf = [BlkifRequestSegment::default(); BLKIF_SEGS_PER_INDIRECT_FRAME];
         for i in 0..nr_segs {
             let p = self.get_page()?;
             sh.data.push(p);
-            let start = i * PAGE_SIZE;
-            let chunk = (len - start).min(PAGE_SIZE);
+            // This page holds bytes [page_start, page_end) of the page, which are bytes
+            // [i * PAGE_SIZE + page_start - offset, ..) of the data.
+            let page_start = if i == 0 { offset } else { 0 };
+            let page_end = (end - i * PAGE_SIZE).min(PAGE_SIZE);
+            let data_start = i * PAGE_SIZE + page_start - offset;
             if let Some(d) = data {
-                self.guest.write_page(p.gfn, 0, &d[start..start + chunk])?;
+                let bytes = &d[data_start..data_start + (page_end - page_start)];
+                self.guest.write_page(p.gfn, page_start, bytes)?;
             }
+            let sect = BLKIF_SECTOR_SIZE as usize;
             let seg = BlkifRequestSegment {
                 gref: p.gref.unwrap_or(0),
-                first_sect: 0,
-                last_sect: (chunk / BLKIF_SECTOR_SIZE as usize - 1) as u8,
+                first_sect: (page_start / sect) as u8,
+                last_sect: (page_end / sect - 1) as u8,
                 _pad: [0; 2],
             };
             if indirect {
@@ -722,6 +777,12 @@ impl BlkQueue {
             return Err(BlkFrontError::Unsupported {
                 path: self.path.clone(),
                 op: "discard (feature-discard)",
+            });
+        }
+        if secure && !self.cfg.discard_secure {
+            return Err(BlkFrontError::Unsupported {
+                path: self.path.clone(),
+                op: "secure discard (discard-secure)",
             });
         }
         let Some(id) = self.free_ids.pop() else {
@@ -812,6 +873,7 @@ impl BlkQueue {
                     &CompletedData {
                         guest: &self.guest,
                         pages: &sh.data,
+                        offset: sh.offset,
                         len: sh.len,
                     },
                 );
@@ -1202,28 +1264,9 @@ impl BlkFront {
             }
             .into());
         }
-        let required = |key: &str| -> Result<u64, BlkFrontError> {
-            let path = format!("{}/{key}", self.link.backend());
-            let v = self.link.xs().try_read(&path).map_err(xs_err(&fe))?;
-            match v.as_deref().map(|b| (b, parse_unsigned(b))) {
-                Some((_, Some(n))) => Ok(n),
-                Some((b, None)) => Err(BlkFrontError::BadBackendValue {
-                    path: fe.clone(),
-                    key: key.to_string(),
-                    value: xenbus::state::escape_for_log(b, 32),
-                    why: "not an unsigned number",
-                }),
-                None => Err(BlkFrontError::BadBackendValue {
-                    path: fe.clone(),
-                    key: key.to_string(),
-                    value: String::new(),
-                    why: "missing",
-                }),
-            }
-        };
-        let sectors = required("sectors")?;
-        let info = clamp_u32(required("info")?);
-        let sector_size = clamp_u32(required("sector-size")?);
+        let sectors = self.read_required("sectors")?;
+        let info = clamp_u32(self.read_required("info")?);
+        let sector_size = clamp_u32(self.read_required("sector-size")?);
         if sector_size < 512 || !sector_size.is_power_of_two() {
             return Err(BlkFrontError::BadBackendValue {
                 path: fe,
@@ -1277,6 +1320,7 @@ impl BlkFront {
             flush: f.flush_cache,
             barrier: f.barrier,
             discard: f.discard,
+            discard_secure: f.discard && f.discard_secure,
         };
         for q in &mut self.queues {
             q.cfg = cfg;
@@ -1284,6 +1328,38 @@ impl BlkFront {
         self.disk = Some(disk);
         self.link.switch_state(XenbusState::Connected)?;
         Ok(disk)
+    }
+
+    /// A backend value `xenbus_gather` must find: missing or not a number is an error.
+    fn read_required(&self, key: &str) -> Result<u64, BlkFrontError> {
+        let fe = self.link.path();
+        let path = format!("{}/{key}", self.link.backend());
+        let v = self.link.xs().try_read(&path).map_err(xs_err(fe))?;
+        match v.as_deref().map(|b| (b, parse_unsigned(b))) {
+            Some((_, Some(n))) => Ok(n),
+            Some((b, None)) => Err(BlkFrontError::BadBackendValue {
+                path: fe.to_string(),
+                key: key.to_string(),
+                value: xenbus::state::escape_for_log(b, 32),
+                why: "not an unsigned number",
+            }),
+            None => Err(BlkFrontError::BadBackendValue {
+                path: fe.to_string(),
+                key: key.to_string(),
+                value: String::new(),
+                why: "missing",
+            }),
+        }
+    }
+
+    /// Re-reads `sectors`, as Linux's `blkfront_connect` does when an already connected
+    /// backend writes its state again (online resize); returns the new size in sectors.
+    pub fn refresh_sectors(&mut self) -> Result<u64, BlkFrontError> {
+        let sectors = self.read_required("sectors")?;
+        if let Some(d) = self.disk.as_mut() {
+            d.sectors = sectors;
+        }
+        Ok(sectors)
     }
 
     /// The xenstore link (paths, state).

@@ -140,6 +140,8 @@ pub enum Misbehave {
 #[derive(Debug, Default)]
 pub struct Seen {
     pub ops: Mutex<Vec<(u8, u16)>>,
+    /// (first_sect, last_sect) of every segment of the last read or write.
+    pub last_segs: Mutex<Vec<(u8, u8)>>,
     pub requests: AtomicU64,
 }
 
@@ -346,6 +348,8 @@ impl RingServer {
             .lock()
             .unwrap()
             .push((req.operation, segs.len() as u16));
+        *self.seen.last_segs.lock().unwrap() =
+            segs.iter().map(|s| (s.first_sect, s.last_sect)).collect();
         let mut off = (sector * 512) as usize;
         let mut status = BLKIF_RSP_OKAY;
         let mut disk = self.disk.lock().unwrap();
