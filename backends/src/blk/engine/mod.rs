@@ -22,7 +22,7 @@ pub mod raw;
 mod sys;
 mod uring;
 
-pub use open::{open_engine, parse_params, EngineOptions, ImageFormat, Params};
+pub use open::{open_engine, open_image, parse_params, EngineOptions, ImageFormat, Params};
 pub use qcow2::Qcow2Engine;
 pub use raw::{Mechanism, RawEngine, RawOptions};
 

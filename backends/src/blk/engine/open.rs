@@ -134,6 +134,57 @@ pub fn parse_params(params: &str) -> Result<Params<'_>, EngineError> {
     })
 }
 
+/// Opens an engine from a format name already split off `params` (as blkback's `DiskParams`
+/// holds it): `None` or a raw name (`aio`, `raw`, `file`, `phy`) opens `path` raw, `qcow2`
+/// opens it as qcow2, `null` reads `path` as a size. `opts.format`, if set, wins.
+pub fn open_image(
+    format: Option<&str>,
+    path: &str,
+    read_only: bool,
+    opts: &EngineOptions,
+) -> Result<Box<dyn Engine>, EngineError> {
+    match format {
+        Some("null") => open_engine(&format!("null:{path}"), read_only, opts),
+        Some(name) => {
+            let f = ImageFormat::from_name(name)
+                .ok_or_else(|| cfg(path, format!("unsupported image format {name:?}")))?;
+            open_format(opts.format.unwrap_or(f), path, read_only, opts)
+        }
+        None if path.starts_with('/') => open_format(
+            opts.format.unwrap_or(ImageFormat::Raw),
+            path,
+            read_only,
+            opts,
+        ),
+        None => Err(cfg(path, "image path must be absolute")),
+    }
+}
+
+fn open_format(
+    format: ImageFormat,
+    path: &str,
+    read_only: bool,
+    opts: &EngineOptions,
+) -> Result<Box<dyn Engine>, EngineError> {
+    match format {
+        ImageFormat::Raw => {
+            let ro = RawOptions {
+                queue_depth: opts.queue_depth,
+                mechanism: opts.mechanism,
+                direct: opts.direct,
+                pool_threads: opts.threads,
+            };
+            Ok(Box::new(RawEngine::open(path, read_only, &ro)?))
+        }
+        ImageFormat::Qcow2 => Ok(Box::new(Qcow2Engine::open(
+            path,
+            read_only,
+            opts.queue_depth,
+            opts.threads.min(4),
+        )?)),
+    }
+}
+
 /// Opens the engine a `params` value names; `opts.format` overrides the prefix.
 pub fn open_engine(
     params: &str,
@@ -146,25 +197,12 @@ pub fn open_engine(
             opts.queue_depth,
             read_only,
         )?)),
-        Params::Image { format, path } => {
-            match opts.format.or(format).unwrap_or(ImageFormat::Raw) {
-                ImageFormat::Raw => {
-                    let ro = RawOptions {
-                        queue_depth: opts.queue_depth,
-                        mechanism: opts.mechanism,
-                        direct: opts.direct,
-                        pool_threads: opts.threads,
-                    };
-                    Ok(Box::new(RawEngine::open(path, read_only, &ro)?))
-                }
-                ImageFormat::Qcow2 => Ok(Box::new(Qcow2Engine::open(
-                    path,
-                    read_only,
-                    opts.queue_depth,
-                    opts.threads.min(4),
-                )?)),
-            }
-        }
+        Params::Image { format, path } => open_format(
+            opts.format.or(format).unwrap_or(ImageFormat::Raw),
+            path,
+            read_only,
+            opts,
+        ),
     }
 }
 
@@ -210,6 +248,24 @@ mod tests {
         assert!(e.contains("disk.img") && e.contains("relative"), "{e}");
         assert!(parse_params("").is_err());
         assert!(parse_params("raw:rel").is_err());
+    }
+
+    #[test]
+    fn test_open_image_split_format_names_dispatch_and_refuse_unknown() {
+        // Arrange
+        let o = EngineOptions::default();
+        // Act
+        let null = open_image(Some("null"), "2M", false, &o);
+        let vhd = open_image(Some("vhd"), "/x.vhd", false, &o);
+        let rel = open_image(None, "x.img", false, &o);
+        // Assert
+        assert_eq!(null.map(|e| e.info().capacity).ok(), Some(2 << 20));
+        let e = vhd.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            e.contains("/x.vhd") && e.contains("unsupported image format"),
+            "{e}"
+        );
+        assert!(rel.is_err());
     }
 
     #[test]
