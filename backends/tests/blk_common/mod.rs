@@ -37,17 +37,21 @@ pub struct Logged {
     pub fua: bool,
 }
 
-/// The disk behind a [`MemEngine`], shared with the test.
+/// One engine's queues (each engine has its own completion eventfd).
+struct EngQ {
+    held: Mutex<VecDeque<IoRequest>>,
+    done: Mutex<VecDeque<Completion>>,
+    efd: EventFd,
+    in_flight: AtomicU64,
+}
+
+/// The disk behind [`MemEngine`]s, shared with the test.
 pub struct MemDisk {
     pub data: Mutex<Vec<u8>>,
     pub log: Mutex<Vec<Logged>>,
     hold: AtomicBool,
-    held: Mutex<VecDeque<IoRequest>>,
-    done: Mutex<VecDeque<Completion>>,
-    efd: EventFd,
+    queues: Mutex<Vec<Arc<EngQ>>>,
     capacity: AtomicU64,
-    pub max_in_flight: AtomicU64,
-    in_flight: AtomicU64,
 }
 
 impl MemDisk {
@@ -56,12 +60,8 @@ impl MemDisk {
             data: Mutex::new(vec![0u8; capacity as usize]),
             log: Mutex::new(Vec::new()),
             hold: AtomicBool::new(false),
-            held: Mutex::new(VecDeque::new()),
-            done: Mutex::new(VecDeque::new()),
-            efd: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).unwrap(),
+            queues: Mutex::new(Vec::new()),
             capacity: AtomicU64::new(capacity),
-            max_in_flight: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
         })
     }
 
@@ -70,19 +70,27 @@ impl MemDisk {
         self.hold.store(true, Ordering::SeqCst);
     }
 
-    /// Requests held now.
+    /// Requests held now (all engines).
     pub fn held(&self) -> usize {
-        self.held.lock().unwrap().len()
+        self.queues
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|q| q.held.lock().unwrap().len())
+            .sum()
     }
 
     /// Performs and completes everything held, and stops holding.
     pub fn release(&self) {
         self.hold.store(false, Ordering::SeqCst);
-        let reqs: Vec<IoRequest> = self.held.lock().unwrap().drain(..).collect();
-        for r in reqs {
-            self.execute(r);
+        let queues = self.queues.lock().unwrap().clone();
+        for q in queues {
+            let reqs: Vec<IoRequest> = q.held.lock().unwrap().drain(..).collect();
+            for r in reqs {
+                self.execute(&q, r);
+            }
+            let _ = q.efd.write(1);
         }
-        let _ = self.efd.write(1);
     }
 
     pub fn set_capacity(&self, bytes: u64) {
@@ -102,7 +110,7 @@ impl MemDisk {
         self.data.lock().unwrap()[offset..offset + len].to_vec()
     }
 
-    fn execute(&self, mut r: IoRequest) {
+    fn execute(&self, q: &EngQ, mut r: IoRequest) {
         let cap = self.capacity.load(Ordering::SeqCst);
         let total: u64 = match r.op {
             IoOp::Read | IoOp::Write => r.segs.iter().map(|s| s.len() as u64).sum(),
@@ -143,8 +151,8 @@ impl MemDisk {
             }
         };
         r.segs.clear();
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.done.lock().unwrap().push_back(Completion {
+        q.in_flight.fetch_sub(1, Ordering::SeqCst);
+        q.done.lock().unwrap().push_back(Completion {
             tag: r.tag,
             result,
             segs: r.segs,
@@ -155,12 +163,20 @@ impl MemDisk {
 /// An engine over a [`MemDisk`] that completes at kick unless the disk holds completions.
 pub struct MemEngine {
     disk: Arc<MemDisk>,
+    q: Arc<EngQ>,
     info: EngineInfo,
     queued: Vec<IoRequest>,
 }
 
 impl MemEngine {
     pub fn new(disk: Arc<MemDisk>, read_only: bool) -> MemEngine {
+        let q = Arc::new(EngQ {
+            held: Mutex::new(VecDeque::new()),
+            done: Mutex::new(VecDeque::new()),
+            efd: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).unwrap(),
+            in_flight: AtomicU64::new(0),
+        });
+        disk.queues.lock().unwrap().push(q.clone());
         MemEngine {
             info: EngineInfo {
                 capacity: disk.capacity.load(Ordering::SeqCst),
@@ -174,6 +190,7 @@ impl MemEngine {
                 describe: "test RAM disk".into(),
             },
             disk,
+            q,
             queued: Vec::new(),
         }
     }
@@ -184,8 +201,7 @@ impl Engine for MemEngine {
         &self.info
     }
     fn queue(&mut self, req: IoRequest) -> Result<(), IoRequest> {
-        let n = self.disk.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        self.disk.max_in_flight.fetch_max(n, Ordering::SeqCst);
+        self.q.in_flight.fetch_add(1, Ordering::SeqCst);
         self.queued.push(req);
         Ok(())
     }
@@ -195,26 +211,26 @@ impl Engine for MemEngine {
         }
         for r in self.queued.drain(..) {
             if self.disk.hold.load(Ordering::SeqCst) {
-                self.disk.held.lock().unwrap().push_back(r);
+                self.q.held.lock().unwrap().push_back(r);
             } else {
-                self.disk.execute(r);
+                self.disk.execute(&self.q, r);
             }
         }
-        let _ = self.disk.efd.write(1);
+        let _ = self.q.efd.write(1);
         Ok(())
     }
     fn completion_fd(&self) -> BorrowedFd<'_> {
-        self.disk.efd.as_fd()
+        self.q.efd.as_fd()
     }
     fn reap(&mut self, out: &mut Vec<Completion>) -> Result<usize, EngineError> {
-        let _ = self.disk.efd.read();
-        let mut d = self.disk.done.lock().unwrap();
+        let _ = self.q.efd.read();
+        let mut d = self.q.done.lock().unwrap();
         let n = d.len();
         out.extend(d.drain(..));
         Ok(n)
     }
     fn in_flight(&self) -> usize {
-        self.disk.in_flight.load(Ordering::SeqCst) as usize
+        self.q.in_flight.load(Ordering::SeqCst) as usize
     }
     fn refresh_capacity(&mut self) -> Result<u64, EngineError> {
         self.info.capacity = self.disk.capacity.load(Ordering::SeqCst);
