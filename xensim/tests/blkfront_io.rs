@@ -563,3 +563,46 @@ fn test_refresh_sectors_reads_resized_disk() {
     assert_eq!(n, 4096);
     assert_eq!(front.disk().unwrap().sectors, 4096);
 }
+
+#[test]
+fn test_response_with_wrong_operation_breaks_queue_without_panic() {
+    let rig = rig();
+    let (mut front, _be) = connected(&rig, opts(), LINUX_CONNECT_KEYS, Misbehave::WrongOp);
+    let q = front.queue(0).unwrap();
+
+    let r = q.run_one(
+        BlkOp::Read {
+            sector: 0,
+            len: 4096,
+        },
+        None,
+        TIMEOUT,
+    );
+
+    assert!(matches!(r, Err(BlkFrontError::BadResponse { .. })), "{r:?}");
+    assert!(q.broken().is_some());
+}
+
+#[test]
+fn test_backend_rsp_prod_beyond_requests_breaks_queue_without_panic() {
+    let rig = rig();
+    rig.backend_initwait(LINUX_PROBE_KEYS);
+    let mut front = xensim::front::blk::BlkFront::init(&rig.guest, DEVID, opts()).unwrap();
+    let q = front.queue(0).unwrap();
+    // A rogue backend claims 1000 responses to requests never sent.
+    q.ring_mem()
+        .store_u32(xen::abi::ring::SRING_RSP_PROD, 1000, Ordering::SeqCst)
+        .unwrap();
+
+    let r = q.reap(|_, _| panic!("no response may be delivered"));
+
+    assert!(matches!(r, Err(BlkFrontError::Ring { .. })), "{r:?}");
+    assert!(q.broken().is_some());
+    assert!(matches!(
+        q.submit(BlkOp::Read {
+            sector: 0,
+            len: 512
+        }),
+        Err(BlkFrontError::Broken { .. })
+    ));
+}

@@ -134,6 +134,8 @@ pub enum Misbehave {
     WrongId,
     /// Keep the first data grant it maps mapped forever.
     KeepMapping,
+    /// Answer with another operation than the request's.
+    WrongOp,
 }
 
 /// The disk and what the backend saw, shared by its ring threads.
@@ -377,6 +379,11 @@ impl RingServer {
             id + 1000
         } else {
             id
+        };
+        let op = if self.mis == Misbehave::WrongOp {
+            op ^ 1
+        } else {
+            op
         };
         self.response(id, op, status)
     }
