@@ -491,8 +491,12 @@ pub struct BlkReport {
     pub qd: u32,
     /// Queues negotiated.
     pub queues: usize,
+    /// Queues asked for (the backend may offer fewer).
+    pub queues_requested: u32,
     /// Ring order negotiated.
     pub ring_order: u32,
+    /// Ring order asked for.
+    pub ring_order_requested: u32,
     /// Persistent grants in use.
     pub persistent: bool,
     /// Indirect segments in use (0: none).
@@ -724,7 +728,9 @@ fn run_frontend(args: &BlkArgs, rig: &SimRig) -> anyhow::Result<(BlkFront, BlkRe
         bs: args.bs,
         qd: args.qd,
         queues,
+        queues_requested: args.queues,
         ring_order,
+        ring_order_requested: args.ring_order,
         persistent,
         indirect_segments: indirect,
         seconds,
@@ -748,6 +754,12 @@ fn print_report(r: &BlkReport, json: bool) {
         "domio bench blk: engine {} ({} at {}), {} bs={} qd={} queues={} ring-order={} persistent={} indirect={}",
         r.engine, r.params, r.backend, r.pattern, r.bs, r.qd, r.queues, r.ring_order, r.persistent, r.indirect_segments
     );
+    if r.queues < r.queues_requested as usize || r.ring_order < r.ring_order_requested {
+        println!(
+            "  note: asked for {} queues of ring order {}; the backend offered {} of order {}",
+            r.queues_requested, r.ring_order_requested, r.queues, r.ring_order
+        );
+    }
     println!(
         "  {:.2} s, {} requests, {} errors: {:.0} IOPS, {:.1} MB/s",
         r.seconds, r.requests, r.errors, r.iops, r.mbps
