@@ -82,10 +82,13 @@ proptest! {
         fe_state(&guest, DOMID, DEVID, b"5");
         fe_state(&guest, DOMID, DEVID, b"6");
         // Assert: closed (or removed), disconnected. What must happen depends on the acts:
-        // a removed backend node or online=0 drops the device; a removed frontend state node
-        // may or may not be seen (a later write can hide it), so either outcome is fine.
+        // a removed backend node or online=0 drops the device; a removed (or Unknown) frontend
+        // state may or may not be seen (a later write can hide it), so either outcome is fine.
         let removed = !online || acts.iter().any(|a| matches!(a, Act::RmBackend));
-        let may_vanish = acts.iter().any(|a| matches!(a, Act::RmState));
+        // State 0 (Unknown) is a vanished frontend too, as in Linux's backends.
+        let may_vanish = acts
+            .iter()
+            .any(|a| matches!(a, Act::RmState | Act::State(0)));
         let closed = |d: &[xenbus::DeviceInfo]| {
             d.len() == 1
                 && d[0].frontend_state == Some(XenbusState::Closed)
