@@ -311,10 +311,15 @@ impl Request {
         }
         let mut segs = [Seg::default(); BLKIF_MAX_SEGMENTS_PER_REQUEST];
         let mut total = 0u64;
-        for i in 0..usize::from(nr) {
-            let s = check_seg(i as u16, &raw.seg[i])?;
+        for (i, (out, raw_seg)) in segs
+            .iter_mut()
+            .zip(&raw.seg)
+            .take(usize::from(nr))
+            .enumerate()
+        {
+            let s = check_seg(i as u16, raw_seg)?;
             total += s.sectors();
-            segs[i] = s;
+            *out = s;
         }
         if nr > 0 {
             check_range(raw.sector_number, total, disk.sectors)?;
@@ -605,12 +610,14 @@ mod tests {
                 indirect_grefs: [11, 12, 13, 14, 15, 16, 17, 18],
                 ..Default::default()
             };
-            let mut raw = BlkifRequest::default();
-            raw.operation = ind.operation;
-            raw.nr_segments = ind.indirect_op;
-            raw.handle = ind.nr_segments;
-            raw.id = ind.id;
-            raw.sector_number = ind.sector_number;
+            let mut raw = BlkifRequest {
+                operation: ind.operation,
+                nr_segments: ind.indirect_op,
+                handle: ind.nr_segments,
+                id: ind.id,
+                sector_number: ind.sector_number,
+                ..Default::default()
+            };
             raw.seg[0].gref = u32::from(ind.handle);
             // indirect_grefs start at byte 28 = seg[0] byte 4 (seg[0] starts at 24).
             raw.seg[0].first_sect = 11;
