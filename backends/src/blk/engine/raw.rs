@@ -90,6 +90,11 @@ impl Files {
         &self.main
     }
 
+    /// Whether a separate buffered descriptor exists (the main one is O_DIRECT).
+    pub(crate) fn has_buffered(&self) -> bool {
+        self.buffered.is_some()
+    }
+
     pub(crate) fn pick(&self, buffered: bool) -> &File {
         match (&self.buffered, buffered) {
             (Some(b), true) => b,
@@ -125,12 +130,13 @@ pub(crate) fn execute(
     req: &IoRequest,
     iov: &mut IoVecs,
 ) -> Result<u64, i32> {
-    let f = files.pick(buffered);
+    let mut f = files.pick(buffered);
     match req.op {
         IoOp::Read | IoOp::Write => {
             let total: u64 = req.segs.iter().map(|s| s.len() as u64).sum();
             iov.fill(&req.segs);
             let mut done = 0u64;
+            let mut direct = !buffered && files.has_buffered();
             while done < total {
                 let r = if req.op == IoOp::Read {
                     sys::preadv(f.as_fd(), iov, req.offset + done)
@@ -144,6 +150,11 @@ pub(crate) fn execute(
                         iov.advance(n);
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if direct && e.raw_os_error() == Some(libc::EFAULT) => {
+                        // Memory O_DIRECT cannot pin: continue through the page cache.
+                        direct = false;
+                        f = files.pick(true);
+                    }
                     Err(e) => return Err(errno(&e)),
                 }
             }

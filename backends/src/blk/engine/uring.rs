@@ -158,7 +158,7 @@ impl Uring {
                 tracing::error!(user_data = ud, "io_uring: completion for an unknown slot");
                 continue;
             };
-            let next = self.advance(idx, res);
+            let next = self.advance(idx, res, files.has_buffered());
             let result = match next {
                 Next::Done(r) => Some(r),
                 Next::Again => self.push_phase(files, idx).err().map(Err),
@@ -172,12 +172,18 @@ impl Uring {
         Ok(finished)
     }
 
-    fn advance(&mut self, idx: u32, res: i32) -> Next {
+    fn advance(&mut self, idx: u32, res: i32, has_buffered: bool) -> Next {
         let slot = &mut self.slots[idx as usize];
         let Some(req) = slot.req.as_ref() else {
             return Next::Done(Err(libc::EIO));
         };
         if res == -libc::EAGAIN || res == -libc::EINTR {
+            return Next::Again;
+        }
+        if res == -libc::EFAULT && !slot.syncing && !slot.buffered && has_buffered {
+            // Memory O_DIRECT cannot pin (some foreign or device mappings): the page cache
+            // path copies instead. Go on from where the transfer stopped.
+            slot.buffered = true;
             return Next::Again;
         }
         if res < 0 {
