@@ -225,42 +225,17 @@ impl std::fmt::Debug for BlkDriver {
     }
 }
 
-/// Parses a size such as `1048576`, `512K`, `64M`, `2G`.
-fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, mul) = match s.as_bytes().last()? {
-        b'K' | b'k' => (&s[..s.len() - 1], 1u64 << 10),
-        b'M' | b'm' => (&s[..s.len() - 1], 1 << 20),
-        b'G' | b'g' => (&s[..s.len() - 1], 1 << 30),
-        b'T' | b't' => (&s[..s.len() - 1], 1 << 40),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().ok()?.checked_mul(mul)
+/// The default engines: `engine::open_image` with default [`engine::EngineOptions`] (raw files
+/// and block devices through io_uring or a thread pool, qcow2, and `null:<size>` for measuring
+/// the protocol's own cost).
+pub fn default_engine_factory() -> EngineFactory {
+    engine_factory_with(engine::EngineOptions::default())
 }
 
-/// The engines available without the file engines: `null:<size>` (e.g. `null:1G`), a disk that
-/// completes everything at once, for measuring the protocol's own cost. Other formats are
-/// refused until the raw/qcow2 opener is wired in.
-pub fn default_engine_factory() -> EngineFactory {
-    Arc::new(|p: &DiskParams| {
-        if p.format.as_deref() == Some("null") {
-            let size = parse_size(&p.path).ok_or_else(|| EngineError::Config {
-                path: p.path.clone(),
-                why: "null disk size must be a number with an optional K/M/G/T suffix".into(),
-            })?;
-            return Ok(Box::new(engine::null::NullEngine::new(
-                size,
-                256,
-                p.read_only,
-            )?));
-        }
-        Err(EngineError::Config {
-            path: p.path.clone(),
-            why: format!(
-                "no storage engine for format {:?} in this build",
-                p.format.as_deref().unwrap_or("raw")
-            ),
-        })
+/// [`default_engine_factory`] with explicit engine options (queue depth, mechanism, O_DIRECT).
+pub fn engine_factory_with(opts: engine::EngineOptions) -> EngineFactory {
+    Arc::new(move |p: &DiskParams| {
+        engine::open_image(p.format.as_deref(), &p.path, p.read_only, &opts)
     })
 }
 

@@ -32,7 +32,16 @@ pub struct DiskParams {
 
 /// Formats whose prefix `params` may carry (libxl's qdisk writes `aio:`, `qcow2:`, ...).
 const FORMATS: &[&str] = &[
-    "raw", "aio", "file", "phy", "qcow", "qcow2", "vhd", "vpc", "null",
+    "raw",
+    "aio",
+    "file",
+    "phy",
+    "host_device",
+    "qcow",
+    "qcow2",
+    "vhd",
+    "vpc",
+    "null",
 ];
 
 impl DiskParams {
