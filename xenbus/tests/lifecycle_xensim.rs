@@ -433,3 +433,38 @@ fn test_lifecycle_xenstore_connection_lost_disconnects_every_device() {
     watcher.stop();
     driver.log.check_invariants(true);
 }
+
+#[test]
+fn test_lifecycle_toolstack_churn_under_backend_still_connects() {
+    // Arrange: XSA-206: two toolstack threads keep writing under the device's backend node,
+    // so the watcher's transactions conflict (EAGAIN) and must be retried.
+    let mut s = setup("vbd");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn: Vec<_> = (0..2)
+        .map(|t| {
+            let c = s.sim.dom0.clone();
+            let stop = Arc::clone(&stop);
+            let be = s.be.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    c.write(
+                        &format!("{be}/churn-{t}-{}", n % 4),
+                        n.to_string().as_bytes(),
+                    )
+                    .unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    // Act
+    s.connected();
+    // Assert
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let writes: u64 = churn.into_iter().map(|h| h.join().unwrap()).sum();
+    assert!(writes > 0);
+    assert_eq!(s.driver.log.count(&Call::Connect(DEVID, true)), 1);
+    s.stop();
+}
