@@ -33,7 +33,7 @@ use crate::watch::{EventQueue, RecvTimeoutError as QueueRecvError, WatchEvent};
 use crate::watch::{QueueStats, DEFAULT_WATCH_QUEUE_CAPACITY};
 use crate::wire::{msg, split_nul, type_name, Decoder, Message, Perm};
 
-/// The operation a request performed, for error messages ("ENOENT reading <path>").
+/// The operation a request performed, for error messages (`ENOENT reading <path>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     /// XS_READ.
