@@ -224,6 +224,27 @@ impl Default for ClientOptions {
     }
 }
 
+/// Counters of a client, for metrics (atomics: reading them takes no lock).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Requests sent.
+    pub requests: u64,
+    /// XS_ERROR replies received.
+    pub error_replies: u64,
+    /// Watch events received (before coalescing).
+    pub watch_events: u64,
+    /// Transactions retried after EAGAIN.
+    pub tx_retries: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    error_replies: AtomicU64,
+    watch_events: AtomicU64,
+    tx_retries: AtomicU64,
+}
+
 type Reply = Result<Message, String>;
 
 struct WatchReg {
@@ -242,6 +263,7 @@ struct Shared {
 struct Conn {
     describe: String,
     shared: Mutex<Shared>,
+    counters: Counters,
 }
 
 impl Conn {
@@ -273,6 +295,7 @@ impl Conn {
 
     fn dispatch(&self, m: Message) {
         if m.type_ == msg::XS_WATCH_EVENT {
+            self.counters.watch_events.fetch_add(1, Ordering::Relaxed);
             let parts = split_nul(&m.payload);
             let (Some(path), Some(token)) = (parts.first(), parts.get(1)) else {
                 warn!(conn = %self.describe, "watch event without path and token; dropped");
@@ -497,6 +520,7 @@ impl XsClient {
         let conn = Arc::new(Conn {
             describe: describe.clone(),
             shared: Mutex::new(Shared::default()),
+            counters: Counters::default(),
         });
         let reader_conn = Arc::clone(&conn);
         let reader = std::thread::Builder::new()
@@ -524,6 +548,17 @@ impl XsClient {
     /// Why the connection died, if it did.
     pub fn dead_reason(&self) -> Option<String> {
         self.inner.conn.lock().dead.clone()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> ClientStats {
+        let c = &self.inner.conn.counters;
+        ClientStats {
+            requests: c.requests.load(Ordering::Relaxed),
+            error_replies: c.error_replies.load(Ordering::Relaxed),
+            watch_events: c.watch_events.load(Ordering::Relaxed),
+            tx_retries: c.tx_retries.load(Ordering::Relaxed),
+        }
     }
 
     /// The settings.
@@ -571,6 +606,7 @@ impl XsClient {
             sh.pending.insert(id, tx);
         }
         let req_id = m.req_id;
+        conn.counters.requests.fetch_add(1, Ordering::Relaxed);
         let bytes = match m.encode() {
             Ok(b) => b,
             Err(e) => {
@@ -619,6 +655,7 @@ impl XsClient {
             }
         };
         if reply.type_ == msg::XS_ERROR {
+            conn.counters.error_replies.fetch_add(1, Ordering::Relaxed);
             let raw = reply.payload.strip_suffix(&[0]).unwrap_or(&reply.payload);
             let name = crate::state::escape_for_log(raw, 32);
             return Err(XsError::Server {
@@ -878,6 +915,11 @@ impl XsClient {
                 },
             };
             debug_assert!(retry);
+            self.inner
+                .conn
+                .counters
+                .tx_retries
+                .fetch_add(1, Ordering::Relaxed);
             if attempt + 1 < attempts {
                 let exp = opts
                     .tx_backoff_base

@@ -62,6 +62,8 @@ pub use backend::{
     BackendDriver, BackendWatcher, Device, DeviceCtx, DeviceError, DeviceInfo, DriverError,
     Hotplug, WatcherError,
 };
-pub use client::{ClientOptions, Op, Transaction, Watch, WatchGuard, XsClient, XsError, XsOps};
+pub use client::{
+    ClientOptions, ClientStats, Op, Transaction, Watch, WatchGuard, XsClient, XsError, XsOps,
+};
 pub use state::XenbusState;
 pub use watch::{EventQueue, QueueStats, WatchEvent};

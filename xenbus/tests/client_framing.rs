@@ -122,6 +122,7 @@ fn test_client_error_reply_names_errno_operation_and_path() {
     assert_eq!(e.to_string(), "ENOENT reading backend/vbd/5/51712/params");
     assert_eq!(e.errno(), Some(libc::ENOENT));
     assert!(e.is_not_found());
+    assert_eq!(client.stats().error_replies, 1);
     assert_eq!(client.try_read("backend/x").unwrap(), None);
 }
 

@@ -174,6 +174,7 @@ fn test_xs_transaction_conflict_with_second_connection_is_retried() {
     r.unwrap();
     assert_eq!(runs.load(Ordering::SeqCst), 2);
     assert_eq!(sim.dom0.read("/counter").unwrap(), b"11");
+    assert_eq!(sim.dom0.stats().tx_retries, 1);
 }
 
 #[test]
