@@ -590,3 +590,23 @@ fn which_qemu_img() -> Result<std::path::PathBuf, ()> {
     }
     Err(())
 }
+
+#[test]
+fn test_blk_persistent_frontend_write_from_read_only_grant_falls_back_to_one_shot_map() {
+    let r = rig(&[(0, "w")]);
+    let mut f = TestFront::connect(
+        &r.guest,
+        0,
+        FrontOpts {
+            persistent: true,
+            ..FrontOpts::default()
+        },
+    );
+    let (_, ro) = f.data_page(0x42, true);
+
+    let rsp = f.roundtrip(0, &rw(BLKIF_OP_WRITE, 1, 0, &[(ro, 0, 7)]));
+
+    assert_eq!(rsp.status, BLKIF_RSP_OKAY);
+    assert_eq!(r.disk.read_at(0, 4), vec![0x42; 4]);
+    assert!(!mapped(&r.guest, ro), "a one-shot map is undone at once");
+}

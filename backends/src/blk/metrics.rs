@@ -44,6 +44,8 @@ pub struct BlkMetrics {
     pub in_flight: AtomicU64,
     /// Event-channel wakeups.
     pub events: AtomicU64,
+    /// Events that found no work (a notify flood shows here, XSA-332).
+    pub spurious_events: AtomicU64,
     /// Notifications sent to the frontend.
     pub notifications: AtomicU64,
     /// Rings halted because the frontend broke the protocol (impossible indices).
@@ -93,6 +95,8 @@ pub struct BlkStats {
     pub in_flight: u64,
     /// See [`BlkMetrics::events`].
     pub events: u64,
+    /// See [`BlkMetrics::spurious_events`].
+    pub spurious_events: u64,
     /// See [`BlkMetrics::notifications`].
     pub notifications: u64,
     /// See [`BlkMetrics::rogue_rings`].
@@ -125,6 +129,7 @@ impl BlkMetrics {
             persistent_evictions: l(&self.persistent_evictions),
             in_flight: l(&self.in_flight),
             events: l(&self.events),
+            spurious_events: l(&self.spurious_events),
             notifications: l(&self.notifications),
             rogue_rings: l(&self.rogue_rings),
             resizes: l(&self.resizes),

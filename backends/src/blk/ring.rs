@@ -193,6 +193,8 @@ struct Queue {
     bounce_pool: Vec<Arc<SharedMem>>,
     scratch: Vec<u8>,
     responses: u32,
+    /// Requests started, refused or completed (to tell spurious events).
+    work: u64,
     rogue: bool,
     log_bucket: TokenBucket,
 }
@@ -293,6 +295,7 @@ pub(crate) fn start(p: QueueParams) -> Result<QueueHandle, BlkError> {
         bounce_pool: Vec::new(),
         scratch: Vec::new(),
         responses: 0,
+        work: 0,
         rogue: false,
         log_bucket: TokenBucket::new(5.0, 20.0),
     };
@@ -390,10 +393,16 @@ impl Queue {
                 add(&self.shared.metrics.events, n as u64);
                 delivered |= ports[..n].contains(&self.local);
             }
+            let before = self.work;
             self.pass();
             if delivered {
                 let _ = self.evtchn.unmask(self.local);
                 self.pass();
+                if self.work == before {
+                    // An event with nothing to do (XSA-332): counted; the port was unmasked
+                    // only after the ring was drained, so a flood costs one pass per event.
+                    add(&self.shared.metrics.spurious_events, 1);
+                }
             }
             if self.rogue && self.submitted == 0 {
                 break;
@@ -462,6 +471,7 @@ impl Queue {
     }
 
     fn respond(&mut self, id: u64, op: u8, status: i16) {
+        self.work += 1;
         // Only fails if no request is outstanding, which cannot happen here.
         if self.ring.respond(id, op, status).is_ok() {
             self.responses += 1;
@@ -493,6 +503,7 @@ impl Queue {
     }
 
     fn start_request(&mut self, mut req: Request) {
+        self.work += 1;
         let Some(idx) = self.free.pop() else {
             return;
         };
@@ -577,14 +588,14 @@ impl Queue {
                         add(&self.shared.metrics.grant_pages_mapped, 1);
                         m
                     }
-                    Ok((Lookup::Full, _)) => map_batch(
+                    // Full, or a page granted read-only: map it for this request only.
+                    Ok((Lookup::Full, _)) | Err(_) => map_batch(
                         self.gnttab.as_ref(),
                         self.domid,
                         &self.shared.metrics,
                         &[*g],
                         false,
                     )?,
-                    Err(_) => return Err(()),
                 },
                 None => map_batch(
                     self.gnttab.as_ref(),
@@ -674,8 +685,20 @@ impl Queue {
                         );
                     }
                     Err(e) => {
+                        // Not mappable writable (a page granted read-only for a write, or a
+                        // bad reference): try it for this request only, as the op needs.
                         debug!(error = %e, gref = s.gref, "persistent grant map failed");
-                        return Err(err);
+                        let m = map_batch(
+                            self.gnttab.as_ref(),
+                            self.domid,
+                            &self.shared.metrics,
+                            &[s.gref],
+                            device_writes,
+                        )
+                        .map_err(|_| err)?;
+                        segs.push(
+                            IoSeg::new(m, s.offset(), s.len(), device_writes).map_err(|_| err)?,
+                        );
                     }
                 }
             }
