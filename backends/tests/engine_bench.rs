@@ -4,14 +4,16 @@
 //!
 //! Ignored by default (it measures, it does not check). Run:
 //! `cargo test --release -p backends --test engine_bench -- --ignored --nocapture`
-//! with `DOMIO_BENCH_FILE=/path` (an allocated file, not sparse) and `DOMIO_BENCH_SECS`.
+//! with `DOMIO_BENCH_FILE=/path` (an allocated file, not sparse), `DOMIO_BENCH_SECS`, and
+//! `DOMIO_BENCH_QCOW2=/path.qcow2` to measure the qcow2 engine too.
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backends::blk::engine::{
-    Completion, Engine, IoMem, IoOp, IoRequest, IoSeg, Mechanism, RawEngine, RawOptions,
+    open_engine, Completion, Engine, EngineOptions, IoMem, IoOp, IoRequest, IoSeg, Mechanism,
+    RawEngine, RawOptions,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use xen::SharedMem;
@@ -27,19 +29,27 @@ fn next(state: &mut u64) -> u64 {
     *state
 }
 
-fn bench(path: &str, mech: Mechanism, secs: u64) -> f64 {
+fn raw(path: &str, mech: Mechanism) -> Box<dyn Engine> {
     let opts = RawOptions {
         queue_depth: QD as u32,
         mechanism: mech,
         direct: true,
         pool_threads: 4,
     };
-    let mut e = RawEngine::open(path, true, &opts).unwrap();
+    let e = RawEngine::open(path, true, &opts).unwrap();
     assert!(e.is_direct(), "benchmark needs O_DIRECT");
+    println!(
+        "O_DIRECT alignment (memory, offset): {:?}",
+        e.direct_alignment()
+    );
+    Box::new(e)
+}
+
+fn bench(mut e: Box<dyn Engine>, secs: u64) -> f64 {
     let blocks = e.info().capacity / BS as u64;
     let mem: Arc<SharedMem> = Arc::new(SharedMem::anonymous(QD * BS).unwrap());
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-    let submit = |e: &mut RawEngine, slot: usize, mut segs: Vec<IoSeg>, rng: &mut u64| {
+    let submit = |e: &mut dyn Engine, slot: usize, mut segs: Vec<IoSeg>, rng: &mut u64| {
         let m: Arc<dyn IoMem> = mem.clone();
         segs.push(IoSeg::new(m, slot * BS, BS, true).unwrap());
         let r = IoRequest {
@@ -53,7 +63,7 @@ fn bench(path: &str, mech: Mechanism, secs: u64) -> f64 {
         e.queue(r).unwrap();
     };
     for slot in 0..QD {
-        submit(&mut e, slot, Vec::with_capacity(1), &mut rng);
+        submit(&mut *e, slot, Vec::with_capacity(1), &mut rng);
     }
     e.kick().unwrap();
     let mut out: Vec<Completion> = Vec::with_capacity(QD);
@@ -67,17 +77,12 @@ fn bench(path: &str, mech: Mechanism, secs: u64) -> f64 {
         for c in out.drain(..) {
             assert_eq!(c.result, Ok(BS as u64));
             ops += 1;
-            submit(&mut e, c.tag as usize, c.segs, &mut rng);
+            submit(&mut *e, c.tag as usize, c.segs, &mut rng);
         }
         e.kick().unwrap();
     }
     let iops = ops as f64 / start.elapsed().as_secs_f64();
-    println!(
-        "{:<60} {:>9.0} IOPS (O_DIRECT alignment {:?})",
-        e.info().describe,
-        iops,
-        e.direct_alignment()
-    );
+    println!("{:<60} {:>9.0} IOPS", e.info().describe, iops);
     iops
 }
 
@@ -102,7 +107,16 @@ fn test_raw_engine_bench_randread_4k_qd32_reports_iops() {
             p.to_str().unwrap().to_string()
         }
     };
-    let uring = bench(&path, Mechanism::IoUring, secs);
-    let pool = bench(&path, Mechanism::ThreadPool, secs);
+    let uring = bench(raw(&path, Mechanism::IoUring), secs);
+    let pool = bench(raw(&path, Mechanism::ThreadPool), secs);
     println!("io_uring / thread pool = {:.2}", uring / pool);
+    if let Ok(q) = std::env::var("DOMIO_BENCH_QCOW2") {
+        let opts = EngineOptions {
+            queue_depth: QD as u32,
+            threads: 4,
+            ..EngineOptions::default()
+        };
+        let e = open_engine(&format!("qcow2:{q}"), true, &opts).unwrap();
+        bench(e, secs);
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use backends::blk::engine::{
     open_engine, Completion, Engine, EngineOptions, ImageFormat, IoMem, IoOp, IoRequest, IoSeg,
-    Qcow2Engine,
+    Qcow2Engine, Qcow2Options,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use xen::SharedMem;
@@ -307,10 +307,10 @@ fn test_qcow2_engine_open_bad_image_names_path_and_problem() {
     let raw = dir.path().join("plain.img");
     std::fs::write(&raw, vec![0u8; 65536]).unwrap();
     // Act
-    let e = Qcow2Engine::open(s(&raw), false, 8, 1)
+    let e = Qcow2Engine::open(s(&raw), false, &Qcow2Options::default())
         .unwrap_err()
         .to_string();
-    let missing = Qcow2Engine::open("/nonexistent/x.qcow2", false, 8, 1)
+    let missing = Qcow2Engine::open("/nonexistent/x.qcow2", false, &Qcow2Options::default())
         .unwrap_err()
         .to_string();
     // Assert

@@ -23,7 +23,7 @@ mod sys;
 mod uring;
 
 pub use open::{open_engine, open_image, parse_params, EngineOptions, ImageFormat, Params};
-pub use qcow2::Qcow2Engine;
+pub use qcow2::{Qcow2Engine, Qcow2Options};
 pub use raw::{Mechanism, RawEngine, RawOptions};
 
 use std::os::fd::BorrowedFd;

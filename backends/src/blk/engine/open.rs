@@ -7,7 +7,7 @@
 //! `null:<size>` (size in bytes, or with a K/M/G/T suffix) opens the null engine.
 
 use super::null::NullEngine;
-use super::qcow2::Qcow2Engine;
+use super::qcow2::{Qcow2Engine, Qcow2Options};
 use super::raw::{Mechanism, RawEngine, RawOptions};
 use super::{Engine, EngineError};
 
@@ -176,12 +176,14 @@ fn open_format(
             };
             Ok(Box::new(RawEngine::open(path, read_only, &ro)?))
         }
-        ImageFormat::Qcow2 => Ok(Box::new(Qcow2Engine::open(
-            path,
-            read_only,
-            opts.queue_depth,
-            opts.threads.min(4),
-        )?)),
+        ImageFormat::Qcow2 => {
+            let qo = Qcow2Options {
+                queue_depth: opts.queue_depth,
+                threads: opts.threads.min(4),
+                direct: opts.direct,
+            };
+            Ok(Box::new(Qcow2Engine::open(path, read_only, &qo)?))
+        }
     }
 }
 

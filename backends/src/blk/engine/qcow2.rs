@@ -97,6 +97,27 @@ struct Job {
     req: IoRequest,
 }
 
+/// How to open a qcow2 image.
+#[derive(Debug, Clone)]
+pub struct Qcow2Options {
+    /// Requests in flight at once.
+    pub queue_depth: u32,
+    /// Worker threads.
+    pub threads: usize,
+    /// Bypass the host page cache (falls back to buffered if the file system refuses).
+    pub direct: bool,
+}
+
+impl Default for Qcow2Options {
+    fn default() -> Self {
+        Qcow2Options {
+            queue_depth: 64,
+            threads: 2,
+            direct: true,
+        }
+    }
+}
+
 /// See the module docs.
 pub struct Qcow2Engine {
     // Field order is drop order: the job channel closes, then the workers finish what they
@@ -123,12 +144,11 @@ impl std::fmt::Debug for Qcow2Engine {
 }
 
 impl Qcow2Engine {
-    /// Opens the qcow2 image at `path` (and its backing chain) with `threads` workers.
+    /// Opens the qcow2 image at `path` (and its backing chain).
     pub fn open(
         path: &str,
         read_only: bool,
-        queue_depth: u32,
-        threads: usize,
+        opts: &Qcow2Options,
     ) -> Result<Qcow2Engine, EngineError> {
         let header = read_header(path)?;
         let open_err = |what, source| EngineError::Open {
@@ -136,11 +156,25 @@ impl Qcow2Engine {
             path: path.to_string(),
             source,
         };
-        let q = Qcow2::<File>::builder_path(path)
-            .write(!read_only)
-            .storage_open_options(StorageOpenOptions::new().direct(false))
-            .open(PermissiveImplicitOpenGate::default())
-            .map_err(|e| open_err("open qcow2 image", e))?;
+        let open = |direct: bool| {
+            Qcow2::<File>::builder_path(path)
+                .write(!read_only)
+                .storage_open_options(StorageOpenOptions::new().direct(direct))
+                .open(PermissiveImplicitOpenGate::default())
+        };
+        let (q, direct) = match open(opts.direct) {
+            Ok(q) => (q, opts.direct),
+            Err(e) if opts.direct => {
+                tracing::warn!(path, error = %e, "qcow2 with O_DIRECT failed; trying buffered I/O");
+                (
+                    open(false).map_err(|e| open_err("open qcow2 image", e))?,
+                    false,
+                )
+            }
+            Err(e) => return Err(open_err("open qcow2 image", e)),
+        };
+        let threads = opts.threads;
+        let queue_depth = opts.queue_depth;
         let image: Image = Arc::new(RwLock::new(FormatAccess::new(q)));
         let capacity = image
             .read()
@@ -164,9 +198,10 @@ impl Qcow2Engine {
             workers.push(t);
         }
         let depth = queue_depth.max(1);
+        let mode = if direct { "O_DIRECT" } else { "buffered" };
         let describe = match &header.backing_file {
-            Some(b) => format!("qcow2 {path} <- {b}"),
-            None => format!("qcow2 {path}"),
+            Some(b) => format!("qcow2 {mode} {path} <- {b}"),
+            None => format!("qcow2 {mode} {path}"),
         };
         Ok(Qcow2Engine {
             tx: Some(tx),
@@ -195,7 +230,7 @@ impl Qcow2Engine {
 }
 
 fn worker(path: &str, image: &Image, rx: &Receiver<Job>, done: &Sender<Completion>, efd: &EventFd) {
-    let mut buf: Vec<u8> = Vec::new();
+    let mut buf = AlignedBuf::default();
     while let Ok(Job { mut req }) = rx.recv() {
         let result = execute(image, &req, &mut buf).map_err(|e| {
             tracing::warn!(path, tag = req.tag, op = ?req.op, error = %e, "qcow2 I/O failed");
@@ -232,17 +267,39 @@ fn poisoned() -> io::Error {
     io::Error::other("image lock poisoned by a panicking worker")
 }
 
-fn execute(image: &Image, req: &IoRequest, buf: &mut Vec<u8>) -> io::Result<u64> {
+/// Alignment of the worker's buffer: a page, enough for O_DIRECT on any file system, so imago
+/// never has to bounce it again.
+const BUF_ALIGN: usize = 4096;
+
+/// A worker's reusable, page-aligned transfer buffer (safe code: an over-allocated `Vec`
+/// sliced at its first aligned byte).
+#[derive(Default)]
+struct AlignedBuf {
+    v: Vec<u8>,
+}
+
+impl AlignedBuf {
+    /// `len` bytes starting on a `BUF_ALIGN` boundary; grows (and only then allocates) when a
+    /// request is larger than any before.
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        if self.v.len() < len + BUF_ALIGN {
+            self.v = vec![0u8; (len + BUF_ALIGN).next_power_of_two()];
+        }
+        let off = self.v.as_ptr().align_offset(BUF_ALIGN).min(BUF_ALIGN);
+        &mut self.v[off..off + len]
+    }
+}
+
+fn execute(image: &Image, req: &IoRequest, abuf: &mut AlignedBuf) -> io::Result<u64> {
     let mem_err = |e: xen::MemError| io::Error::new(io::ErrorKind::InvalidInput, e.to_string());
     match req.op {
         IoOp::Read => {
             let total: usize = req.segs.iter().map(|s| s.len()).sum();
-            buf.clear();
-            buf.resize(total, 0);
+            let buf = abuf.get(total);
             image
                 .read()
                 .map_err(|_| poisoned())?
-                .read(&mut buf[..], req.offset)?;
+                .read(&mut *buf, req.offset)?;
             let mut pos = 0;
             for s in &req.segs {
                 s.mem()
@@ -254,8 +311,7 @@ fn execute(image: &Image, req: &IoRequest, buf: &mut Vec<u8>) -> io::Result<u64>
         }
         IoOp::Write => {
             let total: usize = req.segs.iter().map(|s| s.len()).sum();
-            buf.clear();
-            buf.resize(total, 0);
+            let buf = abuf.get(total);
             let mut pos = 0;
             for s in &req.segs {
                 s.mem()
@@ -264,7 +320,7 @@ fn execute(image: &Image, req: &IoRequest, buf: &mut Vec<u8>) -> io::Result<u64>
                 pos += s.len();
             }
             let img = image.read().map_err(|_| poisoned())?;
-            img.write(&buf[..], req.offset)?;
+            img.write(&*buf, req.offset)?;
             if req.fua {
                 img.flush()?;
                 img.sync()?;
