@@ -35,7 +35,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -253,6 +253,10 @@ struct CtxInner {
     backend_path: String,
     frontend_path: String,
     span: Span,
+    /// A fatal error reported by the driver, waiting for the watcher.
+    fatal: Mutex<Option<String>>,
+    /// The watcher's queue, to wake it when the driver reports a fatal error.
+    wake: OnceLock<EventQueue>,
 }
 
 /// Everything a driver needs about one device. Cheap to clone; usable from any thread.
@@ -296,6 +300,8 @@ impl DeviceCtx {
                 ),
                 frontend_path: format!("/local/domain/{domid}/device/{frontend_type}/{devid}"),
                 span,
+                fatal: Mutex::new(None),
+                wake: OnceLock::new(),
             }),
         }
     }
@@ -549,6 +555,38 @@ impl DeviceCtx {
         self.write_backend(&[("error", truncate(message, MAX_ERROR_NODE))])
     }
 
+    /// Reports a fatal error from any thread (typically a ring thread that found the frontend
+    /// rogue: XSA-39's impossible `req_prod`). The watcher then disconnects the device,
+    /// writes `reason` to the `error` node and moves the backend to Closing; the device is not
+    /// connected again until the frontend restarts and it is probed afresh. Reports made
+    /// while one is pending, or during [`Device::disconnect`], are dropped.
+    pub fn fatal(&self, reason: &str) {
+        {
+            let mut f = self
+                .inner
+                .fatal
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if f.is_some() {
+                return;
+            }
+            *f = Some(truncate(reason, MAX_ERROR_NODE).to_owned());
+        }
+        if let Some(q) = self.inner.wake.get() {
+            let token: Arc<str> = Arc::from(format!("{FATAL_TOKEN_PREFIX}{}", self.inner.devid));
+            let path: Arc<str> = Arc::from(self.inner.backend_path.as_str());
+            q.push(&token, &path, &self.inner.backend_path);
+        }
+    }
+
+    fn take_fatal(&self) -> Option<String> {
+        self.inner
+            .fatal
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
+
     /// Writes the backend's `state` (in a transaction, only if the node still exists).
     pub(crate) fn switch_state(&self, state: XenbusState) -> Result<(), DeviceError> {
         self.write_backend(&[("state", state.as_str())])
@@ -709,6 +747,7 @@ impl fmt::Debug for BackendWatcher {
 
 const BACKEND_TOKEN: &str = "backend";
 const FRONTEND_TOKEN_PREFIX: &str = "frontend:";
+const FATAL_TOKEN_PREFIX: &str = "fatal:";
 
 fn valid_type(t: &str) -> bool {
     !t.is_empty()
@@ -952,7 +991,11 @@ impl Engine {
                     debug!(path = %escape_for_log(ev.path.as_bytes(), 128), "event outside the backend directory")
                 }
             }
-        } else if let Some(devid) = ev.token.strip_prefix(FRONTEND_TOKEN_PREFIX) {
+        } else if let Some(devid) = ev
+            .token
+            .strip_prefix(FRONTEND_TOKEN_PREFIX)
+            .or_else(|| ev.token.strip_prefix(FATAL_TOKEN_PREFIX))
+        {
             match strict_u32(devid.as_bytes()) {
                 Some(devid) => self.reconcile(devid),
                 None => debug!(token = %ev.token, "event with an unknown token"),
@@ -1103,6 +1146,8 @@ impl Engine {
             )
             .map_err(|e| ctx.xs_err(e))?;
         info!(frontend = %ctx.frontend_path(), "new device");
+        // Set once, just after the context was made, so it cannot be set already.
+        let _ = ctx.inner.wake.set(self.queue.clone());
         let mut dev = Dev {
             ctx,
             device: None,
@@ -1124,6 +1169,8 @@ impl Engine {
     fn probe(&self, dev: &mut Dev) {
         dev.attempted = false;
         dev.device = None;
+        // A report about the previous connection is moot now.
+        let _ = dev.ctx.take_fatal();
         dev.probes += 1;
         match self.driver.probe(&dev.ctx) {
             Ok(mut device) => {
@@ -1190,6 +1237,22 @@ impl Engine {
 
     /// One level-triggered step; returns false when the device is to be removed.
     fn step_dev(&self, dev: &mut Dev) -> bool {
+        if let Some(reason) = dev.ctx.take_fatal() {
+            if dev.connected {
+                limited!(
+                    dev.log,
+                    error!(reason, "driver reported a fatal error; closing")
+                );
+                self.disconnect(dev);
+                dev.attempted = true;
+                if let Err(e) = dev.ctx.report_error(&reason) {
+                    debug!(error = %e, "writing the error node failed");
+                }
+                if !matches!(dev.state, XenbusState::Closing | XenbusState::Closed) {
+                    set_state(dev, XenbusState::Closing);
+                }
+            }
+        }
         let fe = match dev.ctx.frontend_state() {
             Ok(s) => s,
             Err(e) => {
@@ -1330,6 +1393,8 @@ impl Engine {
             device.disconnect(&dev.ctx);
             limited!(dev.log, info!("disconnected"));
         }
+        // Ring threads stopping may have reported errors: they are moot now.
+        let _ = dev.ctx.take_fatal();
     }
 
     fn reconfigure(&self, dev: &mut Dev, fe: XenbusState, next: XenbusState) {

@@ -141,7 +141,7 @@ fn test_lifecycle_frontend_close_then_restart_reprobes_and_reconnects() {
     );
     assert!(s
         .watcher()
-        .wait_until(WAIT, |d| d[0].probes == 2 && d[0].connected));
+        .wait_until(WAIT, |d| d.len() == 1 && d[0].probes == 2 && d[0].connected));
     s.stop();
 }
 
@@ -225,7 +225,9 @@ fn test_lifecycle_invalid_ring_ref_writes_error_and_never_connects() {
         wait_state(&s.sim.dom0, &s.be, XenbusState::InitWait);
     }
     assert!(!s.driver.log.calls().contains(&Call::Connect(DEVID, true)));
-    assert!(s.watcher().wait_until(WAIT, |d| !d[0].connected));
+    assert!(s
+        .watcher()
+        .wait_until(WAIT, |d| d.len() == 1 && !d[0].connected));
     s.stop();
 }
 
@@ -316,9 +318,8 @@ fn test_lifecycle_probe_failure_writes_error_and_closes() {
         .fail_probe
         .store(false, std::sync::atomic::Ordering::SeqCst);
     fe_state(&s.guest, DOMID, DEVID, b"6");
-    assert!(s
-        .watcher()
-        .wait_until(WAIT, |d| d[0].frontend_state == Some(XenbusState::Closed)));
+    assert!(s.watcher().wait_until(WAIT, |d| d.len() == 1
+        && d[0].frontend_state == Some(XenbusState::Closed)));
     fe_state(&s.guest, DOMID, DEVID, b"1");
     wait_state(&s.sim.dom0, &s.be, XenbusState::InitWait);
     assert_eq!(s.driver.log.calls(), vec![Call::Probe(DEVID)]);
@@ -466,5 +467,39 @@ fn test_lifecycle_toolstack_churn_under_backend_still_connects() {
     let writes: u64 = churn.into_iter().map(|h| h.join().unwrap()).sum();
     assert!(writes > 0);
     assert_eq!(s.driver.log.count(&Call::Connect(DEVID, true)), 1);
+    s.stop();
+}
+
+#[test]
+fn test_lifecycle_driver_fatal_error_closes_until_frontend_restarts() {
+    // Arrange
+    let mut s = setup("vbd");
+    s.connected();
+    let ctx = s.driver.last_ctx.lock().unwrap().clone().unwrap();
+    // Act: a ring thread finds the frontend rogue (XSA-39) and reports it, twice.
+    let ring = std::thread::spawn(move || {
+        ctx.fatal("rogue frontend: req_prod 10 rings ahead");
+        ctx.fatal("second report");
+    });
+    ring.join().unwrap();
+    // Assert
+    wait_state(&s.sim.dom0, &s.be, XenbusState::Closing);
+    let err = s.sim.dom0.read_string(&format!("{}/error", s.be)).unwrap();
+    assert_eq!(err, "rogue frontend: req_prod 10 rings ahead");
+    s.driver
+        .log
+        .wait("disconnect", |c| c.contains(&Call::Disconnect(DEVID)));
+    // The frontend still says Connected: no reconnect without a restart.
+    fe_state(&s.guest, DOMID, DEVID, b"4");
+    assert!(s.watcher().wait_until(WAIT, |d| d.len() == 1
+        && !d[0].connected
+        && d[0].state == XenbusState::Closing));
+    fe_state(&s.guest, DOMID, DEVID, b"6");
+    wait_state(&s.sim.dom0, &s.be, XenbusState::Closed);
+    fe_state(&s.guest, DOMID, DEVID, b"1");
+    wait_state(&s.sim.dom0, &s.be, XenbusState::InitWait);
+    frontend_publish(&s.guest, DOMID, DEVID, "8");
+    wait_state(&s.sim.dom0, &s.be, XenbusState::Connected);
+    assert_eq!(s.driver.log.count(&Call::Connect(DEVID, true)), 2);
     s.stop();
 }

@@ -279,6 +279,8 @@ pub struct RecDriver {
     pub be_type: String,
     pub fail_probe: std::sync::atomic::AtomicBool,
     pub hotplug: Mutex<Hotplug>,
+    /// The context of the last probed device (to report fatal errors as a ring would).
+    pub last_ctx: Mutex<Option<DeviceCtx>>,
 }
 
 impl RecDriver {
@@ -288,6 +290,7 @@ impl RecDriver {
             be_type: be_type.to_owned(),
             fail_probe: Default::default(),
             hotplug: Mutex::new(Hotplug::Connected),
+            last_ctx: Mutex::new(None),
         })
     }
 }
@@ -313,6 +316,7 @@ impl BackendDriver for RecDriver {
             ("sectors", "32768"),
         ])?;
         self.log.push(Call::Probe(ctx.devid()));
+        *self.last_ctx.lock().unwrap() = Some(ctx.clone());
         Ok(Box::new(RecDevice {
             log: Arc::clone(&self.log),
             devid: ctx.devid(),
