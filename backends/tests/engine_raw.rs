@@ -523,3 +523,53 @@ fn test_raw_engine_request_with_more_segments_than_iov_max_transfers_all() {
         assert_eq!(file_bytes(&p, 4096, n * 512), data, "{mech:?}");
     }
 }
+
+#[test]
+fn test_raw_engine_buffered_option_round_trips_without_o_direct() {
+    for mech in MECHS {
+        // Arrange
+        let dir = tempfile::tempdir().unwrap();
+        let p = image(dir.path(), MIB);
+        let opts = RawOptions {
+            queue_depth: 4,
+            mechanism: mech,
+            direct: false,
+            pool_threads: 1,
+        };
+        let mut e = RawEngine::open(p.to_str().unwrap(), false, &opts).unwrap();
+        let m = mem(4096);
+        m.write(1024, &pattern(1024, 3)).unwrap();
+        // Act
+        let w = run(
+            &mut e,
+            vec![req(
+                1,
+                IoOp::Write,
+                512,
+                vec![seg(&m, 1024, 1024, false)],
+                0,
+            )],
+        );
+        // Assert
+        assert!(!e.is_direct() && e.info().describe.contains("buffered"));
+        assert_eq!(e.direct_alignment(), (1, 1));
+        assert_eq!(results(&w), vec![Ok(1024)], "{mech:?}");
+        assert_eq!(file_bytes(&p, 512, 1024), pattern(1024, 3));
+    }
+}
+
+#[test]
+fn test_open_engine_directory_or_missing_path_errors_name_path_and_problem() {
+    // Arrange
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_string();
+    let o = EngineOptions::default();
+    // Act
+    let is_dir = open_engine(&format!("aio:{d}"), false, &o).err();
+    let missing = open_engine(&format!("aio:{d}/none.img"), false, &o).err();
+    // Assert
+    let e = is_dir.map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains(&d) && e.contains("not a regular file"), "{e}");
+    let e = missing.map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("none.img") && e.contains("No such file"), "{e}");
+}
