@@ -1457,6 +1457,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn test_public_handles_are_send_and_sync() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<BackendWatcher>();
+        send_sync::<DeviceCtx>();
+        send_sync::<XsClient>();
+        send_sync::<EventQueue>();
+    }
+
+    #[test]
     fn test_valid_type_rejects_path_characters() {
         assert!(valid_type("vbd"));
         assert!(valid_type("qdisk"));
