@@ -32,7 +32,7 @@ use imago::{FormatAccess, FormatDriverBuilder, PermissiveImplicitOpenGate, Stora
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::null::validate;
-use super::{Completion, Engine, EngineError, EngineInfo, IoOp, IoRequest};
+use super::{Completion, Engine, EngineError, EngineInfo, IoOp, IoRequest, MAX_QUEUE_DEPTH};
 
 type Image = Arc<RwLock<FormatAccess<File>>>;
 
@@ -197,7 +197,7 @@ impl Qcow2Engine {
                 .map_err(|e| open_err("spawn a worker for", e))?;
             workers.push(t);
         }
-        let depth = queue_depth.max(1);
+        let depth = queue_depth.clamp(1, MAX_QUEUE_DEPTH);
         let mode = if direct { "O_DIRECT" } else { "buffered" };
         let describe = match &header.backing_file {
             Some(b) => format!("qcow2 {mode} {path} <- {b}"),

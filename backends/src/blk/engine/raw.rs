@@ -28,7 +28,7 @@ use super::null::validate;
 use super::pool::{Job, Pool};
 use super::sys::{self, IoVecs};
 use super::uring::Uring;
-use super::{Completion, Engine, EngineError, EngineInfo, IoOp, IoRequest, IoSeg};
+use super::{Completion, Engine, EngineError, EngineInfo, IoOp, IoRequest, IoSeg, MAX_QUEUE_DEPTH};
 
 /// How the raw engine does its I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -307,8 +307,16 @@ impl RawEngine {
             (f, None, 1, 1)
         };
 
+        // The path was opened twice: make sure both opens found the same file.
+        let now = main.metadata().map_err(|e| open_err("stat image", e))?;
+        if (now.dev(), now.ino()) != (meta.dev(), meta.ino()) {
+            return Err(EngineError::Config {
+                path: path.to_string(),
+                why: "the path was replaced while it was being opened".into(),
+            });
+        }
         let (capacity, logical, physical, discard, secure) = match kind {
-            Kind::File => (meta.len(), 512, 4096, Some(4096), false),
+            Kind::File => (now.len(), 512, 4096, Some(4096), false),
             Kind::Block => {
                 let size = sys::blk_size(&main).map_err(|e| open_err("BLKGETSIZE64", e))?;
                 let l = sys::blk_logical_sector(&main).map_err(|e| open_err("BLKSSZGET", e))?;
@@ -324,7 +332,7 @@ impl RawEngine {
             EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
                 .map_err(|e| open_err("eventfd", e.into()))?,
         );
-        let depth = opts.queue_depth.max(1);
+        let depth = opts.queue_depth.clamp(1, MAX_QUEUE_DEPTH);
         let mechanism = match (
             opts.mechanism,
             std::env::var("DOMIO_BLK_MECHANISM").as_deref(),
@@ -417,6 +425,16 @@ impl RawEngine {
                 return Ok((buffered, None, 1, 1));
             }
         };
+        let same = |a: &File, b: &File| match (a.metadata(), b.metadata()) {
+            (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+            _ => false,
+        };
+        if !same(&direct, &buffered) {
+            return Err(EngineError::Config {
+                path: path.to_string(),
+                why: "the path was replaced while it was being opened".into(),
+            });
+        }
         let (mem, off) = match (sys::dio_alignment(&direct), kind) {
             (Some((m, o)), _) => (m, o),
             (None, Kind::Block) => {

@@ -37,7 +37,7 @@ pub(crate) struct Uring {
 impl Uring {
     /// A ring for `depth` requests that signals `efd`.
     pub(crate) fn new(depth: u32, efd: &EventFd) -> io::Result<Uring> {
-        let depth = depth.max(1);
+        let depth = depth.clamp(1, super::MAX_QUEUE_DEPTH);
         let ring = IoUring::new(depth.next_power_of_two())?;
         ring.submitter().register_eventfd(efd.as_fd().as_raw_fd())?;
         let slots = (0..depth)
