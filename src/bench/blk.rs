@@ -20,7 +20,7 @@ use backends::blk::engine::{open_engine, EngineOptions};
 use backends::blk::{BlkConfig, BlkDriver, DiskParams, EngineFactory};
 use backends::console::LogSink;
 use clap::{Args, ValueEnum};
-use xen::abi::blkif::BLKIF_RSP_OKAY;
+use xen::abi::blkif::{BLKIF_OP_READ, BLKIF_RSP_OKAY};
 use xen::{DomId, XenHost};
 use xenbus::BackendWatcher;
 use xensim::client::SimHost;
@@ -416,6 +416,7 @@ fn drive_queue(
     let mut res = QueueResult::default();
     let bs = args.bs as usize;
     let data: Vec<u8> = (0..bs).map(|i| (i as u8) ^ 0x5a).collect();
+    let mut read_buf = vec![0u8; bs];
     let mut offsets = Offsets::new(args.pattern, q.index(), args.queues, blocks, args.bs);
     let mut started = vec![Instant::now(); q.size() as usize];
     let stall = Duration::from_secs(10);
@@ -450,8 +451,13 @@ fn drive_queue(
             )
         })?;
         let mut done = 0u32;
-        q.reap(|c, _| {
+        let mut copy_failed = false;
+        q.reap(|c, d| {
             let now = Instant::now();
+            // The guest consumes what it read, as Linux copies out of persistent pages.
+            if c.operation == BLKIF_OP_READ && d.copy_to(&mut read_buf).is_err() {
+                copy_failed = true;
+            }
             let t0 = started.get(c.id as usize).copied().unwrap_or(now);
             res.hist
                 .record(u64::try_from((now - t0).as_nanos()).unwrap_or(u64::MAX));
@@ -462,6 +468,12 @@ fn drive_queue(
             }
             done += 1;
         })?;
+        if copy_failed {
+            bail!(
+                "queue {}: copying read data out of guest pages failed",
+                q.index()
+            );
+        }
         stopping = stopping || stop.load(Ordering::Relaxed);
         if !stopping && done > 0 {
             for _ in 0..done {
@@ -678,18 +690,25 @@ fn run_frontend(args: &BlkArgs, rig: &SimRig) -> anyhow::Result<(BlkFront, BlkRe
     let duration = Duration::from_secs_f64(args.duration);
     let cpu0 = process_cpu_time()?;
     let t0 = Instant::now();
+    let (ended_tx, ended_rx) = std::sync::mpsc::channel::<()>();
     let results: Vec<anyhow::Result<QueueResult>> = std::thread::scope(|s| {
         let handles: Vec<_> = front
             .queues_mut()
             .iter_mut()
             .map(|q| {
                 let stop = &stop;
+                let ended = ended_tx.clone();
                 std::thread::Builder::new()
                     .name(format!("bench-q{}", q.index()))
-                    .spawn_scoped(s, move || drive_queue(q, args, blocks, stop))
+                    .spawn_scoped(s, move || {
+                        let r = drive_queue(q, args, blocks, stop);
+                        let _ = ended.send(());
+                        r
+                    })
             })
             .collect();
-        std::thread::sleep(duration);
+        // Measure for the duration, or less if a queue thread ends early (it failed).
+        let _ = ended_rx.recv_timeout(duration);
         stop.store(true, Ordering::Relaxed);
         handles
             .into_iter()
