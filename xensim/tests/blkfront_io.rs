@@ -606,3 +606,28 @@ fn test_backend_rsp_prod_beyond_requests_breaks_queue_without_panic() {
         Err(BlkFrontError::Broken { .. })
     ));
 }
+
+#[test]
+fn test_write_slot_and_req_prod_publish_a_raw_request_the_backend_reads() {
+    let rig = rig();
+    let (mut front, be) = connected(&rig, opts(), LINUX_CONNECT_KEYS, Misbehave::None);
+    let q = front.queue(0).unwrap();
+    let raw = BlkifRequest {
+        operation: BLKIF_OP_FLUSH_DISKCACHE,
+        id: 4242,
+        ..Default::default()
+    };
+
+    q.write_slot(0, &raw).unwrap();
+    q.set_req_prod(1).unwrap();
+    q.notify().unwrap();
+    while q.shared_rsp_prod().unwrap() != 1 {
+        q.port().wait(TIMEOUT).unwrap();
+    }
+    let rsp: BlkifResponse = q.read_slot(0).unwrap();
+
+    assert_eq!(rsp.id, 4242);
+    assert_eq!(rsp.operation, BLKIF_OP_FLUSH_DISKCACHE);
+    assert_eq!(rsp.status, BLKIF_RSP_OKAY);
+    assert_eq!(be.seen.requests.load(Ordering::Relaxed), 1);
+}

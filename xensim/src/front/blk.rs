@@ -26,7 +26,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use xen::abi::blkif::*;
-use xen::abi::ring::SRING_REQ_PROD;
+use xen::abi::ring::{SRING_REQ_PROD, SRING_RING_OFFSET, SRING_RSP_PROD};
 use xen::ring::{FrontRing, RingError};
 use xen::{DomId, Gfn, GrantRef, SharedMem, PAGE_SIZE};
 use xenbus::{XenbusState, XsError, XsOps};
@@ -124,7 +124,7 @@ pub enum BlkFrontError {
 pub struct BlkFrontOptions {
     /// `xen_blkif_max_ring_order` (0..=4): the ring uses min(this, backend's max) order.
     pub max_ring_order: u32,
-    /// `xen_blkif_max_queues` (Linux: number of vCPUs): queues = min(this, backend's max).
+    /// `xen_blkif_max_queues` (Linux: min(4, vCPUs)): queues = min(this, backend's max).
     pub max_queues: u32,
     /// `feature_persistent`: offer persistent grants.
     pub persistent: bool,
@@ -916,7 +916,7 @@ impl BlkQueue {
     }
 
     /// Copies out every published response without validating or recycling anything (tests
-    /// of hostile frontends that wrote raw requests).
+    /// of hostile frontends that pushed raw requests through [`BlkQueue::ring_mut`]).
     pub fn reap_raw(&mut self, out: &mut Vec<BlkifResponse>) -> Result<usize, BlkFrontError> {
         let mut n = 0;
         while let Some(r) = self.ring.get_response().map_err(|e| self.ring_err(e))? {
@@ -1006,6 +1006,55 @@ impl BlkQueue {
     /// The shared ring memory (header and slots).
     pub fn ring_mem(&self) -> &SharedMem {
         self.ring.memory()
+    }
+
+    /// Writes any plain value into ring slot `idx` (taken modulo the ring size) without
+    /// touching the indices: a request no Linux frontend would build, or a slot rewritten
+    /// after it was published (a double-fetch probe).
+    pub fn write_slot<T: zerocopy::IntoBytes + zerocopy::Immutable>(
+        &self,
+        idx: u32,
+        v: &T,
+    ) -> Result<(), BlkFrontError> {
+        if std::mem::size_of::<T>() > BLKIF_SLOT_SIZE {
+            return Err(self.ring_err(RingError::Oversized {
+                size: std::mem::size_of::<T>(),
+                slot: BLKIF_SLOT_SIZE,
+            }));
+        }
+        let off = SRING_RING_OFFSET + (idx & (self.ring.size() - 1)) as usize * BLKIF_SLOT_SIZE;
+        self.ring
+            .memory()
+            .write_obj(off, v)
+            .map_err(|e| self.ring_err(RingError::Mem(e)))
+    }
+
+    /// Reads ring slot `idx` (modulo the ring size) as `T`, whatever the indices say: the
+    /// response to a request published with [`BlkQueue::write_slot`] and
+    /// [`BlkQueue::set_req_prod`].
+    pub fn read_slot<T: zerocopy::FromBytes + zerocopy::IntoBytes>(
+        &self,
+        idx: u32,
+    ) -> Result<T, BlkFrontError> {
+        if std::mem::size_of::<T>() > BLKIF_SLOT_SIZE {
+            return Err(self.ring_err(RingError::Oversized {
+                size: std::mem::size_of::<T>(),
+                slot: BLKIF_SLOT_SIZE,
+            }));
+        }
+        let off = SRING_RING_OFFSET + (idx & (self.ring.size() - 1)) as usize * BLKIF_SLOT_SIZE;
+        self.ring
+            .memory()
+            .read_obj(off)
+            .map_err(|e| self.ring_err(RingError::Mem(e)))
+    }
+
+    /// The shared `rsp_prod` as the backend last wrote it.
+    pub fn shared_rsp_prod(&self) -> Result<u32, BlkFrontError> {
+        self.ring
+            .memory()
+            .load_u32(SRING_RSP_PROD, Ordering::Acquire)
+            .map_err(|e| self.ring_err(RingError::Mem(e)))
     }
 
     /// Writes any value into the shared `req_prod`.
