@@ -1213,7 +1213,8 @@ impl BlkFront {
             .min(MAX_RING_PAGE_ORDER);
         let nr_queues = features.max_queues.min(opts.max_queues).max(1);
         let backend_id = link.backend_id();
-        let mut queues = Vec::with_capacity(nr_queues as usize);
+        // No cap beyond the options: running out of pages, grants or ports fails cleanly.
+        let mut queues = Vec::new();
         for i in 0..nr_queues {
             match BlkQueue::new(guest, backend_id, i, ring_order, format!("{fe} queue {i}")) {
                 Ok(q) => queues.push(q),
@@ -1253,7 +1254,9 @@ impl BlkFront {
         }
         let per_ring = |keys: &mut Vec<(String, String)>, prefix: &str, q: &BlkQueue| {
             if pages == 1 {
-                keys.push((format!("{prefix}ring-ref"), q.ring_grefs[0].to_string()));
+                if let Some(g) = q.ring_grefs.first() {
+                    keys.push((format!("{prefix}ring-ref"), g.to_string()));
+                }
             } else {
                 for (i, g) in q.ring_grefs.iter().enumerate() {
                     keys.push((format!("{prefix}ring-ref{i}"), g.to_string()));
