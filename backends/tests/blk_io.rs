@@ -610,3 +610,28 @@ fn test_blk_persistent_frontend_write_from_read_only_grant_falls_back_to_one_sho
     assert_eq!(r.disk.read_at(0, 4), vec![0x42; 4]);
     assert!(!mapped(&r.guest, ro), "a one-shot map is undone at once");
 }
+
+#[test]
+fn test_blk_config_above_protocol_limits_is_clamped_when_advertised() {
+    let cfg = BlkConfig {
+        max_ring_page_order: 9,
+        max_indirect_segments: 4096,
+        ..BlkConfig::default()
+    };
+    let r = rig_with(&[(0, "w")], cfg);
+    assert!(r
+        .watcher
+        .as_ref()
+        .unwrap()
+        .wait_until(T, |d| d.iter().any(|i| i.state == XenbusState::InitWait)));
+
+    assert_eq!(
+        r.read_backend(0, "max-ring-page-order").as_deref(),
+        Some("4")
+    );
+    assert_eq!(
+        r.read_backend(0, "feature-max-indirect-segments")
+            .as_deref(),
+        Some("256")
+    );
+}

@@ -299,7 +299,7 @@ pub(crate) fn start(p: QueueParams) -> Result<QueueHandle, BlkError> {
         rogue: false,
         log_bucket: TokenBucket::new(5.0, 20.0),
     };
-    let span = p.span.clone();
+    let span = tracing::info_span!(parent: &p.span, "blk_queue", queue);
     let thread = std::thread::Builder::new()
         .name(format!("blk-d{domid}-{devid}-q{queue}"))
         .spawn(move || {

@@ -10,7 +10,10 @@ use xen::GrantRef;
 use xenbus::backend::{DeviceCtx, DriverError};
 
 use super::engine::EngineInfo;
-use super::request::DiskLimits;
+use super::request::{DiskLimits, MAX_INDIRECT_SEGMENTS};
+
+/// The largest ring we map: 2^4 = 16 pages (`xen::abi::ring::MAX_RING_PAGES`).
+pub const MAX_RING_PAGE_ORDER: u32 = xen::abi::ring::MAX_RING_PAGES.trailing_zeros();
 use super::{BlkConfig, Protocol};
 
 /// The toolstack's description of the disk.
@@ -126,6 +129,9 @@ pub(crate) fn advertise(
         1
     };
     let sectors = info.capacity / BLKIF_SECTOR_SIZE;
+    // Never advertise more than the ring code and the request parser handle.
+    let max_order = cfg.max_ring_page_order.min(MAX_RING_PAGE_ORDER);
+    let max_indirect = cfg.max_indirect_segments.min(MAX_INDIRECT_SEGMENTS);
     let mut vinfo = 0;
     if read_only {
         vinfo |= VDISK_READONLY;
@@ -138,12 +144,9 @@ pub(crate) fn advertise(
         ("feature-flush-cache", s(1)),
         ("feature-barrier", s(1)),
         ("feature-persistent", s(u64::from(cfg.persistent_grants))),
-        (
-            "feature-max-indirect-segments",
-            s(u64::from(cfg.max_indirect_segments)),
-        ),
+        ("feature-max-indirect-segments", s(u64::from(max_indirect))),
         ("multi-queue-max-queues", s(u64::from(max_queues))),
-        ("max-ring-page-order", s(u64::from(cfg.max_ring_page_order))),
+        ("max-ring-page-order", s(u64::from(max_order))),
         ("sectors", s(sectors)),
         ("sector-size", s(u64::from(info.logical_sector))),
         ("physical-sector-size", s(u64::from(info.physical_sector))),
@@ -167,10 +170,10 @@ pub(crate) fn advertise(
             secure_discard,
             barrier: true,
             flush: true,
-            max_indirect_segments: cfg.max_indirect_segments,
+            max_indirect_segments: max_indirect,
         },
         max_queues,
-        max_ring_page_order: cfg.max_ring_page_order,
+        max_ring_page_order: max_order,
         persistent: cfg.persistent_grants,
     })
 }
