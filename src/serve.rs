@@ -177,12 +177,24 @@ impl Service {
         self.console.as_ref()
     }
 
-    /// Whether the guest's xenstore home is gone (domain destroyed).
-    pub fn domain_gone(&self) -> bool {
-        matches!(
-            self.xs.try_read(&format!("/local/domain/{}", self.domid)),
-            Ok(None)
-        )
+    /// Whether the guest's xenstore home exists (None if xenstore cannot say).
+    pub fn domain_exists(&self) -> Option<bool> {
+        self.xs
+            .try_read(&format!("/local/domain/{}", self.domid))
+            .ok()
+            .map(|v| v.is_some())
+    }
+
+    /// Why the service can no longer work, if it cannot: xenstore is gone, or a backend
+    /// watcher stopped on its own.
+    pub fn failure(&self) -> Option<String> {
+        if let Some(why) = self.xs.dead_reason() {
+            return Some(format!("the xenstore connection is gone: {why}"));
+        }
+        self.watchers
+            .iter()
+            .find(|w| w.is_finished())
+            .map(|w| format!("the backend watcher of {} stopped", w.backend_dir()))
     }
 
     /// Stops everything: each device is disconnected and its backend state set to Closed.
@@ -228,17 +240,40 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Arc::new(LogSink),
     )?;
     info!(domid = args.domid, xen = %host.describe(), types = %types.join(","), "domio serving");
-    let reason = loop {
+    let (rel_tx, rel_rx) = crossbeam_channel::bounded::<()>(1);
+    std::thread::Builder::new()
+        .name("release-watch".into())
+        .spawn(move || {
+            // Ends (dropping the sender) when the watch closes, i.e. xenstore is gone.
+            while released.recv().is_some() {
+                let _ = rel_tx.try_send(());
+            }
+        })
+        .context("starting the @releaseDomain thread")?;
+    // The domain counts as destroyed only once we have seen it exist.
+    let mut seen = svc.domain_exists() == Some(true);
+    let (reason, failed) = loop {
         crossbeam_channel::select! {
-            recv(signals) -> s => break format!("signal {}", s.map(|s| s.as_str()).unwrap_or("?")),
-            default(Duration::from_millis(500)) => {
-                while released.try_recv().is_some() {
-                    if svc.domain_gone() {
-                        break;
-                    }
+            recv(signals) -> s => break (format!("signal {}", s.map(|s| s.as_str()).unwrap_or("?")), false),
+            recv(rel_rx) -> r => {
+                if r.is_err() {
+                    break (svc.failure().unwrap_or_else(|| "the @releaseDomain watch closed".into()), true);
                 }
-                if svc.domain_gone() {
-                    break format!("dom{} was destroyed", args.domid);
+                match svc.domain_exists() {
+                    Some(true) => seen = true,
+                    Some(false) if seen => break (format!("dom{} was destroyed", args.domid), false),
+                    _ => {}
+                }
+            }
+            // Health check: a dead xenstore connection or a stopped watcher ends the service.
+            default(Duration::from_secs(1)) => {
+                if let Some(why) = svc.failure() {
+                    break (why, true);
+                }
+                match svc.domain_exists() {
+                    Some(true) => seen = true,
+                    Some(false) if seen => break (format!("dom{} was destroyed", args.domid), false),
+                    _ => {}
                 }
             }
         }
@@ -250,6 +285,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     }
     svc.stop();
+    if failed {
+        tracing::error!(%reason, "domio stopped because it could no longer serve");
+        return Ok(ExitCode::from(1));
+    }
     info!("domio stopped cleanly");
     Ok(ExitCode::SUCCESS)
 }

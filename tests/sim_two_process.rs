@@ -133,3 +133,84 @@ fn test_second_process_serves_guest_console_and_cleans_up_on_sigterm() {
         "domio left the ring grant mapped after exiting"
     );
 }
+
+struct Served {
+    _dir: tempfile::TempDir,
+    _server: Server,
+    host: std::sync::Arc<Host>,
+    domid: u16,
+    child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+}
+
+/// A host with one guest and a `domio serve` child that has logged "domio serving".
+fn served() -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("xensim.sock");
+    let host = Host::new().unwrap();
+    let server = Server::start(host.clone(), &sock).unwrap();
+    let domid = host.create_domain("g", 64).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_domio"))
+        .args(["serve", "--domid", &domid.to_string(), "--xen"])
+        .arg(format!("sim:{}", sock.display()))
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let l = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("domio serve never logged 'domio serving'");
+        if l.contains("domio serving") {
+            break;
+        }
+    }
+    Served {
+        _dir: dir,
+        _server: server,
+        host,
+        domid,
+        child,
+        lines: rx,
+    }
+}
+
+fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < end, "domio serve did not exit");
+        std::thread::sleep(Duration::from_millis(20)); // polling a child's exit; not synchronisation of our own threads
+    }
+}
+
+#[test]
+fn test_serve_exits_zero_when_its_domain_is_destroyed() {
+    let mut s = served();
+
+    s.host.destroy_domain(s.domid).unwrap();
+    let status = wait_exit(&mut s.child);
+
+    assert!(status.success(), "{status}");
+    let log: Vec<String> = s.lines.try_iter().collect();
+    assert!(log.iter().any(|l| l.contains("was destroyed")), "{log:?}");
+}
+
+#[test]
+fn test_serve_exits_nonzero_when_xenstore_goes_away() {
+    let mut s = served();
+
+    s.host.xenstored().close_all_connections();
+    let status = wait_exit(&mut s.child);
+
+    assert_eq!(status.code(), Some(1), "{status}");
+}

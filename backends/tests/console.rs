@@ -137,6 +137,21 @@ fn test_console_rogue_out_prod_cuts_off_that_device_only() {
         !r.lines.0.lock().unwrap().iter().any(|(_, d, _)| *d == 0),
         "garbage from the rogue ring was logged"
     );
+    // The rogue device is told: error node and backend Closing, as xenbus_dev_fatal does.
+    let be = format!("/local/domain/0/backend/console/{}/0", r.guest.domid());
+    let ts = r.host.toolstack().unwrap();
+    let w = ts.xs().watch(&format!("{be}/state"), "t").unwrap();
+    let state = || xenbus::XsOps::read(ts.xs(), &format!("{be}/state")).unwrap();
+    while state() != b"5" {
+        w.recv_timeout(Duration::from_secs(10))
+            .expect("backend never went to Closing");
+    }
+    let err = xenbus::XsOps::read(ts.xs(), &format!("{be}/error")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&err).contains("console ring"),
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
 }
 
 #[test]

@@ -375,14 +375,18 @@ impl EventChannels for SimEvtchn {
             let Some(rec) = ports.get(&port) else {
                 continue;
             };
-            rec.incoming
-                .take()
-                .map_err(|e| Self::op_err("pending", None, Some(port), e))?;
-            // Delivered ports stay masked until unmask(), like the Linux evtchn device.
+            // Consume, then mask: delivered ports stay masked until unmask(), like the Linux
+            // evtchn device. A failure on one port must not lose the ports already taken
+            // (they are masked now and only the caller can unmask them), so report what we
+            // have and leave this port readable for the next call.
+            if let Err(e) = rec.incoming.take() {
+                tracing::warn!(port, error = %e, "taking an event failed");
+                break;
+            }
             let mut off = EpollEvent::new(EpollFlags::empty(), u64::from(port));
-            self.epoll
-                .modify(rec.incoming.as_fd(), &mut off)
-                .map_err(|e| Self::op_err("mask", None, Some(port), e.into()))?;
+            if let Err(e) = self.epoll.modify(rec.incoming.as_fd(), &mut off) {
+                tracing::warn!(port, error = %e, "masking a port failed; reporting it anyway");
+            }
             out[got] = port;
             got += 1;
         }

@@ -290,6 +290,18 @@ impl Host {
                 .filter(|p| d.port(*p).is_some())
                 .collect()
         };
+        // As libxl_domain_destroy: the toolstack removes the domain's devices (backend
+        // directories) and its home in xenstore first, then the domain dies, which makes
+        // xenstored fire @releaseDomain.
+        if let Ok(ts) = self.toolstack() {
+            let xs = ts.xs();
+            if let Ok(types) = xenbus::XsOps::directory(xs, "/local/domain/0/backend") {
+                for t in types {
+                    let _ = xenbus::XsOps::rm(xs, &format!("/local/domain/0/backend/{t}/{id}"));
+                }
+            }
+            let _ = xenbus::XsOps::rm(xs, &format!("/local/domain/{id}"));
+        }
         for p in ports {
             let _ = self.evtchn_close(id, p);
         }

@@ -161,19 +161,20 @@ impl Connection {
         let Some(m) = self.maps.remove(&token) else {
             return false;
         };
-        if let Some((clear, port)) = m.notify {
-            if let Some(off) = clear {
-                let page = (off as usize) / PAGE_SIZE;
-                if let (true, Some(frame)) = (m.writable, m.frames.get(page)) {
-                    self.host
-                        .clear_granted_byte(m.granter, *frame, off as usize % PAGE_SIZE);
-                }
-            }
-            if let (Some(p), Some(domid)) = (port, self.domid) {
-                let _ = self.host.evtchn_send(domid, p);
+        // As gntdev_put_map: clear the byte while still mapped, unmap (unpin the grants),
+        // and only then send the event, so a frontend that reacts to it can revoke at once.
+        let (clear, port) = m.notify.unwrap_or((None, None));
+        if let Some(off) = clear {
+            let page = (off as usize) / PAGE_SIZE;
+            if let (true, Some(frame)) = (m.writable, m.frames.get(page)) {
+                self.host
+                    .clear_granted_byte(m.granter, *frame, off as usize % PAGE_SIZE);
             }
         }
         self.host.grant_unmap(m.granter, &m.refs, m.writable);
+        if let (Some(p), Some(domid)) = (port, self.domid) {
+            let _ = self.host.evtchn_send(domid, p);
+        }
         true
     }
 
@@ -333,10 +334,17 @@ impl Connection {
                 clear_byte,
                 port,
             } => {
-                let len = match self.maps.get(&token) {
-                    Some(m) => m.frames.len() * PAGE_SIZE,
+                let (len, writable) = match self.maps.get(&token) {
+                    Some(m) => (m.frames.len() * PAGE_SIZE, m.writable),
                     None => return (err(libc::ENOENT, format!("no mapping {token}")), Vec::new()),
                 };
+                if clear_byte.is_some() && !writable {
+                    // gntdev refuses UNMAP_NOTIFY_CLEAR_BYTE on a read-only mapping.
+                    return (
+                        err(libc::EINVAL, "clear-byte notify on a read-only mapping"),
+                        Vec::new(),
+                    );
+                }
                 if clear_byte.is_some_and(|b| b as usize >= len) {
                     return (
                         err(libc::EINVAL, "clear byte outside the mapping"),

@@ -415,3 +415,35 @@ fn test_foreign_map_needs_dom0_and_ram_frames() {
         "{bad}"
     );
 }
+
+#[test]
+fn test_gnttab_unmap_notify_event_arrives_after_the_grant_is_released() {
+    let r = rig();
+    let gfn = r.guest.alloc_page().unwrap();
+    let gref = r.guest.grant(0, gfn, false).unwrap();
+    let gp = r.guest.alloc_unbound(0).unwrap();
+    let ev = r.dom0.open_evtchn().unwrap();
+    let l = ev.bind_interdomain(r.guest.domid(), gp.port()).unwrap();
+    let gt = r.dom0.open_gnttab().unwrap();
+    let m = gt.map(r.guest.domid(), &[gref], true).unwrap();
+    gt.set_unmap_notify(&m, None, Some(l)).unwrap();
+
+    drop(m);
+    gp.wait(Duration::from_secs(2)).unwrap();
+
+    // By the time the event is seen the grant must be revocable (gntdev_put_map order).
+    assert!(r.guest.end_access(gref).is_ok());
+}
+
+#[test]
+fn test_gnttab_clear_byte_notify_on_readonly_mapping_is_refused() {
+    let r = rig();
+    let gfn = r.guest.alloc_page().unwrap();
+    let gref = r.guest.grant(0, gfn, true).unwrap();
+    let gt = r.dom0.open_gnttab().unwrap();
+    let m = gt.map(r.guest.domid(), &[gref], false).unwrap();
+
+    let e = gt.set_unmap_notify(&m, Some(0), None);
+
+    assert!(e.is_err(), "gntdev refuses clear-byte on a read-only map");
+}

@@ -207,8 +207,9 @@ impl Device for ConsoleDevice {
     fn connect(&mut self, ctx: &DeviceCtx) -> Result<(), DriverError> {
         let domid = ctx.frontend_domid();
         let ring_ref = ctx.frontend_required_u32("ring-ref", 0..=u32::MAX)?;
-        // Ports are 1..4095 with the 2-level ABI; anything else is not a port.
-        let port = ctx.frontend_required_u32("port", 1..=4095)?;
+        // Port 0 is never valid; the FIFO ABI allows ports up to 2^17, and the hypervisor
+        // refuses any port that is not an unbound port of the frontend for us.
+        let port = ctx.frontend_required_u32("port", 1..=u32::MAX)?;
         let fdomid = u16::try_from(domid)
             .map_err(|_| DriverError::Failed(format!("domid {domid} out of range")))?;
         let ring = RingThread::start(ring::Params {
@@ -221,6 +222,7 @@ impl Device for ConsoleDevice {
             limits: self.limits,
             shared: self.shared.clone(),
             span: ctx.span().clone(),
+            ctx: ctx.clone(),
         })
         .map_err(|e| DriverError::Failed(e.to_string()))?;
         self.ring = Some(ring);

@@ -93,6 +93,7 @@ pub(crate) struct Params<'a> {
     pub limits: ConsoleLimits,
     pub shared: Arc<Shared>,
     pub span: Span,
+    pub ctx: xenbus::backend::DeviceCtx,
 }
 
 /// A running ring thread.
@@ -170,6 +171,7 @@ impl RingThread {
             waker: waker.clone(),
             domid,
             devid,
+            ctx: p.ctx.clone(),
         };
         let span = p.span.clone();
         let thread = std::thread::Builder::new()
@@ -224,6 +226,7 @@ struct RingState {
     waker: Arc<Waker>,
     domid: DomId,
     devid: u32,
+    ctx: xenbus::backend::DeviceCtx,
 }
 
 /// What one pass over the rings did.
@@ -245,6 +248,7 @@ impl RingState {
                 if let Err(e) = poll(&mut fds, PollTimeout::NONE) {
                     if e != nix::errno::Errno::EINTR {
                         warn!(error = %e, "console ring poll failed; stopping");
+                        self.ctx.fatal(&format!("console ring poll failed: {e}"));
                         return;
                     }
                 }
@@ -278,6 +282,9 @@ impl RingState {
                     devid = self.devid,
                     "console frontend is misbehaving ({why}); no longer serving it"
                 );
+                // The watcher disconnects the device, writes `error` and moves it to Closing.
+                self.ctx
+                    .fatal(&format!("frontend broke the console ring protocol: {why}"));
                 return;
             }
             if pass.moved {
@@ -360,11 +367,18 @@ impl RingState {
                 );
             }
             add(&self.shared.metrics.lines, 1);
-            self.sink.line(
-                u32::from(self.domid),
-                self.devid,
-                &String::from_utf8_lossy(&self.line),
-            );
+            // Guest bytes reach our log: keep control characters (terminal escapes) out.
+            let text: String = String::from_utf8_lossy(&self.line)
+                .chars()
+                .map(|c| {
+                    if c.is_control() && c != '\t' {
+                        '\u{fffd}'
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            self.sink.line(u32::from(self.domid), self.devid, &text);
         } else {
             add(&self.shared.metrics.lines_suppressed, 1);
         }

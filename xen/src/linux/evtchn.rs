@@ -30,6 +30,9 @@ const MAX_READ_PORTS: usize = 1024;
 struct State {
     bound: BTreeSet<Port>,
     restricted: Option<DomId>,
+    /// Ports still to report after a ring overflow (every bound port: the driver may have
+    /// masked any of them, and each must reach the caller so it gets unmasked).
+    backlog: Vec<Port>,
 }
 
 /// One open of `/dev/xen/evtchn` (non-blocking).
@@ -107,12 +110,25 @@ impl LinuxEvtchn {
         tracing::warn!(device = %self.path, "event channel ring overflowed; resetting");
         sys::ioctl_none(self.file.as_fd(), IOCTL_EVTCHN_RESET)
             .map_err(|e| Self::op_err("reset", None, None, e))?;
-        let st = self.state();
-        let n = st.bound.len().min(out.len());
-        for (o, p) in out.iter_mut().zip(st.bound.iter()) {
-            *o = *p;
+        let mut st = self.state();
+        st.backlog = st.bound.iter().rev().copied().collect();
+        Ok(Self::drain_backlog(&mut st, out))
+    }
+
+    fn drain_backlog(st: &mut State, out: &mut [Port]) -> usize {
+        let mut n = 0;
+        while n < out.len() {
+            match st.backlog.pop() {
+                // A port unbound since the overflow is not reported.
+                Some(p) if st.bound.contains(&p) => {
+                    out[n] = p;
+                    n += 1;
+                }
+                Some(_) => {}
+                None => break,
+            }
         }
-        Ok(n)
+        n
     }
 }
 
@@ -207,13 +223,20 @@ impl EventChannels for LinuxEvtchn {
     }
 
     fn pending(&self, out: &mut [Port]) -> Result<usize, EvtchnError> {
+        {
+            let mut st = self.state();
+            if !st.backlog.is_empty() {
+                return Ok(Self::drain_backlog(&mut st, out));
+            }
+        }
         let want = out.len().min(MAX_READ_PORTS);
         if want == 0 {
             return Ok(0);
         }
-        let mut buf = vec![0u8; want * 4];
+        let mut stack = [0u8; MAX_READ_PORTS * 4];
+        let buf = &mut stack[..want * 4];
         let n = loop {
-            match (&self.file).read(&mut buf) {
+            match (&self.file).read(buf) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
@@ -238,5 +261,30 @@ impl EventChannels for LinuxEvtchn {
             .map_err(|e| Self::op_err("restrict_domid", Some(domid), None, e))?;
         st.restricted = Some(domid);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod backlog_tests {
+    use super::*;
+
+    #[test]
+    fn test_overflow_backlog_reports_every_bound_port_across_calls() {
+        let mut st = State {
+            bound: (1..=10).collect(),
+            ..State::default()
+        };
+        st.backlog = st.bound.iter().rev().copied().collect();
+        st.bound.remove(&5); // unbound after the overflow: not reported
+        let mut out = [0 as Port; 4];
+        let mut seen = Vec::new();
+        loop {
+            let n = LinuxEvtchn::drain_backlog(&mut st, &mut out);
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&out[..n]);
+        }
+        assert_eq!(seen, vec![1, 2, 3, 4, 6, 7, 8, 9, 10]);
     }
 }

@@ -135,7 +135,17 @@ pub(super) fn gntdev_map_grant_ref(
     // The argument is the header followed by `count` grant refs: build it in a u64 buffer so
     // that `index` is 8-byte aligned.
     let bytes = GNTDEV_MAP_GRANT_REF_REFS_OFFSET + refs.len() * 8;
-    let mut buf = vec![0u64; bytes.div_ceil(8).max(3)];
+    let words = bytes.div_ceil(8).max(3);
+    // Common batches (up to 64 refs: a blkif request or an indirect page's worth) use the
+    // stack; only larger ones allocate.
+    let mut stack = [0u64; 3 + 64];
+    let mut heap = Vec::new();
+    let buf: &mut [u64] = if words <= stack.len() {
+        &mut stack[..words]
+    } else {
+        heap.resize(words, 0u64);
+        &mut heap
+    };
     {
         let b = buf.as_mut_bytes();
         b[0..4].copy_from_slice(&count.to_ne_bytes());
@@ -182,9 +192,19 @@ pub(super) fn gntdev_grant_copy(
     fd: BorrowedFd<'_>,
     segs: &mut [CopySegment<'_>],
 ) -> io::Result<()> {
-    let mut raw: Vec<GntdevGrantCopySegment> = segs
-        .iter_mut()
-        .map(|s| {
+    // Up to 64 segments on the stack (the hot path); larger batches allocate.
+    const STACK_SEGS: usize = 64;
+    let mut stack = [GntdevGrantCopySegment::default(); STACK_SEGS];
+    let mut heap = Vec::new();
+    let raw: &mut [GntdevGrantCopySegment] = if segs.len() <= STACK_SEGS {
+        &mut stack[..segs.len()]
+    } else {
+        heap.resize(segs.len(), GntdevGrantCopySegment::default());
+        &mut heap
+    };
+    for (slot, seg) in raw.iter_mut().zip(segs.iter_mut()) {
+        *slot = {
+            let s = seg;
             let foreign = GntdevCopyPtr::foreign(s.gref, s.offset, s.domid);
             match &mut s.local {
                 CopyDir::FromGuest(buf) => GntdevGrantCopySegment {
@@ -204,8 +224,8 @@ pub(super) fn gntdev_grant_copy(
                     _pad: 0,
                 },
             }
-        })
-        .collect();
+        };
+    }
     let count = u32::try_from(raw.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
     let mut arg = IoctlGntdevGrantCopy {
         count,
@@ -217,7 +237,7 @@ pub(super) fn gntdev_grant_copy(
     // borrowed from `segs` (mutably for FromGuest, which the kernel writes) of exactly `len`
     // bytes, all alive for the duration of the call. The kernel writes back only `status`.
     check(unsafe { libc::ioctl(fd.as_raw_fd(), IOCTL_GNTDEV_GRANT_COPY, ptr) })?;
-    for (s, r) in segs.iter_mut().zip(&raw) {
+    for (s, r) in segs.iter_mut().zip(raw.iter()) {
         s.status = r.status;
     }
     Ok(())
