@@ -225,3 +225,23 @@ fn test_bench_measure_raw_randrw_against_blkback_has_no_errors() {
     assert_eq!(rep.queues, 2);
     assert!(rep.cpu_ns_per_req > 0.0);
 }
+
+#[test]
+fn test_blkback_refuses_ring_order_above_its_advertised_maximum() {
+    let d = disk(1 << 20);
+    let (rig, be) = rig_with_blkback(&format!("aio:{}", d.path.display()));
+    let o = BlkFrontOptions {
+        overrides: vec![("ring-page-order".into(), "9".into())],
+        timeout: Duration::from_secs(3),
+        ..opts(2, 1, true)
+    };
+
+    let mut front = BlkFront::init(&rig.guest, DEVID, o).unwrap();
+    let r = front.wait_connected();
+    let state = front.link().backend_state().unwrap();
+    be.stop();
+
+    let why = r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(why.contains("instead of Connected"), "{why}");
+    assert_eq!(state, xenbus::XenbusState::Closing);
+}
