@@ -575,6 +575,9 @@ impl Queue {
         for (i, g) in pages.iter().enumerate() {
             let start = i * per_page;
             let end = bytes.min(start + per_page);
+            if start >= end {
+                break;
+            }
             let mapping = match self.persistent.as_mut() {
                 Some(cache) => match cache.get(self.gnttab.as_ref(), *g) {
                     Ok((Lookup::Hit(m), _)) => {
