@@ -35,6 +35,7 @@ fn raw(path: &str, mech: Mechanism) -> Box<dyn Engine> {
         mechanism: mech,
         direct: true,
         pool_threads: 4,
+        lock: false,
     };
     let e = RawEngine::open(path, true, &opts).unwrap();
     assert!(e.is_direct(), "benchmark needs O_DIRECT");

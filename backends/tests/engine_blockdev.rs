@@ -96,6 +96,7 @@ fn open(dev: &str, mech: Mechanism) -> RawEngine {
         mechanism: mech,
         direct: true,
         pool_threads: 2,
+        lock: false,
     };
     RawEngine::open(dev, false, &opts).unwrap()
 }

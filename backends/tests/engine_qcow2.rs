@@ -398,3 +398,26 @@ fn test_qcow2_engine_32_concurrent_writes_on_4_workers_stay_consistent() {
     let (ok, text) = qemu_img(&["compare", "-f", "qcow2", "-F", "raw", s(&top), s(&want)]);
     assert!(ok, "qemu-img compare: {text}");
 }
+
+#[test]
+fn test_qcow2_engine_with_locks_refuses_qemu_writers_of_overlay_and_base() {
+    // Arrange
+    let dir = tempfile::tempdir().unwrap();
+    let (base, mid, top, _) = chain(dir.path());
+    let opts = EngineOptions {
+        lock: true,
+        ..EngineOptions::default()
+    };
+    let e = open_engine(&format!("qcow2:{}", s(&top)), false, &opts).unwrap();
+    // Act
+    let top_w = qemu_io(&["-f", "qcow2", "-c", "write 0 512", s(&top)]);
+    let mid_w = qemu_io(&["-f", "qcow2", "-c", "write 0 512", s(&mid)]);
+    let base_w = qemu_io(&["-f", "raw", "-c", "write 0 512", s(&base)]);
+    drop(e);
+    let after = qemu_io(&["-f", "qcow2", "-c", "write 0 512", s(&top)]);
+    // Assert
+    for (what, (ok, text)) in [("top", top_w), ("mid", mid_w), ("base", base_w)] {
+        assert!(!ok && text.contains("lock"), "{what}: {text}");
+    }
+    assert!(after.0, "lock released with the engine: {}", after.1);
+}

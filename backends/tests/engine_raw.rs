@@ -57,6 +57,7 @@ fn open(path: &Path, mech: Mechanism, depth: u32, read_only: bool) -> RawEngine 
         mechanism: mech,
         direct: true,
         pool_threads: 2,
+        lock: false,
     };
     RawEngine::open(path.to_str().unwrap(), read_only, &opts).unwrap()
 }
@@ -535,6 +536,7 @@ fn test_raw_engine_buffered_option_round_trips_without_o_direct() {
             mechanism: mech,
             direct: false,
             pool_threads: 1,
+            lock: false,
         };
         let mut e = RawEngine::open(p.to_str().unwrap(), false, &opts).unwrap();
         let m = mem(4096);
@@ -572,4 +574,51 @@ fn test_open_engine_directory_or_missing_path_errors_name_path_and_problem() {
     assert!(e.contains(&d) && e.contains("not a regular file"), "{e}");
     let e = missing.map(|e| e.to_string()).unwrap_or_default();
     assert!(e.contains("none.img") && e.contains("No such file"), "{e}");
+}
+
+#[test]
+fn test_raw_engine_with_locks_refuses_and_is_refused_by_qemu() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    // Arrange: qemu-io holds one image open for writing; it has opened it once it answers a
+    // command.
+    let dir = tempfile::tempdir().unwrap();
+    let held = image(dir.path(), MIB);
+    let mine = dir.path().join("mine.img");
+    std::fs::write(&mine, vec![0u8; MIB as usize]).unwrap();
+    let mut q = Command::new("qemu-io")
+        .args(["-f", "raw"])
+        .arg(&held)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("qemu-io (Debian package qemu-utils)");
+    let mut stdin = q.stdin.take().unwrap();
+    writeln!(stdin, "read 0 512").unwrap();
+    let mut line = String::new();
+    BufReader::new(q.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let opts = RawOptions {
+        lock: true,
+        ..RawOptions::default()
+    };
+    // Act
+    let refused = RawEngine::open(held.to_str().unwrap(), false, &opts).err();
+    let e = RawEngine::open(mine.to_str().unwrap(), false, &opts).unwrap();
+    let qemu_refused = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write 0 512"])
+        .arg(&mine)
+        .output()
+        .unwrap();
+    drop(stdin);
+    q.wait().unwrap();
+    drop(e);
+    // Assert
+    assert!(line.contains("read 512/512"), "qemu-io answered: {line}");
+    let msg = refused.map(|e| e.to_string()).unwrap_or_default();
+    assert!(msg.contains("held") || msg.contains("disk.img"), "{msg}");
+    assert!(msg.contains("in use by another process"), "{msg}");
+    assert!(!qemu_refused.status.success());
+    assert!(String::from_utf8_lossy(&qemu_refused.stderr).contains("lock"));
 }

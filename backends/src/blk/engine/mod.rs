@@ -13,6 +13,7 @@
 //! Allocation: requests carry their segment `Vec` in and the engine hands it back (emptied) in
 //! the completion, so a caller that recycles those vectors allocates nothing per request.
 
+mod lock;
 pub mod null;
 pub mod open;
 mod pool;

@@ -44,6 +44,8 @@ pub struct EngineOptions {
     pub direct: bool,
     /// Worker threads (raw thread pool; qcow2 workers).
     pub threads: usize,
+    /// Take QEMU-compatible image locks (off by default for now: see the `lock` module).
+    pub lock: bool,
 }
 
 impl Default for EngineOptions {
@@ -54,6 +56,7 @@ impl Default for EngineOptions {
             mechanism: Mechanism::Auto,
             direct: true,
             threads: 4,
+            lock: false,
         }
     }
 }
@@ -173,6 +176,7 @@ fn open_format(
                 mechanism: opts.mechanism,
                 direct: opts.direct,
                 pool_threads: opts.threads,
+                lock: opts.lock,
             };
             Ok(Box::new(RawEngine::open(path, read_only, &ro)?))
         }
@@ -181,6 +185,7 @@ fn open_format(
                 queue_depth: opts.queue_depth,
                 threads: opts.threads.min(4),
                 direct: opts.direct,
+                lock: opts.lock,
             };
             Ok(Box::new(Qcow2Engine::open(path, read_only, &qo)?))
         }

@@ -22,6 +22,7 @@ use std::collections::VecDeque;
 use std::fs::File as StdFile;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 
@@ -31,6 +32,7 @@ use imago::qcow2::Qcow2;
 use imago::{FormatAccess, FormatDriverBuilder, PermissiveImplicitOpenGate, StorageOpenOptions};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+use super::lock::{lock_image, ImageLock};
 use super::null::validate;
 use super::{Completion, Engine, EngineError, EngineInfo, IoOp, IoRequest, MAX_QUEUE_DEPTH};
 
@@ -106,6 +108,9 @@ pub struct Qcow2Options {
     pub threads: usize,
     /// Bypass the host page cache (falls back to buffered if the file system refuses).
     pub direct: bool,
+    /// Take QEMU-compatible image locks on the image (for writing unless read-only) and on
+    /// every file of its backing chain (for reading, refusing writers).
+    pub lock: bool,
 }
 
 impl Default for Qcow2Options {
@@ -114,6 +119,7 @@ impl Default for Qcow2Options {
             queue_depth: 64,
             threads: 2,
             direct: true,
+            lock: false,
         }
     }
 }
@@ -133,6 +139,7 @@ pub struct Qcow2Engine {
     done: VecDeque<Completion>,
     signal: bool,
     in_flight: usize,
+    _locks: Vec<Arc<ImageLock>>,
 }
 
 impl std::fmt::Debug for Qcow2Engine {
@@ -155,6 +162,11 @@ impl Qcow2Engine {
             what,
             path: path.to_string(),
             source,
+        };
+        let locks = if opts.lock {
+            lock_chain(path, &header, !read_only)?
+        } else {
+            Vec::new()
         };
         let open = |direct: bool| {
             Qcow2::<File>::builder_path(path)
@@ -225,9 +237,46 @@ impl Qcow2Engine {
             done: VecDeque::new(),
             signal: false,
             in_flight: 0,
+            _locks: locks,
         })
     }
 }
+
+/// Locks `path` (for writing if `write`) and every file of its backing chain for reading.
+/// Backing names are resolved like QEMU does, relative to the directory of the image naming
+/// them; a file that cannot be opened is left for imago to report.
+fn lock_chain(
+    path: &str,
+    header: &Qcow2Header,
+    write: bool,
+) -> Result<Vec<Arc<ImageLock>>, EngineError> {
+    let mut locks = vec![lock_image(path, write)?];
+    let mut cur = PathBuf::from(path);
+    let mut next = header.backing_file.clone();
+    while let Some(name) = next.take() {
+        if locks.len() > MAX_CHAIN {
+            return Err(EngineError::Config {
+                path: path.to_string(),
+                why: format!("backing chain longer than {MAX_CHAIN} images"),
+            });
+        }
+        let b = match Path::new(&name) {
+            p if p.is_absolute() => p.to_path_buf(),
+            p => cur.parent().unwrap_or(Path::new("/")).join(p),
+        };
+        let bs = b.to_string_lossy().into_owned();
+        if std::fs::metadata(&b).is_err() {
+            break;
+        }
+        locks.push(lock_image(&bs, false)?);
+        next = read_header(&bs).ok().and_then(|h| h.backing_file);
+        cur = b;
+    }
+    Ok(locks)
+}
+
+/// Longest backing chain domio follows for locking.
+const MAX_CHAIN: usize = 64;
 
 fn worker(path: &str, image: &Image, rx: &Receiver<Job>, done: &Sender<Completion>, efd: &EventFd) {
     let mut buf = AlignedBuf::default();

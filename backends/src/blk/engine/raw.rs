@@ -24,6 +24,7 @@ use std::sync::Arc;
 use nix::fcntl::FallocateFlags;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+use super::lock::{lock_image, ImageLock};
 use super::null::validate;
 use super::pool::{Job, Pool};
 use super::sys::{self, IoVecs};
@@ -54,6 +55,8 @@ pub struct RawOptions {
     pub direct: bool,
     /// Worker threads for the thread-pool mechanism.
     pub pool_threads: usize,
+    /// Take QEMU-compatible image locks (see `lock`): refuse an image another process writes.
+    pub lock: bool,
 }
 
 impl Default for RawOptions {
@@ -63,6 +66,7 @@ impl Default for RawOptions {
             mechanism: Mechanism::Auto,
             direct: true,
             pool_threads: 4,
+            lock: false,
         }
     }
 }
@@ -268,6 +272,7 @@ pub struct RawEngine {
     done: VecDeque<Completion>,
     signal: bool,
     in_flight: usize,
+    _lock: Option<Arc<ImageLock>>,
 }
 
 impl std::fmt::Debug for RawEngine {
@@ -299,6 +304,11 @@ impl RawEngine {
             });
         };
         drop(probe);
+        let lock = if opts.lock {
+            Some(lock_image(path, !read_only)?)
+        } else {
+            None
+        };
 
         let (main, buffered, mem_align, off_align) = if opts.direct {
             Self::open_direct(path, read_only, kind)?
@@ -402,6 +412,7 @@ impl RawEngine {
             done: VecDeque::with_capacity(depth as usize),
             signal: false,
             in_flight: 0,
+            _lock: lock,
         })
     }
 
@@ -636,6 +647,7 @@ mod tests {
                 mechanism: mech,
                 direct: true,
                 pool_threads: 1,
+                lock: false,
             };
             let mut e = RawEngine::open(p.to_str().unwrap(), false, &opts).unwrap();
             assert!(e.is_direct());

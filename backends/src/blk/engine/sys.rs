@@ -231,6 +231,18 @@ pub(crate) fn dio_alignment(f: &File) -> Option<(u32, u32)> {
     Some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
 }
 
+/// A `struct flock` for `len` bytes at `start` (whence SEEK_SET), of type `ty`.
+pub(crate) fn flock(ty: libc::c_int, start: i64, len: i64) -> libc::flock {
+    // SAFETY: `flock` is plain old data (integers and, on some architectures, padding);
+    // all-zero is a valid value.
+    let mut f: libc::flock = unsafe { std::mem::zeroed() };
+    f.l_type = ty as libc::c_short;
+    f.l_whence = libc::SEEK_SET as libc::c_short;
+    f.l_start = start;
+    f.l_len = len;
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
