@@ -245,3 +245,47 @@ fn test_blkback_refuses_ring_order_above_its_advertised_maximum() {
     assert!(why.contains("instead of Connected"), "{why}");
     assert_eq!(state, xenbus::XenbusState::Closing);
 }
+
+#[test]
+fn test_blkback_reconnect_after_close_serves_the_same_disk() {
+    let d = disk(1 << 20);
+    let (rig, be) = rig_with_blkback(&format!("aio:{}", d.path.display()));
+    let data = pattern(8192, 42);
+    let mut first = BlkFront::connect(&rig.guest, DEVID, opts(0, 1, true)).unwrap();
+    first
+        .queue(0)
+        .unwrap()
+        .run_one(
+            BlkOp::Write {
+                sector: 64,
+                data: &data,
+            },
+            None,
+            TIMEOUT,
+        )
+        .unwrap();
+    first.close().unwrap();
+
+    let mut second = BlkFront::connect(&rig.guest, DEVID, opts(1, 1, false)).unwrap();
+    let mut back = vec![0u8; data.len()];
+    let r = second
+        .queue(0)
+        .unwrap()
+        .run_one(
+            BlkOp::Read {
+                sector: 64,
+                len: data.len(),
+            },
+            Some(&mut back),
+            TIMEOUT,
+        )
+        .unwrap();
+    let order = second.ring_order();
+    let closed = second.close();
+    be.stop();
+
+    assert_eq!(r.status, BLKIF_RSP_OKAY);
+    assert_eq!(back, data);
+    assert_eq!(order, 1);
+    closed.unwrap();
+}
