@@ -5,7 +5,7 @@
 mod blkfront_common;
 
 use blkfront_common::*;
-use xenbus::XenbusState;
+use xenbus::{XenbusState, XsOps};
 use xensim::front::blk::{BlkFront, BlkFrontError, BlkFrontOptions};
 
 const TOOLSTACK_KEYS: &[&str] = &[
@@ -279,4 +279,34 @@ fn test_init_backend_closed_instead_of_initwait_fails() {
     let e = BlkFront::init(&rig.guest, DEVID, opts()).unwrap_err();
 
     assert!(e.to_string().contains("instead of InitWait"), "{e}");
+}
+
+#[test]
+fn test_init_after_close_restarts_from_initialising_and_rewrites_keys() {
+    let rig = rig();
+    let (mut front, be) = connected(&rig, opts(), LINUX_CONNECT_KEYS, Misbehave::None);
+    let closer = backend_follows_close(&rig);
+    drop(be.disconnect());
+    front.close().unwrap();
+    closer.join().unwrap();
+    let xs = rig.xs.clone();
+    let fe_state = rig.fe("state");
+    let w = xs.watch(&fe_state, "reinit").unwrap();
+
+    let guest = rig.guest.clone();
+    let again = std::thread::spawn(move || BlkFront::init(&guest, DEVID, opts()));
+    loop {
+        if xs.read(&fe_state).unwrap() == b"1" {
+            break;
+        }
+        w.recv_timeout(TIMEOUT).unwrap();
+    }
+    rig.set_be_state(XenbusState::InitWait);
+    let second = again.join().unwrap().unwrap();
+
+    assert_eq!(rig.read_fe("state").as_deref(), Some("3"));
+    assert_eq!(
+        rig.read_fe("ring-ref"),
+        Some(second.queues()[0].ring_refs()[0].to_string())
+    );
 }
