@@ -635,3 +635,54 @@ fn test_blk_config_above_protocol_limits_is_clamped_when_advertised() {
         Some("256")
     );
 }
+
+/// Protocol cost per request: full rings of 4 KiB reads through the null engine, for each
+/// grant mode. Run with `cargo test --release -p backends --test blk_io -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_blk_null_engine_4k_reads_per_grant_mode() {
+    for (name, mode, persistent) in [
+        ("map", GrantMode::Map, false),
+        ("persistent", GrantMode::Map, true),
+        ("copy", GrantMode::Copy, false),
+    ] {
+        let cfg = BlkConfig {
+            grant_mode: mode,
+            ..BlkConfig::default()
+        };
+        let disk = MemDisk::new(0);
+        let r = rig_with_factory(&[], cfg, disk, backends::blk::default_engine_factory());
+        let mut spec = vbd_spec(r.guest.domid(), 0, "w");
+        spec.backend[0].1 = "null:1G".into();
+        r.toolstack.add_device(&spec).unwrap();
+        let mut f = TestFront::connect(
+            &r.guest,
+            0,
+            FrontOpts {
+                persistent,
+                ..FrontOpts::default()
+            },
+        );
+        let size = f.queues[0].size;
+        let pages: Vec<_> = (0..size).map(|_| f.data_page(0, false)).collect();
+        let rounds = 2000u32;
+        let t0 = std::time::Instant::now();
+        for round in 0..rounds {
+            for (i, (_, g)) in pages.iter().enumerate() {
+                let id = u64::from(round) * 1000 + i as u64;
+                f.put(0, &rw(BLKIF_OP_READ, id, i as u64 * 8, &[(*g, 0, 7)]));
+            }
+            f.push(0);
+            let rsps = f.responses(0, size as usize);
+            assert!(rsps.iter().all(|x| x.status == BLKIF_RSP_OKAY));
+        }
+        let n = f64::from(rounds * size);
+        let secs = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "{name:>10}: {:.0} requests/s ({:.2} us/request), {:?}",
+            n / secs,
+            secs * 1e6 / n,
+            r.stats(0)
+        );
+    }
+}

@@ -14,7 +14,7 @@ use super::request::{DiskLimits, MAX_INDIRECT_SEGMENTS};
 
 /// The largest ring we map: 2^4 = 16 pages (`xen::abi::ring::MAX_RING_PAGES`).
 pub const MAX_RING_PAGE_ORDER: u32 = xen::abi::ring::MAX_RING_PAGES.trailing_zeros();
-use super::{BlkConfig, Protocol};
+use super::{BlkConfig, GrantMode, Protocol};
 
 /// The toolstack's description of the disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +132,8 @@ pub(crate) fn advertise(
     // Never advertise more than the ring code and the request parser handle.
     let max_order = cfg.max_ring_page_order.min(MAX_RING_PAGE_ORDER);
     let max_indirect = cfg.max_indirect_segments.min(MAX_INDIRECT_SEGMENTS);
+    // Persistent grants are a mapping cache: meaningless when data is grant-copied.
+    let persistent = cfg.persistent_grants && cfg.grant_mode == GrantMode::Map;
     let mut vinfo = 0;
     if read_only {
         vinfo |= VDISK_READONLY;
@@ -143,7 +145,7 @@ pub(crate) fn advertise(
     let kv: Vec<(&str, String)> = vec![
         ("feature-flush-cache", s(1)),
         ("feature-barrier", s(1)),
-        ("feature-persistent", s(u64::from(cfg.persistent_grants))),
+        ("feature-persistent", s(u64::from(persistent))),
         ("feature-max-indirect-segments", s(u64::from(max_indirect))),
         ("multi-queue-max-queues", s(u64::from(max_queues))),
         ("max-ring-page-order", s(u64::from(max_order))),
@@ -174,7 +176,7 @@ pub(crate) fn advertise(
         },
         max_queues,
         max_ring_page_order: max_order,
-        persistent: cfg.persistent_grants,
+        persistent,
     })
 }
 
