@@ -612,3 +612,32 @@ fn test_blk_malformed_event_channel_and_missing_ring_ref_fail_connect() {
     assert!(r.read_backend(1, "error").unwrap().contains("ring-ref1"));
     let _ = BlkConfig::default();
 }
+
+#[test]
+fn test_xsa39_req_prod_impossible_at_attach_fails_connect() {
+    let r = rig(&[(0, "w")]);
+
+    let f = TestFront::publish(
+        &r.guest,
+        0,
+        FrontOpts {
+            initial_req_prod: 1000,
+            ..FrontOpts::default()
+        },
+    );
+    let s = f
+        .link
+        .wait_backend("Closing", T, |s| s >= XenbusState::Closing)
+        .unwrap();
+
+    assert!(s >= XenbusState::Closing);
+    assert!(r.read_backend(0, "error").unwrap().contains("1000"));
+    assert!(
+        !mapped(&r.guest, f.queues[0].refs[0]),
+        "ring unmapped again"
+    );
+    assert!(
+        f.queues[0].port.remote().is_none(),
+        "no event channel bound"
+    );
+}

@@ -366,6 +366,8 @@ pub struct FrontOpts {
     pub persistent: bool,
     /// Extra frontend keys, written last (hostile values).
     pub extra: Vec<(String, String)>,
+    /// `req_prod` written into the shared ring before it is published (hostile if > size).
+    pub initial_req_prod: u32,
 }
 
 impl Default for FrontOpts {
@@ -376,6 +378,7 @@ impl Default for FrontOpts {
             protocol: None,
             persistent: false,
             extra: Vec::new(),
+            initial_req_prod: 0,
         }
     }
 }
@@ -441,6 +444,8 @@ impl TestFront {
             let ram = guest.ram();
             ram.store_u32(base + 4, 1, Ordering::Relaxed).unwrap(); // req_event
             ram.store_u32(base + 12, 1, Ordering::Release).unwrap(); // rsp_event
+            ram.store_u32(base, opts.initial_req_prod, Ordering::Release)
+                .unwrap(); // req_prod
             let size = xen::abi::ring::ring_entries(npages * PAGE_SIZE, slot);
             queues.push(FrontQueue {
                 base,
