@@ -686,3 +686,74 @@ fn bench_blk_null_engine_4k_reads_per_grant_mode() {
         );
     }
 }
+
+#[test]
+fn test_blk_x86_32_indirect_and_discard_use_the_packed_layouts() {
+    let r = rig(&[(0, "w")]);
+    let mut f = TestFront::connect(
+        &r.guest,
+        0,
+        FrontOpts {
+            protocol: Some(XEN_IO_PROTO_ABI_X86_32),
+            ..FrontOpts::default()
+        },
+    );
+    let pages: Vec<_> = (0..20).map(|i| f.data_page(100 + i as u8, true)).collect();
+    let (ig, ir) = f.data_page(0, true);
+    let mut bytes = Vec::new();
+    for (_, g) in &pages {
+        bytes.extend_from_slice(&g.to_le_bytes());
+        bytes.extend_from_slice(&[0, 7, 0, 0]);
+    }
+    f.guest.write_page(ig, 0, &bytes).unwrap();
+    let mut grefs = [0u32; 8];
+    grefs[0] = ir;
+    let ind = BlkifX86_32RequestIndirect {
+        operation: BLKIF_OP_INDIRECT,
+        indirect_op: BLKIF_OP_WRITE,
+        nr_segments: 20,
+        id: 0x1111_2222_3333_4444,
+        sector_number: 8,
+        indirect_grefs: grefs,
+        ..Default::default()
+    };
+    let disc = BlkifX86_32RequestDiscard {
+        operation: BLKIF_OP_DISCARD,
+        flag: 0,
+        id: 6,
+        sector_number: 8,
+        nr_sectors: 8,
+        ..Default::default()
+    };
+
+    let at = f.slot_addr(0, 0);
+    f.guest.ram().write_obj(at, &ind).unwrap();
+    let at = f.slot_addr(0, 1);
+    f.guest.ram().write_obj(at, &disc).unwrap();
+    f.queues[0].req_prod_pvt = 2;
+    f.push(0);
+    let rsps = f.responses(0, 2);
+
+    assert_eq!(
+        rsps[0],
+        Rsp {
+            id: 0x1111_2222_3333_4444,
+            op: BLKIF_OP_WRITE,
+            status: BLKIF_RSP_OKAY
+        }
+    );
+    assert_eq!(
+        rsps[1],
+        Rsp {
+            id: 6,
+            op: BLKIF_OP_DISCARD,
+            status: BLKIF_RSP_OKAY
+        }
+    );
+    assert_eq!(
+        r.disk.read_at(8 * 512, 4),
+        vec![0; 4],
+        "discarded after the write"
+    );
+    assert_eq!(r.disk.read_at(8 * 512 + 19 * PAGE_SIZE, 4), vec![119; 4]);
+}
