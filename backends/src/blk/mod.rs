@@ -11,6 +11,21 @@
 //! * [`BlkDriver::resize`] re-reads the disk size and tells the frontend, as Linux's
 //!   `xen_blkbk_resize` does (`sectors`, then the backend state written again).
 //! * Counters per device: [`metrics`].
+//!
+//! Wiring (one process per guest):
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # fn wire(host: Arc<dyn xen::XenHost>, xs: ::xenbus::XsClient, domid: u32) {
+//! use backends::blk::{default_engine_factory, BlkConfig, BlkDriver};
+//! let vbd = BlkDriver::new(host.clone(), "vbd", BlkConfig::default(), default_engine_factory());
+//! let qdisk = BlkDriver::new(host, "qdisk", BlkConfig::default(), default_engine_factory());
+//! let w1 = ::xenbus::backend::BackendWatcher::start(xs.clone(), vbd.clone(), 0, domid);
+//! let w2 = ::xenbus::backend::BackendWatcher::start(xs, qdisk, 0, domid);
+//! // vbd.stats(), vbd.resize(domid, devid) for the control surface; stopping the watchers
+//! // disconnects every device (in-flight I/O completes, then a flush, then every unmap).
+//! # }
+//! ```
 
 pub mod engine;
 pub mod grants;

@@ -505,7 +505,9 @@ impl Queue {
     fn start_request(&mut self, mut req: Request) {
         self.work += 1;
         let Some(idx) = self.free.pop() else {
-            return;
+            // Unreachable (one slot per ring entry and `stalled()` checks), but never drop a
+            // consumed request without an answer.
+            return self.respond(req.id, req.rsp_op, BLKIF_RSP_ERROR);
         };
         // Indirect: copy the segment pages once into private memory, then validate.
         if let Segments::Indirect {
