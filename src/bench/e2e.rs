@@ -9,7 +9,7 @@ use std::time::Duration;
 use xen::abi::blkif::*;
 use xen::XenHost;
 use xensim::client::SimHost;
-use xensim::front::blk::{BlkFront, BlkFrontOptions, BlkOp};
+use xensim::front::blk::{BlkFront, BlkFrontOptions, BlkOp, BlkProtocol};
 
 use super::blk::{measure, vbd_spec, BlkArgs, SimRig};
 
@@ -287,5 +287,69 @@ fn test_blkback_reconnect_after_close_serves_the_same_disk() {
     assert_eq!(r.status, BLKIF_RSP_OKAY);
     assert_eq!(back, data);
     assert_eq!(order, 1);
+    closed.unwrap();
+}
+
+#[test]
+fn test_blkback_x86_32_guest_round_trips_rw_indirect_and_discard() {
+    let d = disk(4 << 20);
+    let (rig, be) = rig_with_blkback(&format!("aio:{}", d.path.display()));
+    let o = BlkFrontOptions {
+        protocol: BlkProtocol::X86_32,
+        ..opts(1, 1, true)
+    };
+    let mut front = BlkFront::connect(&rig.guest, DEVID, o).unwrap();
+    let q = front.queue(0).unwrap();
+    let small = pattern(3 * 4096, 1);
+    let big = pattern(20 * 4096, 2);
+
+    let w1 = q
+        .run_one(
+            BlkOp::Write {
+                sector: 0,
+                data: &small,
+            },
+            None,
+            TIMEOUT,
+        )
+        .unwrap();
+    let w2 = q
+        .run_one(
+            BlkOp::Write {
+                sector: 512,
+                data: &big,
+            },
+            None,
+            TIMEOUT,
+        )
+        .unwrap();
+    let mut back = vec![0u8; big.len()];
+    let r = q
+        .run_one(
+            BlkOp::Read {
+                sector: 512,
+                len: big.len(),
+            },
+            Some(&mut back),
+            TIMEOUT,
+        )
+        .unwrap();
+    let disc = q.run_one(
+        BlkOp::Discard {
+            sector: 0,
+            nr_sectors: 8,
+            secure: false,
+        },
+        None,
+        TIMEOUT,
+    );
+    let closed = front.close();
+    be.stop();
+
+    assert_eq!((w1.status, w2.status, r.status), (0, 0, 0));
+    assert_eq!(back, big);
+    assert_eq!(file_bytes(&d, 0, small.len())[4096..], small[4096..]);
+    assert_eq!(file_bytes(&d, 512 * 512, big.len()), big);
+    assert_eq!(disc.unwrap().status, BLKIF_RSP_OKAY);
     closed.unwrap();
 }

@@ -447,7 +447,10 @@ fn test_push_skips_notify_when_backend_event_index_not_crossed() {
 
     let mut notified = Vec::new();
     for _ in 0..6 {
-        q.ring_mut().push_request(&BlkifRequest::default()).unwrap();
+        q.ring_mut()
+            .unwrap()
+            .push_request(&BlkifRequest::default())
+            .unwrap();
         notified.push(q.push().unwrap());
     }
 

@@ -6,7 +6,7 @@ mod blkfront_common;
 
 use blkfront_common::*;
 use xenbus::{XenbusState, XsOps};
-use xensim::front::blk::{BlkFront, BlkFrontError, BlkFrontOptions};
+use xensim::front::blk::{BlkFront, BlkFrontError, BlkFrontOptions, BlkProtocol};
 
 const TOOLSTACK_KEYS: &[&str] = &[
     "backend",
@@ -309,4 +309,22 @@ fn test_init_after_close_restarts_from_initialising_and_rewrites_keys() {
         rig.read_fe("ring-ref"),
         Some(second.queues()[0].ring_refs()[0].to_string())
     );
+}
+
+#[test]
+fn test_negotiation_x86_32_protocol_writes_x86_32_abi_and_32bit_ring() {
+    let rig = rig();
+    rig.backend_initwait(LINUX_PROBE_KEYS);
+    let o = BlkFrontOptions {
+        protocol: BlkProtocol::X86_32,
+        ..opts()
+    };
+
+    let mut front = BlkFront::init(&rig.guest, DEVID, o).unwrap();
+
+    assert_eq!(rig.read_fe("protocol").as_deref(), Some("x86_32-abi"));
+    let q = front.queue(0).unwrap();
+    assert_eq!(q.protocol(), BlkProtocol::X86_32);
+    assert!(q.ring_mut().is_none());
+    assert_eq!(q.ring32_mut().unwrap().size(), 32);
 }

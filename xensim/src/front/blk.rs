@@ -128,6 +128,8 @@ pub struct BlkFrontOptions {
     pub max_queues: u32,
     /// `feature_persistent`: offer persistent grants.
     pub persistent: bool,
+    /// Ring layout: a 64-bit guest (Linux's native `x86_64-abi`) or a 32-bit one.
+    pub protocol: BlkProtocol,
     /// `xen_blkif_max_segments`: segments per indirect request (0 disables indirect).
     pub max_indirect_segments: u32,
     /// How long to wait for each backend state.
@@ -145,6 +147,7 @@ impl Default for BlkFrontOptions {
             max_ring_order: 0,
             max_queues: 1,
             persistent: true,
+            protocol: BlkProtocol::X86_64,
             max_indirect_segments: DEFAULT_MAX_INDIRECT_SEGMENTS,
             timeout: Duration::from_secs(10),
             overrides: Vec::new(),
@@ -305,6 +308,126 @@ struct Shadow {
     indirect: Vec<PoolPage>,
 }
 
+/// The ring layout the frontend announces in `protocol`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BlkProtocol {
+    /// `x86_64-abi`: what a 64-bit Linux guest writes.
+    #[default]
+    X86_64,
+    /// `x86_32-abi`: what a 32-bit Linux guest writes (packed 4-byte-aligned requests).
+    X86_32,
+}
+
+impl BlkProtocol {
+    /// The `protocol` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BlkProtocol::X86_64 => XEN_IO_PROTO_ABI_X86_64,
+            BlkProtocol::X86_32 => XEN_IO_PROTO_ABI_X86_32,
+        }
+    }
+}
+
+/// A front ring in the layout of the negotiated protocol. Requests are built in the native
+/// layout and converted field by field for a 32-bit ring; responses come back native.
+#[derive(Debug)]
+enum Ring {
+    X86_64(FrontRing<BlkifRequest, BlkifResponse, SharedMem>),
+    X86_32(FrontRing<BlkifX86_32Request, BlkifX86_32Response, SharedMem>),
+}
+
+macro_rules! each_ring {
+    ($ring:expr, $r:ident => $e:expr) => {
+        match $ring {
+            Ring::X86_64($r) => $e,
+            Ring::X86_32($r) => $e,
+        }
+    };
+}
+
+impl Ring {
+    fn init(mem: SharedMem, protocol: BlkProtocol) -> Result<Ring, RingError> {
+        Ok(match protocol {
+            BlkProtocol::X86_64 => Ring::X86_64(FrontRing::init(mem)?),
+            BlkProtocol::X86_32 => Ring::X86_32(FrontRing::init(mem)?),
+        })
+    }
+    fn size(&self) -> u32 {
+        each_ring!(self, r => r.size())
+    }
+    fn memory(&self) -> &SharedMem {
+        each_ring!(self, r => r.memory())
+    }
+    fn slot_size(&self) -> usize {
+        match self {
+            Ring::X86_64(_) => BLKIF_SLOT_SIZE,
+            Ring::X86_32(_) => BLKIF_X86_32_SLOT_SIZE,
+        }
+    }
+    fn push_rw(&mut self, q: &BlkifRequest) -> Result<(), RingError> {
+        match self {
+            Ring::X86_64(r) => r.push_request(q),
+            Ring::X86_32(r) => r.push_request(&BlkifX86_32Request {
+                operation: q.operation,
+                nr_segments: q.nr_segments,
+                handle: q.handle,
+                id: q.id,
+                sector_number: q.sector_number,
+                seg: q.seg,
+            }),
+        }
+    }
+    fn push_indirect(&mut self, q: &BlkifRequestIndirect) -> Result<(), RingError> {
+        match self {
+            Ring::X86_64(r) => r.push_request_as(q),
+            Ring::X86_32(r) => r.push_request_as(&BlkifX86_32RequestIndirect {
+                operation: q.operation,
+                indirect_op: q.indirect_op,
+                nr_segments: q.nr_segments,
+                id: q.id,
+                sector_number: q.sector_number,
+                handle: q.handle,
+                _pad1: 0,
+                indirect_grefs: q.indirect_grefs,
+                _pad2: 0,
+            }),
+        }
+    }
+    fn push_discard(&mut self, q: &BlkifRequestDiscard) -> Result<(), RingError> {
+        match self {
+            Ring::X86_64(r) => r.push_request_as(q),
+            Ring::X86_32(r) => r.push_request_as(&BlkifX86_32RequestDiscard {
+                operation: q.operation,
+                flag: q.flag,
+                handle: q.handle,
+                id: q.id,
+                sector_number: q.sector_number,
+                nr_sectors: q.nr_sectors,
+            }),
+        }
+    }
+    fn push_requests_and_check_notify(&mut self) -> Result<bool, RingError> {
+        each_ring!(self, r => r.push_requests_and_check_notify())
+    }
+    fn get_response(&mut self) -> Result<Option<BlkifResponse>, RingError> {
+        match self {
+            Ring::X86_64(r) => r.get_response(),
+            Ring::X86_32(r) => Ok(r.get_response()?.map(|x| BlkifResponse {
+                id: x.id,
+                operation: x.operation,
+                status: x.status,
+                ..Default::default()
+            })),
+        }
+    }
+    fn unconsumed_responses(&self) -> Result<u32, RingError> {
+        each_ring!(self, r => r.unconsumed_responses())
+    }
+    fn final_check_for_responses(&mut self) -> Result<bool, RingError> {
+        each_ring!(self, r => r.final_check_for_responses())
+    }
+}
+
 /// Where a request's data goes.
 #[derive(Debug, Clone, Copy)]
 struct Layout {
@@ -352,7 +475,7 @@ pub struct BlkQueue {
     backend_id: DomId,
     index: u32,
     path: String,
-    ring: FrontRing<BlkifRequest, BlkifResponse, SharedMem>,
+    ring: Ring,
     ring_gfns: Vec<Gfn>,
     ring_grefs: Vec<GrantRef>,
     port: GuestPort,
@@ -372,6 +495,7 @@ impl BlkQueue {
         backend_id: DomId,
         index: u32,
         order: u32,
+        protocol: BlkProtocol,
         path: String,
     ) -> Result<BlkQueue, BlkFrontError> {
         let pages = 1usize << order;
@@ -420,7 +544,7 @@ impl BlkQueue {
                 return Err(e.into());
             }
         };
-        let ring = match FrontRing::init(mem) {
+        let ring = match Ring::init(mem, protocol) {
             Ok(r) => r,
             Err(source) => {
                 cleanup(&ring_gfns, &ring_grefs);
@@ -751,7 +875,7 @@ impl BlkQueue {
                 indirect_grefs: grefs,
                 ..Default::default()
             };
-            self.ring.push_request_as(&req)
+            self.ring.push_indirect(&req)
         } else {
             let req = BlkifRequest {
                 operation,
@@ -762,7 +886,7 @@ impl BlkQueue {
                 sector_number: sector,
                 seg: segs,
             };
-            self.ring.push_request(&req)
+            self.ring.push_rw(&req)
         };
         pushed.map_err(|e| self.ring_err(e))
     }
@@ -800,7 +924,7 @@ impl BlkQueue {
             sector_number: sector,
             nr_sectors,
         };
-        if let Err(e) = self.ring.push_request_as(&req) {
+        if let Err(e) = self.ring.push_discard(&req) {
             self.free_ids.push(id);
             return Err(self.ring_err(e));
         }
@@ -998,9 +1122,31 @@ impl BlkQueue {
 
     // ------------------------------------------------------------ raw access (hostile tests)
 
-    /// The front ring itself: push arbitrary requests with `push_request`/`push_request_as`.
-    pub fn ring_mut(&mut self) -> &mut FrontRing<BlkifRequest, BlkifResponse, SharedMem> {
-        &mut self.ring
+    /// The front ring itself, for an `x86_64-abi` queue: push arbitrary requests with
+    /// `push_request`/`push_request_as`.
+    pub fn ring_mut(&mut self) -> Option<&mut FrontRing<BlkifRequest, BlkifResponse, SharedMem>> {
+        match &mut self.ring {
+            Ring::X86_64(r) => Some(r),
+            Ring::X86_32(_) => None,
+        }
+    }
+
+    /// The front ring of an `x86_32-abi` queue.
+    pub fn ring32_mut(
+        &mut self,
+    ) -> Option<&mut FrontRing<BlkifX86_32Request, BlkifX86_32Response, SharedMem>> {
+        match &mut self.ring {
+            Ring::X86_32(r) => Some(r),
+            Ring::X86_64(_) => None,
+        }
+    }
+
+    /// The layout of this queue's ring.
+    pub fn protocol(&self) -> BlkProtocol {
+        match self.ring {
+            Ring::X86_64(_) => BlkProtocol::X86_64,
+            Ring::X86_32(_) => BlkProtocol::X86_32,
+        }
     }
 
     /// The shared ring memory (header and slots).
@@ -1016,13 +1162,14 @@ impl BlkQueue {
         idx: u32,
         v: &T,
     ) -> Result<(), BlkFrontError> {
-        if std::mem::size_of::<T>() > BLKIF_SLOT_SIZE {
+        let slot = self.ring.slot_size();
+        if std::mem::size_of::<T>() > slot {
             return Err(self.ring_err(RingError::Oversized {
                 size: std::mem::size_of::<T>(),
-                slot: BLKIF_SLOT_SIZE,
+                slot,
             }));
         }
-        let off = SRING_RING_OFFSET + (idx & (self.ring.size() - 1)) as usize * BLKIF_SLOT_SIZE;
+        let off = SRING_RING_OFFSET + (idx & (self.ring.size() - 1)) as usize * slot;
         self.ring
             .memory()
             .write_obj(off, v)
@@ -1036,13 +1183,14 @@ impl BlkQueue {
         &self,
         idx: u32,
     ) -> Result<T, BlkFrontError> {
-        if std::mem::size_of::<T>() > BLKIF_SLOT_SIZE {
+        let slot = self.ring.slot_size();
+        if std::mem::size_of::<T>() > slot {
             return Err(self.ring_err(RingError::Oversized {
                 size: std::mem::size_of::<T>(),
-                slot: BLKIF_SLOT_SIZE,
+                slot,
             }));
         }
-        let off = SRING_RING_OFFSET + (idx & (self.ring.size() - 1)) as usize * BLKIF_SLOT_SIZE;
+        let off = SRING_RING_OFFSET + (idx & (self.ring.size() - 1)) as usize * slot;
         self.ring
             .memory()
             .read_obj(off)
@@ -1228,7 +1376,8 @@ impl BlkFront {
         // No cap beyond the options: running out of pages, grants or ports fails cleanly.
         let mut queues = Vec::new();
         for i in 0..nr_queues {
-            match BlkQueue::new(guest, backend_id, i, ring_order, format!("{fe} queue {i}")) {
+            let path = format!("{fe} queue {i}");
+            match BlkQueue::new(guest, backend_id, i, ring_order, opts.protocol, path) {
                 Ok(q) => queues.push(q),
                 Err(e) => {
                     for mut q in queues {
@@ -1287,7 +1436,10 @@ impl BlkFront {
                 per_ring(&mut keys, &format!("queue-{}/", q.index), q);
             }
         }
-        keys.push(("protocol".to_string(), XEN_IO_PROTO_ABI_X86_64.to_string()));
+        keys.push((
+            "protocol".to_string(),
+            self.opts.protocol.as_str().to_string(),
+        ));
         keys.push((
             "feature-persistent".to_string(),
             u8::from(self.opts.persistent).to_string(),
