@@ -757,3 +757,41 @@ fn test_blk_x86_32_indirect_and_discard_use_the_packed_layouts() {
     );
     assert_eq!(r.disk.read_at(8 * 512 + 19 * PAGE_SIZE, 4), vec![119; 4]);
 }
+
+#[test]
+fn test_blk_full_order_4_ring_beyond_engine_queue_depth_completes_every_request() {
+    let r = rig_with_factory(
+        &[],
+        BlkConfig::default(),
+        MemDisk::new(0),
+        backends::blk::default_engine_factory(),
+    );
+    let mut spec = vbd_spec(r.guest.domid(), 0, "w");
+    spec.backend[0].1 = "null:64M".into();
+    r.toolstack.add_device(&spec).unwrap();
+    let mut f = TestFront::connect(
+        &r.guest,
+        0,
+        FrontOpts {
+            order: Some(4),
+            persistent: true,
+            ..FrontOpts::default()
+        },
+    );
+    let size = f.queues[0].size;
+    let (_, gr) = f.data_page(0, false);
+
+    for i in 0..size {
+        f.put(
+            0,
+            &rw(BLKIF_OP_READ, u64::from(i), u64::from(i), &[(gr, 0, 0)]),
+        );
+    }
+    f.push(0);
+    let rsps = f.responses(0, size as usize);
+
+    assert_eq!(size, 512, "16 pages hold 512 native slots");
+    assert!(rsps.iter().all(|x| x.status == BLKIF_RSP_OKAY));
+    assert_eq!(r.stats(0).reads, 512);
+    assert_eq!(r.stats(0).in_flight, 0);
+}
