@@ -413,6 +413,8 @@ impl Device for BlkDevice {
         let domid = ctx.frontend_domid();
         let fdomid = DomId::try_from(domid)
             .map_err(|_| DriverError::Failed(format!("domid {domid} out of range")))?;
+        // One worker per ring, always (XSA-350): a connect never adds to running queues.
+        self.stop_queues();
         let choice = xenbus::read_frontend(ctx, &self.adv)?;
         let mut limits = self.adv.limits;
         limits.sectors = self.shared.sectors.load(Ordering::SeqCst);
