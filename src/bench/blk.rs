@@ -537,6 +537,8 @@ pub struct BlkReport {
     pub cpu_ns_per_req: f64,
     /// Event-channel notifications the frontend sent per request.
     pub notifies_per_req: f64,
+    /// CPUs available to the process (threads are not pinned).
+    pub cpus: usize,
 }
 
 /// Runs `domio bench blk`.
@@ -764,6 +766,7 @@ fn run_frontend(args: &BlkArgs, rig: &SimRig) -> anyhow::Result<(BlkFront, BlkRe
         lat_max_us: us(total.hist.max()),
         cpu_ns_per_req: per_req(cpu.as_nanos() as f64),
         notifies_per_req: per_req(total.notifies as f64),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     Ok((front, rep))
 }
@@ -790,6 +793,10 @@ fn print_report(r: &BlkReport, json: bool) {
     println!(
         "  CPU {:.0} ns/request (whole process: guest blkfront + domio blkback + simulated host); {:.3} notifications/request",
         r.cpu_ns_per_req, r.notifies_per_req
+    );
+    println!(
+        "  threads: {} guest queue threads and domio's ring threads, unpinned, on {} CPUs",
+        r.queues, r.cpus
     );
     if json {
         match serde_json::to_string(r) {

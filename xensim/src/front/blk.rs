@@ -19,8 +19,15 @@
 //! checked (id in range and pending, operation matching), as Linux's `blkif_interrupt` does;
 //! a bad response breaks the queue instead of panicking.
 //!
+//! Options choose what Linux's module parameters choose (ring order, queues, persistent
+//! grants, indirect segments) and the guest's ABI (`x86_64-abi`, or `x86_32-abi` for a 32-bit
+//! guest). [`BlkQueue::submit_at`] places data at a sector offset in its first page, as a bio
+//! with an offset does. Calling [`BlkFront::init`] again after [`BlkFront::close`] reconnects
+//! from Initialising, as a resumed guest does.
+//!
 //! Tests of hostile frontends use the raw accessors ([`BlkQueue::ring_mut`],
-//! [`BlkQueue::set_req_prod`], [`BlkFrontOptions::overrides`]) to do what Linux never would.
+//! [`BlkQueue::write_slot`], [`BlkQueue::set_req_prod`], [`BlkFrontOptions::overrides`] and
+//! [`BlkFrontOptions::omit`]) to do what Linux never would.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
