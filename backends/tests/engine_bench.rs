@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backends::blk::engine::{
-    open_engine, Completion, Engine, EngineOptions, IoMem, IoOp, IoRequest, IoSeg, Mechanism,
+    Completion, Engine, IoMem, IoOp, IoRequest, IoSeg, Mechanism, Qcow2Engine, Qcow2Options,
     RawEngine, RawOptions,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -29,12 +29,12 @@ fn next(state: &mut u64) -> u64 {
     *state
 }
 
-fn raw(path: &str, mech: Mechanism) -> Box<dyn Engine> {
+fn raw(path: &str, mech: Mechanism, threads: usize) -> Box<dyn Engine> {
     let opts = RawOptions {
         queue_depth: QD as u32,
         mechanism: mech,
         direct: true,
-        pool_threads: 4,
+        pool_threads: threads,
         lock: false,
     };
     let e = RawEngine::open(path, true, &opts).unwrap();
@@ -44,6 +44,17 @@ fn raw(path: &str, mech: Mechanism) -> Box<dyn Engine> {
         e.direct_alignment()
     );
     Box::new(e)
+}
+
+/// CPU time this process has used (user + system), from /proc/self/stat, in seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at field 3.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15, i.e. indexes 11 and 12 after the ')'.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn bench(mut e: Box<dyn Engine>, secs: u64) -> f64 {
@@ -70,6 +81,7 @@ fn bench(mut e: Box<dyn Engine>, secs: u64) -> f64 {
     let mut out: Vec<Completion> = Vec::with_capacity(QD);
     let mut ops = 0u64;
     let start = Instant::now();
+    let cpu0 = cpu_seconds();
     let end = start + Duration::from_secs(secs);
     while Instant::now() < end {
         let mut fds = [PollFd::new(e.completion_fd(), PollFlags::POLLIN)];
@@ -83,7 +95,13 @@ fn bench(mut e: Box<dyn Engine>, secs: u64) -> f64 {
         e.kick().unwrap();
     }
     let iops = ops as f64 / start.elapsed().as_secs_f64();
-    println!("{:<60} {:>9.0} IOPS", e.info().describe, iops);
+    let cpu_us = (cpu_seconds() - cpu0) * 1e6 / ops.max(1) as f64;
+    println!(
+        "{:<60} {:>9.0} IOPS {:>6.1} us CPU/IO",
+        e.info().describe,
+        iops,
+        cpu_us
+    );
     iops
 }
 
@@ -108,16 +126,21 @@ fn test_raw_engine_bench_randread_4k_qd32_reports_iops() {
             p.to_str().unwrap().to_string()
         }
     };
-    let uring = bench(raw(&path, Mechanism::IoUring), secs);
-    let pool = bench(raw(&path, Mechanism::ThreadPool), secs);
-    println!("io_uring / thread pool = {:.2}", uring / pool);
+    let uring = bench(raw(&path, Mechanism::IoUring, 1), secs);
+    let mut pool = 0.0;
+    for threads in [4, 8, 16] {
+        pool = bench(raw(&path, Mechanism::ThreadPool, threads), secs);
+    }
+    println!("io_uring / thread pool(16) = {:.2}", uring / pool);
     if let Ok(q) = std::env::var("DOMIO_BENCH_QCOW2") {
-        let opts = EngineOptions {
-            queue_depth: QD as u32,
-            threads: 4,
-            ..EngineOptions::default()
-        };
-        let e = open_engine(&format!("qcow2:{q}"), true, &opts).unwrap();
-        bench(e, secs);
+        for threads in [4, 8, 16] {
+            let opts = Qcow2Options {
+                queue_depth: QD as u32,
+                threads,
+                ..Qcow2Options::default()
+            };
+            print!("{threads:>2} workers: ");
+            bench(Box::new(Qcow2Engine::open(&q, true, &opts).unwrap()), secs);
+        }
     }
 }

@@ -26,6 +26,9 @@ mod uring;
 /// The deepest queue the file engines accept (a larger `queue_depth` is clamped to it).
 pub const MAX_QUEUE_DEPTH: u32 = 4096;
 
+/// The most worker threads one engine starts (a larger `threads` is clamped to it).
+pub const MAX_THREADS: usize = 64;
+
 pub use open::{open_engine, open_image, parse_params, EngineOptions, ImageFormat, Params};
 pub use qcow2::{Qcow2Engine, Qcow2Options};
 pub use raw::{Mechanism, RawEngine, RawOptions};

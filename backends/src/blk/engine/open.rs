@@ -42,7 +42,10 @@ pub struct EngineOptions {
     pub mechanism: Mechanism,
     /// Try O_DIRECT for raw images.
     pub direct: bool,
-    /// Worker threads (raw thread pool; qcow2 workers).
+    /// Worker threads (raw thread pool; qcow2 workers), at most [`super::MAX_THREADS`]. Blocking I/O
+    /// needs about one thread per request in flight to keep a device busy: 4 KiB random reads
+    /// at queue depth 32 on a virtio disk gave 40k IOPS with 4 threads, 50k with 8, 73k with 16
+    /// (io_uring: 82k).
     pub threads: usize,
     /// Take QEMU-compatible image locks (off by default for now: see the `lock` module).
     pub lock: bool,
@@ -55,7 +58,7 @@ impl Default for EngineOptions {
             queue_depth: 64,
             mechanism: Mechanism::Auto,
             direct: true,
-            threads: 4,
+            threads: 8,
             lock: false,
         }
     }
@@ -183,7 +186,7 @@ fn open_format(
         ImageFormat::Qcow2 => {
             let qo = Qcow2Options {
                 queue_depth: opts.queue_depth,
-                threads: opts.threads.min(4),
+                threads: opts.threads,
                 direct: opts.direct,
                 lock: opts.lock,
             };

@@ -34,7 +34,9 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::lock::{lock_image, ImageLock};
 use super::null::validate;
-use super::{Completion, Engine, EngineError, EngineInfo, IoOp, IoRequest, MAX_QUEUE_DEPTH};
+use super::{
+    Completion, Engine, EngineError, EngineInfo, IoOp, IoRequest, MAX_QUEUE_DEPTH, MAX_THREADS,
+};
 
 type Image = Arc<RwLock<FormatAccess<File>>>;
 
@@ -117,7 +119,7 @@ impl Default for Qcow2Options {
     fn default() -> Self {
         Qcow2Options {
             queue_depth: 64,
-            threads: 2,
+            threads: 8,
             direct: true,
             lock: false,
         }
@@ -199,7 +201,7 @@ impl Qcow2Engine {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Completion>();
         let mut workers = Vec::new();
-        for i in 0..threads.max(1) {
+        for i in 0..threads.clamp(1, MAX_THREADS) {
             let (rx, done_tx, efd, image) =
                 (rx.clone(), done_tx.clone(), efd.clone(), image.clone());
             let p = path.to_string();

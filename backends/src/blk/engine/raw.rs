@@ -29,7 +29,10 @@ use super::null::validate;
 use super::pool::{Job, Pool};
 use super::sys::{self, IoVecs};
 use super::uring::Uring;
-use super::{Completion, Engine, EngineError, EngineInfo, IoOp, IoRequest, IoSeg, MAX_QUEUE_DEPTH};
+use super::{
+    Completion, Engine, EngineError, EngineInfo, IoOp, IoRequest, IoSeg, MAX_QUEUE_DEPTH,
+    MAX_THREADS,
+};
 
 /// How the raw engine does its I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -65,7 +68,7 @@ impl Default for RawOptions {
             queue_depth: 64,
             mechanism: Mechanism::Auto,
             direct: true,
-            pool_threads: 4,
+            pool_threads: 8,
             lock: false,
         }
     }
@@ -367,7 +370,7 @@ impl RawEngine {
         let threads = if uring.is_some() {
             1
         } else {
-            opts.pool_threads.max(1)
+            opts.pool_threads.clamp(1, MAX_THREADS)
         };
         let pool = Pool::new(threads, efd.clone(), "blk-io")?;
         let describe = format!(
