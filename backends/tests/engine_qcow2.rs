@@ -421,3 +421,46 @@ fn test_qcow2_engine_with_locks_refuses_qemu_writers_of_overlay_and_base() {
     }
     assert!(after.0, "lock released with the engine: {}", after.1);
 }
+
+#[test]
+fn test_qcow2_engine_v2_image_writes_zeroes_by_hand_and_refuses_discard() {
+    // Arrange: qcow2 version 2 (compat=0.10) has no zero clusters.
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("v2.qcow2");
+    let (ok, t) = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        s(&img),
+        "4M",
+    ]);
+    assert!(ok, "{t}");
+    let (ok, t) = qemu_io(&["-f", "qcow2", "-c", "write -P 0x55 0 2M", s(&img)]);
+    assert!(ok, "{t}");
+    let mut e = open(&img, false);
+    // Act
+    let z = run(
+        &mut *e,
+        vec![
+            req(1, IoOp::WriteZeroes, 4096, vec![], MIB + 512 * 3),
+            req(2, IoOp::Discard, 0, vec![], 65536),
+        ],
+    );
+    let discard = e.info().discard;
+    drop(e);
+    // Assert
+    assert_eq!(results(&z), vec![Ok(MIB + 1536), Err(libc::EOPNOTSUPP)]);
+    assert_eq!(discard, None, "no discard on qcow2 v2");
+    let mut expect = vec![0u8; SIZE as usize];
+    expect[..2 << 20].fill(0x55);
+    expect[4096..4096 + MIB as usize + 1536].fill(0);
+    let want = dir.path().join("expect.raw");
+    std::fs::write(&want, &expect).unwrap();
+    let (ok, text) = qemu_img(&["check", "-f", "qcow2", s(&img)]);
+    assert!(ok, "qemu-img check: {text}");
+    let (ok, text) = qemu_img(&["compare", "-f", "qcow2", "-F", "raw", s(&img), s(&want)]);
+    assert!(ok, "qemu-img compare: {text}");
+}
