@@ -111,6 +111,10 @@ fn test_negotiation_persistent_off_writes_zero() {
 
     let _front = BlkFront::init(&rig.guest, DEVID, o).unwrap();
 
+    assert_eq!(
+        rig.frontend_keys(),
+        expected(&["event-channel", "feature-persistent", "protocol", "ring-ref"])
+    );
     assert_eq!(rig.read_fe("feature-persistent").as_deref(), Some("0"));
 }
 
