@@ -2,8 +2,10 @@
 //!
 //! One process holds everything: the simulated host (its daemon on a temporary socket, as
 //! `domio demo` runs it), a guest with a `vbd` device added as xl adds one, domio's backends
-//! attached through that socket and started by the same [`Service`] as `domio serve`, and the
-//! guest's blkfront with one thread per queue keeping `--qd` requests in flight. Latency is
+//! attached through that socket and started by the same [`Service`] as `domio serve` (while
+//! `serve` does not list `vbd` yet, blkback's `BlkDriver` on the `BackendWatcher` that
+//! `Service` would start), and the guest's blkfront (xensim's, negotiating as Linux's
+//! xen-blkfront) with one thread per queue keeping `--qd` requests in flight. Latency is
 //! measured per request from submission to the reaped response, into a preallocated
 //! log-linear histogram (nothing is allocated per request); CPU is the whole process's user +
 //! system time over the measured interval divided by the requests completed in it, so it
