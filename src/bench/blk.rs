@@ -26,7 +26,7 @@ use xen::abi::blkif::{BLKIF_OP_READ, BLKIF_RSP_OKAY};
 use xen::{DomId, XenHost};
 use xenbus::BackendWatcher;
 use xensim::client::SimHost;
-use xensim::front::blk::{BlkFront, BlkFrontOptions, BlkOp, BlkQueue};
+use xensim::front::blk::{BlkFront, BlkFrontOptions, BlkOp, BlkProtocol, BlkQueue};
 use xensim::guest::Guest;
 use xensim::host::Host;
 use xensim::server::Server;
@@ -129,9 +129,32 @@ pub struct BlkArgs {
     /// Linux's default is 32).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(0..=4096))]
     pub indirect_segments: u32,
+    /// The guest's ring ABI: a 64-bit guest (`x86_64-abi`) or a 32-bit one (`x86_32-abi`).
+    #[arg(long, value_enum, default_value_t = Abi::X86_64)]
+    pub abi: Abi,
     /// Print one JSON object with the results as the last line.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--abi`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Abi {
+    /// `x86_64-abi`.
+    #[value(name = "x86_64")]
+    X86_64,
+    /// `x86_32-abi`.
+    #[value(name = "x86_32")]
+    X86_32,
+}
+
+impl Abi {
+    fn protocol(self) -> BlkProtocol {
+        match self {
+            Abi::X86_64 => BlkProtocol::X86_64,
+            Abi::X86_32 => BlkProtocol::X86_32,
+        }
+    }
 }
 
 /// Parses a size with an optional K/M/G/T suffix (binary units; `k` = 1024).
@@ -515,6 +538,8 @@ pub struct BlkReport {
     pub persistent: bool,
     /// Indirect segments in use (0: none).
     pub indirect_segments: usize,
+    /// The ring ABI (`protocol`).
+    pub abi: String,
     /// Measured seconds.
     pub seconds: f64,
     /// Requests completed.
@@ -639,6 +664,7 @@ fn run_frontend(args: &BlkArgs, rig: &SimRig) -> anyhow::Result<(BlkFront, BlkRe
         max_queues: args.queues,
         persistent: !args.no_persistent,
         max_indirect_segments: args.indirect_segments,
+        protocol: args.abi.protocol(),
         timeout: Duration::from_secs(30),
         ..Default::default()
     };
@@ -756,6 +782,7 @@ fn run_frontend(args: &BlkArgs, rig: &SimRig) -> anyhow::Result<(BlkFront, BlkRe
         ring_order_requested: args.ring_order,
         persistent,
         indirect_segments: indirect,
+        abi: args.abi.protocol().as_str().to_string(),
         seconds,
         requests: total.hist.count(),
         errors: total.errors,
@@ -775,8 +802,8 @@ fn run_frontend(args: &BlkArgs, rig: &SimRig) -> anyhow::Result<(BlkFront, BlkRe
 
 fn print_report(r: &BlkReport, json: bool) {
     println!(
-        "domio bench blk: engine {} ({} at {}), {} bs={} qd={} queues={} ring-order={} persistent={} indirect={}",
-        r.engine, r.params, r.backend, r.pattern, r.bs, r.qd, r.queues, r.ring_order, r.persistent, r.indirect_segments
+        "domio bench blk: engine {} ({} at {}), {} bs={} qd={} queues={} ring-order={} persistent={} indirect={} abi={}",
+        r.engine, r.params, r.backend, r.pattern, r.bs, r.qd, r.queues, r.ring_order, r.persistent, r.indirect_segments, r.abi
     );
     if r.queues < r.queues_requested as usize || r.ring_order < r.ring_order_requested {
         println!(

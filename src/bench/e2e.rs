@@ -214,6 +214,7 @@ fn test_bench_measure_raw_randrw_against_blkback_has_no_errors() {
         ring_order: 0,
         no_persistent: false,
         indirect_segments: 32,
+        abi: super::blk::Abi::X86_32,
         json: false,
     };
     args.validate().unwrap();
