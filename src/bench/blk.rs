@@ -369,6 +369,8 @@ impl Drop for SimRig {
 #[derive(Debug, Default)]
 struct QueueResult {
     hist: Histogram,
+    reads: Histogram,
+    writes: Histogram,
     requests: u64,
     bytes: u64,
     errors: u64,
@@ -484,8 +486,13 @@ fn drive_queue(
                 copy_failed = true;
             }
             let t0 = started.get(c.id as usize).copied().unwrap_or(now);
-            res.hist
-                .record(u64::try_from((now - t0).as_nanos()).unwrap_or(u64::MAX));
+            let ns = u64::try_from((now - t0).as_nanos()).unwrap_or(u64::MAX);
+            res.hist.record(ns);
+            if c.operation == BLKIF_OP_READ {
+                res.reads.record(ns);
+            } else {
+                res.writes.record(ns);
+            }
             res.requests += 1;
             res.bytes += c.len as u64;
             if c.status != BLKIF_RSP_OKAY {
@@ -560,6 +567,18 @@ pub struct BlkReport {
     pub lat_mean_us: f64,
     /// Max.
     pub lat_max_us: f64,
+    /// Reads completed.
+    pub reads: u64,
+    /// Read latency p50, microseconds.
+    pub read_lat_p50_us: f64,
+    /// Read latency p99.
+    pub read_lat_p99_us: f64,
+    /// Writes completed.
+    pub writes: u64,
+    /// Write latency p50, microseconds.
+    pub write_lat_p50_us: f64,
+    /// Write latency p99.
+    pub write_lat_p99_us: f64,
     /// Process CPU (user + system) per request, nanoseconds.
     pub cpu_ns_per_req: f64,
     /// Event-channel notifications the frontend sent per request.
@@ -756,6 +775,8 @@ fn run_frontend(args: &BlkArgs, rig: &SimRig) -> anyhow::Result<(BlkFront, BlkRe
     for r in results {
         let r = r?;
         total.hist.merge(&r.hist);
+        total.reads.merge(&r.reads);
+        total.writes.merge(&r.writes);
         total.requests += r.requests;
         total.bytes += r.bytes;
         total.errors += r.errors;
@@ -793,6 +814,12 @@ fn run_frontend(args: &BlkArgs, rig: &SimRig) -> anyhow::Result<(BlkFront, BlkRe
         lat_p999_us: us(total.hist.percentile(99.9)),
         lat_mean_us: total.hist.mean() / 1000.0,
         lat_max_us: us(total.hist.max()),
+        reads: total.reads.count(),
+        read_lat_p50_us: us(total.reads.percentile(50.0)),
+        read_lat_p99_us: us(total.reads.percentile(99.0)),
+        writes: total.writes.count(),
+        write_lat_p50_us: us(total.writes.percentile(50.0)),
+        write_lat_p99_us: us(total.writes.percentile(99.0)),
         cpu_ns_per_req: per_req(cpu.as_nanos() as f64),
         notifies_per_req: per_req(total.notifies as f64),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -819,6 +846,17 @@ fn print_report(r: &BlkReport, json: bool) {
         "  latency (us): p50 {:.1}  p99 {:.1}  p99.9 {:.1}  mean {:.1}  max {:.1}",
         r.lat_p50_us, r.lat_p99_us, r.lat_p999_us, r.lat_mean_us, r.lat_max_us
     );
+    if r.reads > 0 && r.writes > 0 {
+        println!(
+            "  reads {} (p50 {:.1} us, p99 {:.1} us), writes {} (p50 {:.1} us, p99 {:.1} us)",
+            r.reads,
+            r.read_lat_p50_us,
+            r.read_lat_p99_us,
+            r.writes,
+            r.write_lat_p50_us,
+            r.write_lat_p99_us
+        );
+    }
     println!(
         "  CPU {:.0} ns/request (whole process: guest blkfront + domio blkback + simulated host); {:.3} notifications/request",
         r.cpu_ns_per_req, r.notifies_per_req
@@ -1013,6 +1051,8 @@ mod tests {
         assert!(rep.lat_p50_us > 0.0);
         assert!(rep.lat_p50_us <= rep.lat_p99_us && rep.lat_p99_us <= rep.lat_p999_us);
         assert!(rep.lat_p999_us <= rep.lat_max_us);
+        assert_eq!(rep.reads + rep.writes, rep.requests);
+        assert!(rep.reads > 0 && rep.writes > 0);
         assert!((rep.mbps - rep.iops * 65536.0 / 1e6).abs() < 1e-6 * rep.mbps.max(1.0));
         released.unwrap();
     }
