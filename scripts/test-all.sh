@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==== %s ====\n' "$*"; }
 
 step "packages"
-pkgs=(libxen-dev linux-libc-dev xenstore-utils gcc iproute2)
+pkgs=(libxen-dev linux-libc-dev xenstore-utils gcc iproute2 qemu-utils)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -15,6 +15,7 @@ use backends::console::ConsoleSink;
 use clap::Args;
 use xen::{DomId, XenHost};
 use xensim::client::SimHost;
+use xensim::front::blk::{BlkFront, BlkFrontOptions, BlkOp};
 use xensim::front::console::ConsoleFront;
 use xensim::guest::Guest;
 use xensim::host::Host;
@@ -144,6 +145,126 @@ fn guest_main(guest: Guest, tick: Duration, stop: Arc<AtomicBool>) -> anyhow::Re
     Ok(rep)
 }
 
+/// The demo disk: device 51712 (xvda), a raw image served as `qdisk`.
+pub const DEMO_DISK_DEVID: u32 = 51712;
+
+/// What the demo guest's disk driver saw.
+#[derive(Debug, Default, Clone)]
+pub struct DiskReport {
+    /// The blkfront reached Connected.
+    pub connected: bool,
+    /// Write, flush, read-back rounds whose data matched.
+    pub verified: u64,
+    /// Rounds whose data did not match (must be 0).
+    pub mismatches: u64,
+    /// Requests that got an error response.
+    pub errors: u64,
+    /// The disk was closed and every grant revoked.
+    pub closed_cleanly: bool,
+}
+
+/// A guest disk driver: write a 64 KiB pattern, flush, read it back and compare, per tick.
+pub struct DemoDisk {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<anyhow::Result<DiskReport>>>,
+}
+
+impl DemoDisk {
+    /// Starts the guest's disk thread.
+    pub fn start(host: Arc<Host>, domid: DomId, tick: Duration) -> anyhow::Result<DemoDisk> {
+        let guest = Guest::new(host, domid).context("guest helpers")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("guest-d{domid}-disk"))
+            .spawn(move || disk_main(guest, tick, s))
+            .context("starting the guest disk thread")?;
+        Ok(DemoDisk {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the guest's disk driver (it closes the disk first) and returns what it saw.
+    pub fn stop(mut self) -> DiskReport {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(Ok(r))) => r,
+            Some(Ok(Err(e))) => {
+                eprintln!("demo disk failed: {e:#}");
+                DiskReport::default()
+            }
+            _ => DiskReport::default(),
+        }
+    }
+}
+
+fn disk_main(guest: Guest, tick: Duration, stop: Arc<AtomicBool>) -> anyhow::Result<DiskReport> {
+    let mut rep = DiskReport::default();
+    let opts = BlkFrontOptions {
+        max_ring_order: 1,
+        timeout: Duration::from_millis(200),
+        ..BlkFrontOptions::default()
+    };
+    let mut front = loop {
+        match BlkFront::connect(&guest, DEMO_DISK_DEVID, opts.clone()) {
+            Ok(f) => break f,
+            Err(_) if !stop.load(Ordering::SeqCst) => continue,
+            Err(e) => {
+                tracing::debug!("disk stopped before connecting: {e}");
+                return Ok(rep);
+            }
+        }
+    };
+    rep.connected = true;
+    let sectors = front.disk().map_or(0, |d| d.sectors);
+    const LEN: usize = 64 * 1024;
+    let span = (LEN / 512) as u64;
+    let mut data = vec![0u8; LEN];
+    let mut back = vec![0u8; LEN];
+    let mut round = 0u64;
+    let timeout = Duration::from_secs(10);
+    while !stop.load(Ordering::SeqCst) && sectors > span {
+        round += 1;
+        let sector = (round * span) % (sectors - span);
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (round as usize).wrapping_mul(31).wrapping_add(i / 512) as u8;
+        }
+        let q = front.queue(0).context("queue 0")?;
+        let w = q.run_one(
+            BlkOp::Write {
+                sector,
+                data: &data,
+            },
+            None,
+            timeout,
+        )?;
+        let f = q.run_one(BlkOp::Flush, None, timeout)?;
+        let r = q.run_one(BlkOp::Read { sector, len: LEN }, Some(&mut back), timeout)?;
+        let failed = [w.status, f.status, r.status]
+            .iter()
+            .filter(|s| **s != 0)
+            .count() as u64;
+        rep.errors += failed;
+        if failed == 0 {
+            if back == data {
+                rep.verified += 1;
+            } else {
+                rep.mismatches += 1;
+            }
+        }
+        // Pace the guest so the live counters are readable (this is a demo, not a benchmark:
+        // `domio bench blk` drives the disk flat out).
+        let end = std::time::Instant::now() + tick;
+        while !stop.load(Ordering::SeqCst) && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    front.close().context("closing the disk")?;
+    rep.closed_cleanly = true;
+    Ok(rep)
+}
+
 /// Prints guest lines as domio receives them.
 struct Narrator {
     start: Instant,
@@ -192,8 +313,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .create_domain("demo-guest", 64 * 256)
         .context("creating the guest")?;
     add_console_device(&host, domid)?;
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(64 << 20))
+        .with_context(|| format!("creating {}", image.display()))?;
+    let disk = DeviceSpec::qdisk(domid, DEMO_DISK_DEVID, &image.display().to_string(), true);
+    host.toolstack()
+        .map_err(|e| anyhow::anyhow!("toolstack connection: {e}"))?
+        .add_device(&disk)
+        .context("adding the disk")?;
     say(&format!(
-        "guest dom{domid} created with a PV console (backend/console/{domid}/0)"
+        "guest dom{domid} created with a PV console (backend/console/{domid}/0) and a 64 MiB raw disk as xvda (backend/qdisk/{domid}/{DEMO_DISK_DEVID})"
     ));
 
     // domio attaches through the socket, exactly as `domio serve --xen sim:PATH` does.
@@ -210,7 +340,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         xs,
         0,
         domid,
-        &["console".to_string()],
+        &["console".to_string(), "qdisk".to_string()],
         narrator.clone(),
     )?;
     say(
@@ -220,6 +350,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     );
 
     let guest = DemoGuest::start(host.clone(), domid, Duration::from_millis(args.tick_ms))?;
+    let disk_guest = DemoDisk::start(host.clone(), domid, Duration::from_millis(args.tick_ms / 2))?;
     let deadline = start + Duration::from_secs_f64(args.duration);
     let mut last_report = Instant::now();
     let mut inputs = 0u32;
@@ -258,12 +389,21 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                     s.bytes_out, s.bytes_in, s.lines, s.events, s.notifies, s.errors
                 ));
             }
+            for ((d, dev), b) in svc.blk_stats() {
+                say(&format!(
+                    "stats dom{d} disk {dev}: reads {} ({} KiB), writes {} ({} KiB), flushes {}, persistent-grant hits {}, errors {}",
+                    b.reads, b.bytes_read / 1024, b.writes, b.bytes_written / 1024, b.flushes, b.persistent_hits, b.errors
+                ));
+            }
         }
     };
     let _ = interrupted;
     say("guest closing its console (Closing -> Closed handshake)");
     let rep = guest.stop();
+    say("guest closing its disk (every grant revoked once blkback has unmapped it)");
+    let drep = disk_guest.stop();
     let stats = svc.console_stats();
+    let bstats = svc.blk_stats();
     let devs = svc.devices();
     svc.stop();
     drop(server);
@@ -291,8 +431,23 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             s.bytes_out, s.bytes_in, s.lines, s.lines_suppressed, s.events, s.notifies, s.errors
         );
     }
+    println!(
+        "disk xvda: connected={} write+flush+read-back rounds verified={} mismatches={} errors={} closed cleanly={}",
+        drep.connected, drep.verified, drep.mismatches, drep.errors, drep.closed_cleanly
+    );
+    for ((d, dev), b) in &bstats {
+        println!(
+            "blkback dom{d}/{dev}: reads {} writes {} flushes {}, {} KiB read, {} KiB written, grant maps {}, persistent hits {}, bad requests {}, errors {}",
+            b.reads, b.writes, b.flushes, b.bytes_read / 1024, b.bytes_written / 1024, b.grant_maps, b.persistent_hits, b.bad_requests, b.errors
+        );
+    }
     let logged = narrator.lines.load(Ordering::Relaxed);
-    let ok = rep.connected && logged > 0 && rep.closed_cleanly;
+    let disk_ok = drep.connected
+        && drep.verified > 0
+        && drep.mismatches == 0
+        && drep.errors == 0
+        && drep.closed_cleanly;
+    let ok = rep.connected && logged > 0 && rep.closed_cleanly && disk_ok;
     println!("result: {}", if ok { "OK" } else { "FAILED" });
     Ok(if ok {
         ExitCode::SUCCESS

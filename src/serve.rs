@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use backends::blk::{default_engine_factory, BlkConfig, BlkDriver, BlkStats};
 use backends::console::{ConsoleDriver, ConsoleLimits, ConsoleSink, ConsoleStats, LogSink};
 use clap::Args;
 use tracing::{info, info_span, warn};
@@ -16,14 +17,9 @@ use xenbus::{XsClient, XsOps};
 use crate::target::Target;
 
 /// Backend types this build serves.
-pub const AVAILABLE_TYPES: &[&str] = &["console"];
+pub const AVAILABLE_TYPES: &[&str] = &["console", "qdisk", "vbd"];
 /// Backend types that are planned but not in this build yet, with where they come from.
-const PLANNED_TYPES: &[(&str, &str)] = &[
-    ("vbd", "blkback"),
-    ("qdisk", "blkback"),
-    ("vif", "netback"),
-    ("qnic", "netback"),
-];
+const PLANNED_TYPES: &[(&str, &str)] = &[("vif", "netback"), ("qnic", "netback")];
 
 /// Arguments of `domio serve`.
 #[derive(Debug, Args)]
@@ -34,8 +30,10 @@ pub struct ServeArgs {
     /// Xen host: `linux` (this dom0's /dev/xen and xenstored) or `sim:PATH` (a `domio sim`).
     #[arg(long, default_value = "linux")]
     pub xen: Target,
-    /// Backend types to serve, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "console")]
+    /// Backend types to serve, comma-separated: `console`, `qdisk` (disks xl gives to a
+    /// userspace backend) and `vbd` (only where the kernel's blkback is not loaded, or both
+    /// would serve the same disks).
+    #[arg(long, value_delimiter = ',', default_value = "console,qdisk")]
     pub backend_types: Vec<String>,
     /// How to reach xenstored on Linux: the unix socket or /dev/xen/xenbus.
     #[arg(long, value_enum, default_value_t = XsKind::Socket)]
@@ -103,6 +101,7 @@ pub struct Service {
     domid: DomId,
     watchers: Vec<BackendWatcher>,
     console: Option<Arc<ConsoleDriver>>,
+    blk: Vec<Arc<BlkDriver>>,
     xs: XsClient,
 }
 
@@ -130,6 +129,7 @@ impl Service {
             domid,
             watchers: Vec::new(),
             console: None,
+            blk: Vec::new(),
             xs: xs.clone(),
         };
         for t in types {
@@ -138,6 +138,16 @@ impl Service {
                     let d =
                         ConsoleDriver::new(host.clone(), sink.clone(), ConsoleLimits::default());
                     svc.console = Some(d.clone());
+                    d
+                }
+                "vbd" | "qdisk" => {
+                    let d = BlkDriver::new(
+                        host.clone(),
+                        t,
+                        BlkConfig::default(),
+                        default_engine_factory(),
+                    );
+                    svc.blk.push(d.clone());
                     d
                 }
                 other => bail!("unknown backend type {other:?}"),
@@ -170,6 +180,11 @@ impl Service {
     /// Console counters.
     pub fn console_stats(&self) -> Vec<((u32, u32), ConsoleStats)> {
         self.console.as_ref().map(|c| c.stats()).unwrap_or_default()
+    }
+
+    /// Disk counters of every block backend type: ((domid, devid), stats).
+    pub fn blk_stats(&self) -> Vec<((u32, u32), BlkStats)> {
+        self.blk.iter().flat_map(|d| d.stats()).collect()
     }
 
     /// The console driver (to send input).
@@ -303,8 +318,8 @@ mod tests {
             check_types(&["console".into(), "console".into()]).unwrap(),
             vec!["console".to_string()]
         );
-        let e = check_types(&["vbd".into()]).unwrap_err().to_string();
-        assert!(e.contains("needs blkback"), "{e}");
+        let e = check_types(&["vif".into()]).unwrap_err().to_string();
+        assert!(e.contains("needs netback"), "{e}");
         let e = check_types(&["bogus".into()]).unwrap_err().to_string();
         assert!(e.contains("unknown backend type \"bogus\""), "{e}");
     }

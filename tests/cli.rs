@@ -38,10 +38,10 @@ fn test_cli_backend_type_not_in_build_is_named() {
         "--xen",
         "sim:/nonexistent",
         "--backend-types",
-        "console,vbd",
+        "console,vif",
     ]);
     assert_ne!(code, 0);
-    assert!(err.contains("\"vbd\" needs blkback"), "{err}");
+    assert!(err.contains("\"vif\" needs netback"), "{err}");
 }
 
 #[test]
@@ -103,5 +103,14 @@ fn test_cli_demo_runs_bounded_and_reports_ok() {
     assert!(stdout.contains("backend Connected"), "{stdout}");
     assert!(stdout.contains("received input \"ping 1\""), "{stdout}");
     assert!(stdout.contains("closed cleanly=true"), "{stdout}");
+    assert!(stdout.contains("disk xvda: connected=true"), "{stdout}");
+    assert!(
+        stdout.contains("mismatches=0 errors=0 closed cleanly=true"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("rounds verified=0 "),
+        "the disk verified no round:\n{stdout}"
+    );
     assert!(stdout.contains("result: OK"), "{stdout}");
 }

@@ -78,11 +78,22 @@ pub enum GuestError {
 }
 
 #[derive(Debug)]
-struct Alloc {
+pub(crate) struct Alloc {
     free_pages: Vec<Gfn>,
     next_page: Gfn,
     free_refs: Vec<GrantRef>,
     next_ref: GrantRef,
+}
+
+impl Default for Alloc {
+    fn default() -> Self {
+        Alloc {
+            free_pages: Vec::new(),
+            next_page: 0,
+            free_refs: Vec::new(),
+            next_ref: FIRST_FREE_GREF,
+        }
+    }
 }
 
 /// A guest's view of itself: its RAM, its grant table, its event channels, its xenstore.
@@ -98,7 +109,9 @@ struct GuestInner {
     ram: SharedMem,
     pages: u64,
     gnttab: SharedMem,
-    alloc: Mutex<Alloc>,
+    /// The domain's one page and grant-reference allocator (its "kernel's"), shared by every
+    /// `Guest` handle of the domain, so that two drivers never get the same page or ref.
+    alloc: Arc<Mutex<Alloc>>,
 }
 
 impl Guest {
@@ -106,6 +119,7 @@ impl Guest {
     pub fn new(host: Arc<Host>, domid: DomId) -> Result<Guest, GuestError> {
         let herr = |source| GuestError::Host { domid, source };
         let ram = host.map_ram(domid).map_err(herr)?;
+        let alloc = host.guest_alloc(domid).map_err(herr)?;
         let gnttab = host.map_grant_table(domid).map_err(herr)?;
         let pages = (ram.len() / PAGE_SIZE) as u64;
         Ok(Guest {
@@ -115,12 +129,7 @@ impl Guest {
                 ram,
                 pages,
                 gnttab,
-                alloc: Mutex::new(Alloc {
-                    free_pages: Vec::new(),
-                    next_page: 0,
-                    free_refs: Vec::new(),
-                    next_ref: FIRST_FREE_GREF,
-                }),
+                alloc,
             }),
         })
     }

@@ -109,6 +109,8 @@ pub struct Domain {
     gnttab: MemFile,
     ports: Vec<Option<PortState>>,
     active: HashMap<GrantRef, Active>,
+    /// The guest kernel's page and grant-reference allocator (see `Guest`).
+    guest_alloc: Arc<Mutex<crate::guest::Alloc>>,
 }
 
 impl Domain {
@@ -232,6 +234,7 @@ impl Host {
             gnttab,
             ports: Vec::new(),
             active: HashMap::new(),
+            guest_alloc: Arc::default(),
         };
         self.lock().domains.insert(id, d);
         Ok(())
@@ -332,6 +335,21 @@ impl Host {
             why: "domain has no RAM".into(),
         })?;
         Ok(f(ram))
+    }
+
+    /// The domain's guest-side page and grant-reference allocator, shared by all its
+    /// [`crate::guest::Guest`] handles.
+    pub(crate) fn guest_alloc(
+        &self,
+        id: DomId,
+    ) -> Result<Arc<Mutex<crate::guest::Alloc>>, HostError> {
+        let st = self.lock();
+        Ok(st
+            .domains
+            .get(&id)
+            .ok_or(HostError::NoDomain(id))?
+            .guest_alloc
+            .clone())
     }
 
     /// A mapping of the whole RAM of a domain (for its own guest-side drivers).

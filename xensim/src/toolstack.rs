@@ -43,6 +43,32 @@ impl DeviceSpec {
         }
     }
 
+    /// A disk served by a userspace backend, as xl writes one with `backendtype=qdisk`:
+    /// backend `qdisk/<domid>/<devid>` with `params = "aio:<path>"`, `type = qdisk`, `mode`;
+    /// frontend under `device/vbd/<devid>` with `virtual-device` and `device-type`.
+    /// `devid` is the xenstore device number (51712 for xvda).
+    pub fn qdisk(frontend_domid: DomId, devid: u32, path: &str, writable: bool) -> Self {
+        let mut s = DeviceSpec::new("qdisk", frontend_domid, devid);
+        s.frontend_kind = "vbd".into();
+        let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
+        s.backend = vec![
+            kv("params", &format!("aio:{path}")),
+            kv("removable", "0"),
+            kv("bootable", "1"),
+            kv("type", "qdisk"),
+            kv("mode", if writable { "w" } else { "r" }),
+            kv("device-type", "disk"),
+            kv("discard-enable", "1"),
+            kv("specification", "xen"),
+        ];
+        s.frontend = vec![
+            kv("virtual-device", &devid.to_string()),
+            kv("device-type", "disk"),
+            kv("trusted", "1"),
+        ];
+        s
+    }
+
     /// A secondary PV console served by a device model, as `libxl__device_console_add` writes
     /// it: backend `protocol = vt100`; frontend `type = ioemu` and `limit`, read-only to the
     /// guest.
