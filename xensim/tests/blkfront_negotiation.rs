@@ -113,7 +113,12 @@ fn test_negotiation_persistent_off_writes_zero() {
 
     assert_eq!(
         rig.frontend_keys(),
-        expected(&["event-channel", "feature-persistent", "protocol", "ring-ref"])
+        expected(&[
+            "event-channel",
+            "feature-persistent",
+            "protocol",
+            "ring-ref"
+        ])
     );
     assert_eq!(rig.read_fe("feature-persistent").as_deref(), Some("0"));
 }
