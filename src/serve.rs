@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -41,6 +41,9 @@ pub struct ServeArgs {
     /// Path of the xenstored socket (default /run/xenstored/socket).
     #[arg(long)]
     pub xenstore_path: Option<PathBuf>,
+    /// Serve a control socket here (JSON lines: `stats`, `devices`, `resize`).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
     /// The domain domio runs in (the backend domain).
     #[arg(long, default_value_t = 0)]
     pub backend_domid: DomId,
@@ -96,10 +99,14 @@ pub fn check_types(types: &[String]) -> anyhow::Result<Vec<String>> {
     Ok(out)
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A running set of backends for one guest.
 pub struct Service {
     domid: DomId,
-    watchers: Vec<BackendWatcher>,
+    watchers: Mutex<Vec<BackendWatcher>>,
     console: Option<Arc<ConsoleDriver>>,
     blk: Vec<Arc<BlkDriver>>,
     xs: XsClient,
@@ -127,7 +134,7 @@ impl Service {
         }
         let mut svc = Service {
             domid,
-            watchers: Vec::new(),
+            watchers: Mutex::new(Vec::new()),
             console: None,
             blk: Vec::new(),
             xs: xs.clone(),
@@ -155,14 +162,14 @@ impl Service {
             let w = BackendWatcher::start(xs.clone(), driver, u32::from(own), u32::from(domid))
                 .with_context(|| format!("watching {t} backends of dom{domid}"))?;
             info!(backend = %t, dir = %w.backend_dir(), "serving");
-            svc.watchers.push(w);
+            lock(&svc.watchers).push(w);
         }
         Ok(svc)
     }
 
     /// Device states, per backend type.
     pub fn devices(&self) -> Vec<(String, Vec<DeviceInfo>)> {
-        self.watchers
+        lock(&self.watchers)
             .iter()
             .map(|w| {
                 (
@@ -180,6 +187,11 @@ impl Service {
     /// Console counters.
     pub fn console_stats(&self) -> Vec<((u32, u32), ConsoleStats)> {
         self.console.as_ref().map(|c| c.stats()).unwrap_or_default()
+    }
+
+    /// The guest being served.
+    pub fn domid(&self) -> DomId {
+        self.domid
     }
 
     /// Disk counters of every block backend type: ((domid, devid), stats).
@@ -206,16 +218,33 @@ impl Service {
         if let Some(why) = self.xs.dead_reason() {
             return Some(format!("the xenstore connection is gone: {why}"));
         }
-        self.watchers
+        lock(&self.watchers)
             .iter()
             .find(|w| w.is_finished())
             .map(|w| format!("the backend watcher of {} stopped", w.backend_dir()))
     }
 
     /// Stops everything: each device is disconnected and its backend state set to Closed.
-    pub fn stop(self) {
-        for w in self.watchers {
+    pub fn stop(&self) {
+        let watchers = std::mem::take(&mut *lock(&self.watchers));
+        for w in watchers {
             w.stop();
+        }
+    }
+
+    /// Online resize of a disk (`xen_blkbk_resize`): re-reads the image size and tells the
+    /// frontend. Returns the new size in sectors.
+    pub fn resize(&self, devid: u32) -> anyhow::Result<u64> {
+        let mut last = None;
+        for d in &self.blk {
+            match d.resize(u32::from(self.domid), devid) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        match last {
+            Some(e) => Err(e.into()),
+            None => bail!("no block backend is being served"),
         }
     }
 }
@@ -254,6 +283,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         &types,
         Arc::new(LogSink),
     )?;
+    let svc = Arc::new(svc);
+    let control = match &args.control {
+        Some(p) => Some(crate::control::Control::start(p, svc.clone())?),
+        None => None,
+    };
     info!(domid = args.domid, xen = %host.describe(), types = %types.join(","), "domio serving");
     let (rel_tx, rel_rx) = crossbeam_channel::bounded::<()>(1);
     std::thread::Builder::new()
@@ -299,6 +333,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             info!(backend = %t, devid = d.devid, state = %d.state, "device at shutdown");
         }
     }
+    drop(control);
     svc.stop();
     if failed {
         tracing::error!(%reason, "domio stopped because it could no longer serve");

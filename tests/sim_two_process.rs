@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use xen::abi::grant_table::{GTF_READING, GTF_WRITING};
 use xenbus::{XenbusState, XsOps};
+use xensim::front::blk::{BlkFront, BlkFrontOptions, BlkOp};
 use xensim::front::console::ConsoleFront;
 use xensim::guest::Guest;
 use xensim::host::Host;
@@ -213,4 +214,95 @@ fn test_serve_exits_nonzero_when_xenstore_goes_away() {
     let status = wait_exit(&mut s.child);
 
     assert_eq!(status.code(), Some(1), "{status}");
+}
+
+#[test]
+fn test_control_socket_reports_stats_resizes_a_disk_and_survives_garbage() {
+    // Arrange: a guest with a 4 MiB raw disk (qdisk, as xl writes it) served by a domio
+    // process with a control socket.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("xensim.sock");
+    let ctl = dir.path().join("control.sock");
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let host = Host::new().unwrap();
+    let _server = Server::start(host.clone(), &sock).unwrap();
+    let domid = host.create_domain("g", 1024).unwrap();
+    let spec = DeviceSpec::qdisk(domid, 51712, &image.display().to_string(), true);
+    host.toolstack().unwrap().add_device(&spec).unwrap();
+    let guest = Guest::new(host.clone(), domid).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_domio"))
+        .args(["serve", "--domid", &domid.to_string(), "--control"])
+        .arg(&ctl)
+        .arg("--xen")
+        .arg(format!("sim:{}", sock.display()))
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut front =
+        BlkFront::connect(&guest, 51712, BlkFrontOptions::default()).expect("blkback connects");
+    let q = front.queue(0).unwrap();
+    let c = q
+        .run_one(
+            BlkOp::Write {
+                sector: 8,
+                data: &[0x5a; 4096],
+            },
+            None,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert_eq!(c.status, 0);
+    let stream = std::os::unix::net::UnixStream::connect(&ctl).expect("control socket");
+    let mut lines = BufReader::new(stream.try_clone().unwrap()).lines();
+    let greeting: serde_json::Value =
+        serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let mut ask = |req: &str| -> serde_json::Value {
+        use std::io::Write;
+        (&stream).write_all(format!("{req}\n").as_bytes()).unwrap();
+        serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap()
+    };
+
+    // Act
+    let devices = ask(r#"{"execute":"devices"}"#);
+    let stats = ask(r#"{"execute":"stats"}"#);
+    let garbage = ask("this is not json {{{");
+    let unknown = ask(r#"{"execute":"self-destruct"}"#);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let resized = ask(r#"{"execute":"resize","arguments":{"devid":51712}}"#);
+    let seen_by_guest = front.refresh_sectors().unwrap();
+
+    // Assert
+    assert_eq!(greeting["domio"]["domid"], domid, "{greeting}");
+    assert!(
+        devices["return"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["type"] == "qdisk" && d["state"] == 4),
+        "{devices}"
+    );
+    let blk = &stats["return"]["blk"][0];
+    assert_eq!(blk["devid"], 51712, "{stats}");
+    assert!(blk["stats"]["writes"].as_u64().unwrap() >= 1, "{stats}");
+    assert_eq!(garbage["error"]["class"], "GenericError", "{garbage}");
+    assert_eq!(unknown["error"]["class"], "CommandNotFound", "{unknown}");
+    assert_eq!(resized["return"]["sectors"], 16384, "{resized}");
+    assert_eq!(seen_by_guest, 16384);
+    front.close().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
 }

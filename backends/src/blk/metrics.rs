@@ -55,7 +55,7 @@ pub struct BlkMetrics {
 }
 
 /// A plain copy of [`BlkMetrics`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct BlkStats {
     /// See [`BlkMetrics::reads`].
     pub reads: u64,

@@ -22,7 +22,7 @@ pub struct ConsoleMetrics {
 }
 
 /// A plain copy of [`ConsoleMetrics`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ConsoleStats {
     /// See [`ConsoleMetrics::bytes_out`].
     pub bytes_out: u64,
