@@ -266,6 +266,9 @@ struct Conn {
     counters: Counters,
 }
 
+/// The reason recorded when the client itself closes the connection.
+const CLIENT_CLOSED: &str = "client closed";
+
 impl Conn {
     fn lock(&self) -> MutexGuard<'_, Shared> {
         // Every critical section is a handful of map operations that cannot panic half-way,
@@ -281,7 +284,12 @@ impl Conn {
         if sh.dead.is_some() {
             return;
         }
-        warn!(conn = %self.describe, reason, "xenstore connection dead");
+        if reason == CLIENT_CLOSED {
+            // Our own side closed the connection: nothing went wrong.
+            tracing::debug!(conn = %self.describe, "xenstore connection closed");
+        } else {
+            warn!(conn = %self.describe, reason, "xenstore connection dead");
+        }
         sh.dead = Some(reason.to_owned());
         for (_, waiter) in sh.pending.drain() {
             // The waiter may have timed out and gone; nothing to do then.
@@ -402,7 +410,7 @@ fn reader_loop(conn: Arc<Conn>, mut file: File, wake: OwnedFd) {
             )
         };
         if woken {
-            conn.kill("client closed");
+            conn.kill(CLIENT_CLOSED);
             return;
         }
         if !data_ready {
