@@ -60,3 +60,140 @@ CFG
 # guest_console_has NAME TEXT   (xenconsoled logs each guest console to a file)
 guest_console_has() { grep -q -- "$2" "/var/log/xen/console/guest-$1.log" 2>/dev/null; }
 domain_gone() { ! xl domid "$1" >/dev/null 2>&1; }
+
+# --- block devices (blk-* scenarios) ------------------------------------------------------
+# Layout of the test disks, shared with guest/blk.sh (keep in sync):
+#   1 MiB  dom0's marker line "DOMIO-MARKER <token>"
+#   2 MiB  the guest's answer "DOMIO-GUEST-WROTE <token>" (after a reconnect: at 2 MiB + 4 KiB)
+#   3 MiB  dom0's "DOMIO-POWEROFF" line: the guest polls it (O_DIRECT reads) and powers off
+#   4 MiB  1 MiB of random data written by the guest (O_DIRECT, fsync); it prints its sha256
+BLK_MARK_OFF=1048576 BLK_GUEST_OFF=2097152 BLK_GO_OFF=3145728 BLK_DATA_OFF=4194304 BLK_DATA_LEN=1048576
+BLK_VDEV=51712   # xvda
+# blk_no_kernel_blkback: unload xen-blkback (dom0's /init loads it) so that nothing but domio
+# serves vbd devices; fails if it is still there. blk_restore_kernel_blkback undoes it.
+blk_no_kernel_blkback() {
+  if [ -d /sys/module/xen_blkback ]; then rmmod xen_blkback || return 1; fi
+  [ ! -d /sys/module/xen_blkback ] && [ ! -e /sys/bus/xen-backend/drivers/vbd ] && ! grep -q '^xen_blkback ' /proc/modules
+}
+blk_restore_kernel_blkback() { modprobe xen-blkback 2>/dev/null || true; }
+# blk_put_line IMAGE OFFSET TEXT: writes TEXT + newline at byte OFFSET (a 512-byte block, zero padded)
+blk_put_line() { printf '%s\n' "$3" | dd of="$1" bs=512 seek=$(($2 / 512)) count=1 conv=sync,notrunc,fsync 2>/dev/null; }
+# blk_get_line IMAGE OFFSET: the first line of the 512-byte block at OFFSET
+blk_get_line() { dd if="$1" bs=512 skip=$(($2 / 512)) count=1 2>/dev/null | tr -d '\0' | sed -n 1p; }
+# blk_sha IMAGE OFFSET LENGTH: sha256 of that range (a raw image; for qcow2 use qemu-img convert first)
+blk_sha() { dd if="$1" bs=4096 skip=$(($2 / 4096)) count=$(($3 / 4096)) 2>/dev/null | sha256sum | cut -d' ' -f1; }
+# blk_write_nodes TYPE DOMID PARAMS: the nodes libxl writes for a disk xvda (see the reference
+# listings of the xen-tcg lab: phy.txt for vbd, qdisk.txt for qdisk), with libxl's permissions:
+# backend dir owned by dom0 and readable by the guest, frontend dir owned by the guest.
+blk_write_nodes() {
+  local type=$1 d=$2 params=$3 be fe
+  be=/local/domain/0/backend/$type/$d/$BLK_VDEV; fe=/local/domain/$d/device/vbd/$BLK_VDEV
+  xenstore-write "$be/frontend" "$fe" "$be/params" "$params" "$be/frontend-id" "$d" "$be/online" 1 \
+    "$be/removable" 0 "$be/bootable" 1 "$be/dev" xvda "$be/type" "$type" "$be/mode" w \
+    "$be/device-type" disk "$be/discard-enable" 1 "$be/specification" xen "$be/state" 1 &&
+  xenstore-write "$fe/backend" "$be" "$fe/backend-id" 0 "$fe/virtual-device" "$BLK_VDEV" \
+    "$fe/device-type" disk "$fe/trusted" 1 "$fe/state" 1 &&
+  xenstore-chmod -r "/local/domain/0/backend/$type/$d" n0 &&
+  xenstore-chmod -r "$be" n0 "r$d" &&
+  xenstore-chmod "/local/domain/$d/device/vbd" n0 "r$d" &&
+  xenstore-chmod -r "$fe" "n$d" r0
+}
+# blk_state TYPE DOMID backend|frontend: the device's xenbus state
+blk_state() {
+  case $3 in
+    backend) xenstore-read "/local/domain/0/backend/$1/$2/$BLK_VDEV/state" 2>/dev/null ;;
+    *) xenstore-read "/local/domain/$2/device/vbd/$BLK_VDEV/state" 2>/dev/null ;;
+  esac
+}
+blk_connected() { [ "$(blk_state "$@")" = 4 ]; }
+_blk_closed_or_gone() { local v; v=$(xenstore-read "$1/state" 2>/dev/null) || return 0; [ "$v" = 6 ]; }
+# blk_detach TYPE DOMID: remove the disk as libxl does (backend online=0 and state=5, wait for
+# the backend to reach Closed, remove the frontend and backend directories)
+blk_detach() {
+  local be=/local/domain/0/backend/$1/$2/$BLK_VDEV fe=/local/domain/$2/device/vbd/$BLK_VDEV
+  xenstore-write "$be/online" 0 "$be/state" 5 || return 1
+  wait_for "backend state 6 (or gone) after the detach request" 10 _blk_closed_or_gone "$be" || return 1
+  xenstore-rm "$fe" 2>/dev/null || true; xenstore-rm "$be" 2>/dev/null || true
+}
+# blk_start NAME TYPE PARAMS: the common first half of the blk-* scenarios. Creates guest NAME
+# paused (XENLAB_GUEST selects its script), writes the disk's nodes (TYPE vbd or qdisk, PARAMS
+# as libxl would write them), starts `domio serve --backend-types TYPE` in the background
+# (log: $XENLAB_ARTIFACTS/serve.txt), unpauses, and checks that both ends reach Connected.
+# Sets BLK_D (domid), BLK_PID (domio's pid), BLK_T0 (uptime at unpause). Cleans up on exit
+# (the nodes it wrote, and xen-blkback reloaded).
+blk_start() {
+  local name=$1 type=$2 params=$3
+  BLK_NAME=$name BLK_TYPE=$type
+  pv_guest_cfg "$name"
+  check xl-create-paused sh -c "xl create -p /root/$name.cfg > $XENLAB_ARTIFACTS/xl-create.log 2>&1"
+  BLK_D=$(xl domid "$name")
+  trap blk_cleanup EXIT
+  check "write-$type-nodes" blk_write_nodes "$type" "$BLK_D" "$params"
+  blk_trace "/local/domain/0/backend/$type/$BLK_D/$BLK_VDEV/state"; blk_trace "/local/domain/$BLK_D/device/vbd/$BLK_VDEV"
+  log "running: $DOMIO serve --domid $BLK_D --xen linux --backend-types $type"
+  "$DOMIO" serve --domid "$BLK_D" --xen linux --backend-types "$type" > "$XENLAB_ARTIFACTS/serve.txt" 2>&1 &
+  BLK_PID=$!
+  check unpause xl unpause "$name"
+  BLK_T0=$(up)
+  check backend-connected wait_for "backend state 4" 60 blk_connected "$type" "$BLK_D" backend
+  check frontend-connected wait_for "frontend state 4" 30 blk_connected "$type" "$BLK_D" frontend
+  log "both ends Connected $(awk "BEGIN{print $(up)-$BLK_T0}")s after unpause"
+}
+# blk_trace PATH: log every change under PATH (a xenstore watch) with its value and dom0's uptime
+# into $XENLAB_ARTIFACTS/xenstore-trace.txt, until blk_trace_stop
+BLK_WATCH_PIDS=""
+blk_trace() {
+  local f; f=$(mktemp -u /tmp/blkwatch.XXXXXX); mkfifo "$f"
+  xenstore-watch "$1" > "$f" 2>/dev/null & BLK_WATCH_PIDS="$BLK_WATCH_PIDS $!"
+  while read -r q _; do echo "[$(up)] $q = $(xenstore-read "$q" 2>/dev/null || echo '(none)')"; done < "$f" \
+    >> "$XENLAB_ARTIFACTS/xenstore-trace.txt" &
+  rm -f "$f"   # both ends are open (or being opened) by now; the name is not needed
+}
+blk_trace_stop() { local p; for p in $BLK_WATCH_PIDS; do kill "$p" 2>/dev/null || true; done; BLK_WATCH_PIDS=""; }
+blk_cleanup() {
+  blk_trace_stop
+  [ -z "${BLK_PID:-}" ] || kill -KILL "$BLK_PID" 2>/dev/null || true
+  [ -z "${BLK_D:-}" ] || xenstore-rm "/local/domain/0/backend/${BLK_TYPE:-vbd}/$BLK_D" 2>/dev/null || true
+  blk_restore_kernel_blkback
+}
+# blk_guest_line TEXT: the guest printed "DOMU-BLK: TEXT..." (prints the rest of that line)
+# (xenconsoled's log has CRLF line ends: the CR is dropped)
+blk_guest_line() {
+  tr -d '\r' < "/var/log/xen/console/guest-$BLK_NAME.log" 2>/dev/null |
+    awk -v p="DOMU-BLK: $1" 'index($0, p) == 1 && !d { print substr($0, length(p) + 1); d = 1 } END { exit !d }'
+}
+# blk_guest_said TEXT VALUE: the guest printed "DOMU-BLK: TEXT" followed by exactly VALUE
+blk_guest_said() { local v; v=$(blk_guest_line "$1") || { echo "the guest did not print 'DOMU-BLK: $1'"; return 1; }
+  [ "$v" = "$2" ] || { echo "the guest printed 'DOMU-BLK: $1$v', expected '$2'"; return 1; }; }
+blk_io_done() { blk_guest_line "io done" >/dev/null || guest_console_has "$BLK_NAME" DOMU-DONE; }
+# blk_finish_guest: after the guest said "io done": save the xenstore listing, check domio
+# still runs, `xl shutdown` (the guest powers off, blkfront closes), wait for the domain to go
+# and for domio to exit 0 by itself.
+blk_finish_guest() {
+  { xenstore-ls -fp "/local/domain/0/backend/$BLK_TYPE/$BLK_D"; xenstore-ls -fp "/local/domain/$BLK_D/device/vbd"; } \
+    > "$XENLAB_ARTIFACTS/xenstore.txt" 2>&1 || true
+  if proc_exited "$BLK_PID"; then fail domio-still-running "domio serve exited while the guest ran"; else pass domio-still-running; fi
+  local t=$(up)
+  check xl-shutdown timeout 15 xl shutdown "$BLK_NAME"
+  if wait_for "domain $BLK_NAME gone" 20 domain_gone "$BLK_NAME"; then pass guest-powers-off
+    log "guest gone $(awk "BEGIN{print $(up)-$t}")s after xl shutdown"
+  else fail guest-powers-off "still there 20 s after xl shutdown; destroying it"; xl destroy "$BLK_NAME" || true; fi
+  if grep -q 'timeout closing device' "/var/log/xen/console/guest-$BLK_NAME.log" 2>/dev/null; then
+    echo "NOTE: blkfront timed out closing the device at guest shutdown (backend did not reach Closing in 5s)"
+  fi
+  if wait_for "domio to exit after the domain is gone" 15 proc_exited "$BLK_PID" > /dev/null; then
+    local rc=0; wait "$BLK_PID" || rc=$?
+    if [ $rc = 0 ]; then pass domio-exits-0; else fail domio-exits-0 "exit status $rc"; fi
+  else
+    fail domio-exits-0 "still running 15 s after the domain went"; kill -KILL "$BLK_PID" 2>/dev/null || true
+  fi
+  BLK_PID=""
+  blk_trace_stop
+}
+# blk_report: domio's log, the guest console and the xenstore listing, at the end of the output
+blk_report() {
+  echo "--- domio serve log"; sed 's/^/    | /' "$XENLAB_ARTIFACTS/serve.txt"
+  echo "--- guest console"; cat "/var/log/xen/console/guest-$BLK_NAME.log" || true
+  echo "--- xenstore (while connected)"; cat "$XENLAB_ARTIFACTS/xenstore.txt" 2>/dev/null || true
+  echo "--- xenstore trace (state changes, frontend writes)"; cat "$XENLAB_ARTIFACTS/xenstore-trace.txt" 2>/dev/null || true
+}

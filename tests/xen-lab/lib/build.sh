@@ -2,8 +2,9 @@
 # Step 2 of the lab: build the initramfs images from what fetch.sh unpacked.
 #
 #   $XENLAB_DIR/dom0-base.cpio.gz  busybox, Xen 4.17 tools + libs, bash/flock/stat (hotplug scripts),
-#                                  kernel modules, /etc/xen, the guest kernel. Cached: rebuilt only
-#                                  when the fetched packages or this script change.
+#                                  the host's qemu-img + libs, kernel modules, /etc/xen, the guest
+#                                  kernel. Cached: rebuilt only when the fetched packages, the host's
+#                                  qemu-img version or this script change.
 #   $XENLAB_DIR/domU.cpio.gz       tiny busybox PV guest: blkfront/netfront modules, /init,
 #                                  tests/xen-lab/guest/*.sh, and domio + its libs. Rebuilt every run.
 #   $XENLAB_DIR/dom0.cpio.gz       dom0-base.cpio.gz with a per-run overlay appended (Linux accepts
@@ -68,7 +69,9 @@ add_domio() { # root  (stripped copy of domio, plus its libs)
 
 t0=$(now_ms)
 # ---------- dom0 base (cached) ----------
-KEY=$( { cat "$XENLAB_DIR/fetch.stamp"; sha256sum < "${BASH_SOURCE[0]}"; ldd --version | sed -n 1p; } | sha256sum | cut -c1-16)
+QEMU_IMG=$(command -v qemu-img || true)
+KEY=$( { cat "$XENLAB_DIR/fetch.stamp"; sha256sum < "${BASH_SOURCE[0]}"; ldd --version | sed -n 1p
+         [ -z "$QEMU_IMG" ] || "$QEMU_IMG" --version | sed -n 1p; } | sha256sum | cut -c1-16)
 BASE=$XENLAB_DIR/dom0-base.cpio.gz
 if [ ! -f "$BASE" ] || [ "$(cat "$BASE.key" 2>/dev/null)" != "$KEY" ]; then
   R=$XENLAB_DIR/dom0root; rm -rf "$R" "$BASE.key"; skel "$R"
@@ -92,6 +95,9 @@ if [ ! -f "$BASE" ] || [ "$(cat "$BASE.key" 2>/dev/null)" != "$KEY" ]; then
   GCC_S=/usr/lib/x86_64-linux-gnu/libgcc_s.so.1
   [ -f "$GCC_S" ] || die "$GCC_S not found on the host (package libgcc-s1)"
   cp -L "$GCC_S" "$R/usr/lib/x86_64-linux-gnu/"
+  # qemu-img (blk-qcow2 makes a qcow2 overlay and checks it): the host's, with its libraries
+  if [ -n "$QEMU_IMG" ]; then withlibs "$R" "$QEMU_IMG" /usr/bin/qemu-img
+  else say "warning: no qemu-img on this host (package qemu-utils): the blk-qcow2 scenario will fail"; fi
   cp -a "$P/etc/xen" "$R/etc/"
   printf 'root:x:0:0:root:/root:/bin/sh\n' > "$R/etc/passwd"; printf 'root:x:0:\n' > "$R/etc/group"
   cp "$XENLAB_DIR/vmlinuz" "$R/root/vmlinuz"
