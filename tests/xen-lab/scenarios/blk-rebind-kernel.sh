@@ -15,6 +15,7 @@ BLK_NAME=blkrk BLK_TYPE=vbd
 XENLAB_GUEST=blk-rebind pv_guest_cfg blkrk "disk=['format=raw, vdev=xvda, access=rw, backendtype=phy, target=$IMG']"
 check xl-create sh -c "xl create /root/blkrk.cfg > $XENLAB_ARTIFACTS/xl-create.log 2>&1"
 BLK_D=$(xl domid blkrk)
+trap blk_trace_stop EXIT
 blk_trace "/local/domain/0/backend/vbd/$BLK_D/$BLK_VDEV/state"; blk_trace "/local/domain/$BLK_D/device/vbd/$BLK_VDEV"
 check guest-io-done wait_for "the guest's I/O and reconnect (DOMU-BLK: io done)" 60 blk_io_done
 check guest-read-marker blk_guest_said "marker read: " "DOMIO-MARKER $TOKEN"
