@@ -1267,10 +1267,11 @@ impl Engine {
             }
         };
         dev.frontend_state = Some(fe);
-        if matches!(
-            fe,
-            XenbusState::Closing | XenbusState::Closed | XenbusState::Unknown
-        ) && dev.frontend_seen
+        // The frontend closing ends the wait after a failed probe, even if Closing or Closed is
+        // the first state we ever read (the guest may close before the watcher first looks);
+        // a missing node counts only once the frontend has been seen.
+        if matches!(fe, XenbusState::Closing | XenbusState::Closed)
+            || (fe == XenbusState::Unknown && dev.frontend_seen)
         {
             dev.await_restart = false;
         }
@@ -1312,6 +1313,7 @@ impl Engine {
             XenbusState::InitWait => {}
             XenbusState::Initialised => {
                 if self.driver.connect_on_initialised() {
+                    self.restart_without_initialising(dev, fe);
                     self.connect(dev);
                 }
             }
@@ -1319,6 +1321,7 @@ impl Engine {
                 if dev.state == XenbusState::Reconfigured && dev.connected {
                     set_state(dev, XenbusState::Connected);
                 } else {
+                    self.restart_without_initialising(dev, fe);
                     self.connect(dev);
                 }
             }
@@ -1351,6 +1354,22 @@ impl Engine {
             }
         }
         true
+    }
+
+    /// A frontend that comes back after a close may skip Initialising: Linux's blkfront,
+    /// unbound and bound again, goes from Closed straight to Initialised with a new ring.
+    /// Linux's blkback connects in that case (frontend_changed: Initialised or Connected while
+    /// not Connected), and so do we, after a fresh probe: never a connect on a stale probe.
+    fn restart_without_initialising(&self, dev: &mut Dev, fe: XenbusState) {
+        let closed_after_a_session =
+            dev.state == XenbusState::Closed && dev.attempted && !dev.connected;
+        if closed_after_a_session && !dev.await_restart {
+            limited!(
+                dev.log,
+                info!(frontend = %fe, "frontend came back without Initialising; probing again")
+            );
+            self.probe(dev);
+        }
     }
 
     fn connect(&self, dev: &mut Dev) {

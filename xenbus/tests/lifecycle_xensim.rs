@@ -146,6 +146,35 @@ fn test_lifecycle_frontend_close_then_restart_reprobes_and_reconnects() {
 }
 
 #[test]
+fn test_lifecycle_frontend_back_from_closed_without_initialising_reconnects() {
+    // Arrange: seen on real Xen: Linux 6.1's blkfront, unbound and bound again, goes from
+    // Closed straight to Initialised with a new ring (no Initialising in between).
+    let mut s = setup("vbd");
+    s.connected();
+    fe_state(&s.guest, DOMID, DEVID, b"6");
+    wait_state(&s.sim.dom0, &s.be, XenbusState::Closed);
+    s.driver
+        .log
+        .wait("disconnect", |c| c.contains(&Call::Disconnect(DEVID)));
+    // Act
+    frontend_publish(&s.guest, DOMID, DEVID, "11");
+    wait_state(&s.sim.dom0, &s.be, XenbusState::Connected);
+    // Assert: a fresh probe before the second connect.
+    assert_eq!(
+        s.driver.log.calls(),
+        vec![
+            Call::Probe(DEVID),
+            Call::Connect(DEVID, true),
+            Call::Disconnect(DEVID),
+            Call::Drop(DEVID),
+            Call::Probe(DEVID),
+            Call::Connect(DEVID, true),
+        ]
+    );
+    s.stop();
+}
+
+#[test]
 fn test_lifecycle_backend_node_removed_disconnects_and_drops_device() {
     // Arrange
     let mut s = setup("vbd");
