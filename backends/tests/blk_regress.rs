@@ -297,3 +297,33 @@ fn test_blk_regress_ram_engine_rounds_with_pauses() {
         Some(Duration::from_millis(20)),
     );
 }
+
+/// 1 MiB reads at QD32 used to thrash the persistent-grant cache: a large request whose
+/// uncached pages did not fit was mapped one page per call, evicting one page per miss. Now
+/// such a request maps all its misses in one batch, and data still round-trips.
+#[test]
+fn test_blk_regress_large_requests_over_a_full_cache_map_misses_in_one_batch() {
+    let disk = MemDisk::new(DISK_BYTES);
+    let cfg = BlkConfig {
+        max_persistent_grants: 8,
+        ..BlkConfig::default()
+    };
+    let r = rig_with_factory(&[], cfg, disk.clone(), mem_factory(disk));
+    let mut f = connect_disk(&r, &r.guest);
+    let before = r.stats(51712).grant_maps;
+
+    for n in 1..=ROUNDS {
+        round(f.queue(0).unwrap(), n, Verify::Data, "cache of 8 pages");
+    }
+    let s = r.stats(51712);
+
+    // Each round is a write and a read of 16 data pages through indirect requests (plus the
+    // indirect page itself); per-page mapping would take about 17 maps per request.
+    let maps_per_request = (s.grant_maps - before) as f64 / (2 * ROUNDS) as f64;
+    assert!(
+        maps_per_request <= 3.0,
+        "{maps_per_request} grant maps per request: {s:?}"
+    );
+    assert!(s.persistent_misses >= 16, "{s:?}");
+    f.close().unwrap();
+}

@@ -62,6 +62,24 @@ impl PersistentGrants {
         self.entries.is_empty()
     }
 
+    /// Whether `gref` is cached (no side effects).
+    pub fn contains(&self, gref: GrantRef) -> bool {
+        self.entries.contains_key(&gref)
+    }
+
+    /// A cached page (counts as a use for the LRU order); None if not cached.
+    pub fn hit(&mut self, gref: GrantRef) -> Option<Arc<GrantMapping>> {
+        self.tick += 1;
+        let e = self.entries.get_mut(&gref)?;
+        e.last_used = self.tick;
+        Some(e.mapping.clone())
+    }
+
+    /// Pages that can still be cached without evicting.
+    pub fn room(&self) -> usize {
+        self.max.saturating_sub(self.entries.len())
+    }
+
     /// Finds `gref`, or maps and caches it (evicting an unused page if full). Returns
     /// `(lookup, evicted)`.
     pub fn get(

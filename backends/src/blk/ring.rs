@@ -192,6 +192,8 @@ struct Queue {
     indirect_segs: Vec<BlkifRequestSegment>,
     bounce_pool: Vec<Arc<SharedMem>>,
     scratch: Vec<u8>,
+    /// Reused list of a request's uncached grant refs (large requests, batch map).
+    miss_grefs: Vec<GrantRef>,
     responses: u32,
     /// Requests started, refused or completed (to tell spurious events).
     work: u64,
@@ -294,6 +296,7 @@ pub(crate) fn start(p: QueueParams) -> Result<QueueHandle, BlkError> {
         indirect_segs: vec![BlkifRequestSegment::default(); usize::from(MAX_INDIRECT_SEGMENTS)],
         bounce_pool: Vec::new(),
         scratch: Vec::new(),
+        miss_grefs: Vec::with_capacity(256),
         responses: 0,
         work: 0,
         rogue: false,
@@ -657,6 +660,54 @@ impl Queue {
     ) -> Result<(), i16> {
         let err = BLKIF_RSP_ERROR;
         if let Some(cache) = self.persistent.as_mut() {
+            // A large request (indirect) whose uncached pages do not fit in the cache's free
+            // room is not cached page by page: that would map one page per call and evict one
+            // page per miss (a 1 MiB read at QD32 thrashed a 1056-page cache this way). Its
+            // misses are mapped in one batch for this request only; hits are still used.
+            let misses = list.iter().filter(|s| !cache.contains(s.gref)).count();
+            if misses > BLKIF_MAX_SEGMENTS_PER_REQUEST && misses > cache.room() {
+                let mut grefs = std::mem::take(&mut self.miss_grefs);
+                grefs.clear();
+                grefs.extend(
+                    list.iter()
+                        .filter(|s| !cache.contains(s.gref))
+                        .map(|s| s.gref),
+                );
+                let batch = map_batch(
+                    self.gnttab.as_ref(),
+                    self.domid,
+                    &self.shared.metrics,
+                    &grefs,
+                    device_writes,
+                );
+                let mut next = 0usize;
+                let mut out = Ok(());
+                if let Ok(batch) = &batch {
+                    for s in list {
+                        let seg = match cache.hit(s.gref) {
+                            Some(m) => {
+                                add(&self.shared.metrics.persistent_hits, 1);
+                                IoSeg::new(m, s.offset(), s.len(), device_writes)
+                            }
+                            None => {
+                                add(&self.shared.metrics.persistent_misses, 1);
+                                let at = next * PAGE_SIZE + s.offset();
+                                next += 1;
+                                IoSeg::new(batch.clone(), at, s.len(), device_writes)
+                            }
+                        };
+                        match seg {
+                            Ok(seg) => segs.push(seg),
+                            Err(_) => {
+                                out = Err(err);
+                                break;
+                            }
+                        }
+                    }
+                }
+                self.miss_grefs = grefs;
+                return batch.map_err(|_| err).and(out);
+            }
             // Pages the full cache cannot take are mapped for this request only.
             for s in list {
                 match cache.get(self.gnttab.as_ref(), s.gref) {

@@ -1,5 +1,4 @@
 #!/bin/bash
-# xenlab-default: no
 # xenlab-timeout: 120
 # blk-rebind (opt-in: fails, see the README): as blk-raw (domio `--backend-types vbd`, raw
 # image, kernel xen-blkback unloaded), but the guest's xen-blkfront closes and reconnects by
