@@ -1,6 +1,6 @@
 #!/bin/bash
 # xenlab-timeout: 120
-# blk-rebind (opt-in: fails, see the README): as blk-raw (domio `--backend-types vbd`, raw
+# blk-rebind: as blk-raw (domio `--backend-types vbd`, raw
 # image, kernel xen-blkback unloaded), but the guest's xen-blkfront closes and reconnects by
 # itself: guest/blk-rebind.sh unbinds vbd-51712 from the driver through sysfs (blkfront
 # removes the disk, the frontend goes Closed), binds it again at once, then reads dom0's marker
