@@ -417,6 +417,9 @@ impl Queue {
     /// Reap, consume, kick, answer.
     fn pass(&mut self) {
         self.reap();
+        // Answer what completed before taking new requests, so the frontend can reuse those
+        // slots while we submit (Linux's blkback pushes each response as its I/O completes).
+        self.publish();
         if !self.rogue {
             self.consume();
         }
