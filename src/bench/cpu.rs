@@ -1,6 +1,6 @@
 //! CPU time of this process (user + system, all threads), as getrusage(RUSAGE_SELF) reports
 //! it, read from /proc/self/stat (fields utime and stime, in USER_HZ = 100 ticks per second
-//! on every Linux architecture) so that no `unsafe` libc call is needed.
+//! on every Linux architecture) so that no raw libc call is needed.
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! * [`abi`]: `#[repr(C)]` mirrors of Xen's public headers, checked against the C headers by
 //!   `tests/layout.rs`.
 //! * [`mem`]: [`mem::SharedMem`], the one type through which domio touches memory that another
-//!   domain can write. It is the only place (with `linux::sys`) that holds `unsafe` code.
+//!   domain can write. It is the only place (with `linux::sys`) that holds code exempt from `deny(unsafe_code)`.
 //! * The traits a backend or device model is written against: [`XenHost`] opens handles
 //!   of [`EventChannels`], [`GrantTables`], [`ForeignMemory`] and [`DeviceModel`], and connects
 //!   to xenstore. There are two implementations: [`linux`] (the real `/dev/xen` devices) and

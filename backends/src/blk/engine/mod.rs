@@ -5,7 +5,7 @@
 //! (io_uring, thread pool) are separate axes behind this one trait; `null` completes every
 //! request at once and measures the protocol's own cost.
 //!
-//! Memory safety without `unsafe` in callers: each [`IoSeg`] holds an `Arc` of the mapping it
+//! Memory safety with no unchecked code in callers: each [`IoSeg`] holds an `Arc` of the mapping it
 //! points into (a grant mapping or guest RAM) and is bounds-checked when built, so the memory
 //! stays mapped until the engine returns the segment in a [`Completion`]. The engine derives
 //! raw pointers for the kernel only inside its own `sys` module.
