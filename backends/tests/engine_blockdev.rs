@@ -3,15 +3,16 @@
 //! resize seen by `refresh_capacity`. Needs root and /dev/loop-control; without them each test
 //! says so on stderr and passes without checking anything.
 
+mod engine_common;
+use engine_common::{mem, req, seg};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 
 use backends::blk::engine::{
-    Completion, Engine, IoMem, IoOp, IoRequest, IoSeg, Mechanism, RawEngine, RawOptions,
+    Completion, Engine, IoOp, IoRequest, Mechanism, RawEngine, RawOptions,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use xen::SharedMem;
 
 const MIB: u64 = 1 << 20;
 
@@ -50,26 +51,6 @@ impl Loop {
 impl Drop for Loop {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
-
-fn mem(len: usize) -> Arc<SharedMem> {
-    Arc::new(SharedMem::anonymous(len).unwrap())
-}
-
-fn seg(m: &Arc<SharedMem>, offset: usize, len: usize, device_writes: bool) -> IoSeg {
-    let m: Arc<dyn IoMem> = m.clone();
-    IoSeg::new(m, offset, len, device_writes).unwrap()
-}
-
-fn req(tag: u64, op: IoOp, offset: u64, segs: Vec<IoSeg>, len: u64) -> IoRequest {
-    IoRequest {
-        tag,
-        op,
-        offset,
-        len,
-        segs,
-        fua: false,
     }
 }
 

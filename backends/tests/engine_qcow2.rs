@@ -2,39 +2,20 @@
 //! backing chain, the bases stay byte-identical, `qemu-img check` finds the result consistent
 //! and `qemu-img compare` finds exactly the guest's writes.
 
+mod engine_common;
+use engine_common::{mem, req, seg};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 
 use backends::blk::engine::{
-    open_engine, Completion, Engine, EngineOptions, ImageFormat, IoMem, IoOp, IoRequest, IoSeg,
-    Qcow2Engine, Qcow2Options,
+    open_engine, Completion, Engine, EngineOptions, ImageFormat, IoOp, IoRequest, Qcow2Engine,
+    Qcow2Options,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use xen::SharedMem;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 4 * MIB;
-
-fn mem(len: usize) -> Arc<SharedMem> {
-    Arc::new(SharedMem::anonymous(len).unwrap())
-}
-
-fn seg(m: &Arc<SharedMem>, offset: usize, len: usize, device_writes: bool) -> IoSeg {
-    let m: Arc<dyn IoMem> = m.clone();
-    IoSeg::new(m, offset, len, device_writes).unwrap()
-}
-
-fn req(tag: u64, op: IoOp, offset: u64, segs: Vec<IoSeg>, len: u64) -> IoRequest {
-    IoRequest {
-        tag,
-        op,
-        offset,
-        len,
-        segs,
-        fua: false,
-    }
-}
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)

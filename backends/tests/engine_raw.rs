@@ -2,6 +2,9 @@
 //! data round trips at odd sector offsets, batching, queue depth, the validation rules shared
 //! with `null::validate`, flush, FUA, discard, write-zeroes and online resize.
 
+mod engine_common;
+use engine_common::{mem, req, seg};
+
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -9,34 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use backends::blk::engine::{
-    open_engine, Completion, Engine, EngineOptions, IoMem, IoOp, IoRequest, IoSeg, Mechanism,
-    RawEngine, RawOptions,
+    open_engine, Completion, Engine, EngineOptions, IoOp, IoRequest, IoSeg, Mechanism, RawEngine,
+    RawOptions,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use xen::SharedMem;
 
 const MIB: u64 = 1 << 20;
 const MECHS: [Mechanism; 2] = [Mechanism::IoUring, Mechanism::ThreadPool];
-
-fn mem(len: usize) -> Arc<SharedMem> {
-    Arc::new(SharedMem::anonymous(len).unwrap())
-}
-
-fn seg(m: &Arc<SharedMem>, offset: usize, len: usize, device_writes: bool) -> IoSeg {
-    let m: Arc<dyn IoMem> = m.clone();
-    IoSeg::new(m, offset, len, device_writes).unwrap()
-}
-
-fn req(tag: u64, op: IoOp, offset: u64, segs: Vec<IoSeg>, len: u64) -> IoRequest {
-    IoRequest {
-        tag,
-        op,
-        offset,
-        len,
-        segs,
-        fua: false,
-    }
-}
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
