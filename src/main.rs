@@ -8,6 +8,7 @@
 mod bench;
 mod control;
 mod demo;
+mod hvm;
 mod logging;
 mod probe;
 mod serve;
@@ -46,6 +47,8 @@ enum Command {
     Probe(probe::ProbeArgs),
     /// Measure a backend driven by a simulated guest in this process.
     Bench(bench::BenchArgs),
+    /// Be the ioreq server and device model of one HVM guest, built from its `.hvm` config.
+    Hvm(hvm::HvmArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(a),
         Command::Probe(a) => probe::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Hvm(a) => hvm::run(a),
     };
     match r {
         Ok(code) => code,

@@ -10,4 +10,5 @@
 
 pub mod blk;
 pub mod console;
+pub mod net;
 pub mod ratelimit;

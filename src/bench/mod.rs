@@ -12,12 +12,16 @@ mod e2e;
 #[cfg(test)]
 mod fake;
 mod hist;
+mod ioreq;
+mod net;
 
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
 pub use blk::BlkArgs;
+pub use ioreq::IoreqArgs;
+pub use net::NetArgs;
 
 /// Arguments of `domio bench`.
 #[derive(Debug, Args)]
@@ -32,11 +36,19 @@ pub struct BenchArgs {
 pub enum BenchCmd {
     /// Block I/O through blkback: IOPS, bandwidth, latency percentiles, CPU per request.
     Blk(BlkArgs),
+    /// Network I/O through netback: TCP throughput and small-frame packet rate, next to veth
+    /// and raw tap writes measured in the same run.
+    Net(NetArgs),
+    /// The ioreq round trip (a vCPU's port I/O answered by domio) next to an eventfd
+    /// ping-pong between two threads.
+    Ioreq(IoreqArgs),
 }
 
 /// Runs `domio bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.cmd {
         BenchCmd::Blk(a) => blk::run(a),
+        BenchCmd::Net(a) => net::run(a),
+        BenchCmd::Ioreq(a) => ioreq::run(a),
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod blk;
 pub mod console;
+pub mod frame;
 
 use std::time::{Duration, Instant};
 

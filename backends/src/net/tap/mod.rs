@@ -1,0 +1,1 @@
+//! The tap engine (being built; see the netback issue).
