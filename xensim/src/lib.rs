@@ -15,6 +15,7 @@ pub mod efd;
 pub mod front;
 pub mod guest;
 pub mod host;
+pub mod hvm;
 #[allow(unsafe_code)]
 pub mod mem;
 pub mod proto;
