@@ -194,6 +194,36 @@ fn test_blk_persistent_cache_is_bounded_lru() {
 }
 
 #[test]
+fn test_blk_persistent_cache_holds_a_full_ring_of_largest_requests_by_default() {
+    // A one-page ring (32 slots) of 256-segment indirect requests keeps 32 × 257 pages
+    // granted. Linux's 1056-page bound would evict on nearly every large request; domio's
+    // default keeps them all, so reusing 1100 pages evicts nothing.
+    let r = rig(&[(0, "w")]);
+    let mut f = TestFront::connect(
+        &r.guest,
+        0,
+        FrontOpts {
+            persistent: true,
+            ..FrontOpts::default()
+        },
+    );
+    let pages: Vec<_> = (0..1100).map(|_| f.data_page(1, false)).collect();
+    for round in 0..2u64 {
+        for (i, (_, gr)) in pages.iter().enumerate() {
+            let rsp = f.roundtrip(
+                0,
+                &rw(BLKIF_OP_READ, round * 2000 + i as u64, 0, &[(*gr, 0, 7)]),
+            );
+            assert_eq!(rsp.status, BLKIF_RSP_OKAY);
+        }
+    }
+    let s = r.stats(0);
+    assert_eq!(s.persistent_evictions, 0);
+    assert_eq!(s.persistent_misses, 1100);
+    assert_eq!(s.persistent_hits, 1100);
+}
+
+#[test]
 fn test_blk_non_persistent_grants_unmapped_before_response() {
     let r = rig(&[(0, "w")]);
     let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());

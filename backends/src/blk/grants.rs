@@ -12,8 +12,37 @@ use std::sync::Arc;
 
 use xen::{DomId, GrantError, GrantMapping, GrantRef, GrantTables};
 
-/// Linux blkback's default bound (`xen_blkif_max_pgrants`).
+/// Linux blkback's default bound (`xen_blkif_max_pgrants`: a 32-slot ring of 33-page
+/// requests). domio keeps at least this many per queue.
 pub const DEFAULT_MAX_PERSISTENT_GRANTS: usize = 1056;
+
+/// The most pages domio keeps persistently mapped for one queue (64 MiB): the cap of
+/// [`persistent_grants_for_ring`] and the default of `BlkConfig::max_persistent_grants`
+/// (XSA-300: mappings per frontend are bounded).
+pub const MAX_PERSISTENT_GRANTS_PER_QUEUE: usize = 16384;
+
+/// Segments one indirect page describes (4096 / sizeof(struct blkif_request_segment)).
+const SEGMENTS_PER_INDIRECT_PAGE: usize = 512;
+
+/// How many persistent grants one queue keeps: enough for every slot of its ring to carry a
+/// request of the largest size advertised (`max_indirect_segments` data pages plus their
+/// indirect pages), so a frontend that keeps its in-flight pages granted always hits; never
+/// fewer than Linux's 1056 and never more than `cap`.
+///
+/// Linux sizes the cache for 32 slots × 33 pages; with 256-segment indirect requests a full
+/// ring uses 32 × 257 pages and a 1056-page cache misses on almost every large request.
+pub fn persistent_grants_for_ring(
+    ring_slots: usize,
+    max_indirect_segments: u16,
+    cap: usize,
+) -> usize {
+    let segs = usize::from(max_indirect_segments);
+    let per_request = segs + segs.div_ceil(SEGMENTS_PER_INDIRECT_PAGE);
+    ring_slots
+        .saturating_mul(per_request)
+        .max(DEFAULT_MAX_PERSISTENT_GRANTS)
+        .min(cap)
+}
 
 #[derive(Debug)]
 struct Entry {
@@ -130,5 +159,23 @@ impl PersistentGrants {
     /// Unmaps every cached page (their last users drop them otherwise).
     pub fn clear(&mut self) {
         self.entries.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_size_follows_ring_and_segments_within_bounds() {
+        let f = persistent_grants_for_ring;
+        // One-page ring (32 slots) of 256-segment requests: 32 × (256 + 1 indirect page).
+        assert_eq!(f(32, 256, MAX_PERSISTENT_GRANTS_PER_QUEUE), 8224);
+        // Small requests: Linux's floor.
+        assert_eq!(f(32, 11, MAX_PERSISTENT_GRANTS_PER_QUEUE), 1056);
+        // A 16-page ring of 256-segment requests would be 131,584 pages: capped.
+        assert_eq!(f(512, 256, MAX_PERSISTENT_GRANTS_PER_QUEUE), 16384);
+        // A configured cap below the floor wins (tests use tiny caches).
+        assert_eq!(f(32, 256, 4), 4);
     }
 }

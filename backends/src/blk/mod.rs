@@ -81,7 +81,9 @@ pub struct BlkConfig {
     pub grant_mode: GrantMode,
     /// Advertise `feature-persistent` (used when the frontend agrees; map mode only).
     pub persistent_grants: bool,
-    /// Persistent grants kept mapped per queue (LRU beyond that).
+    /// The most persistent grants kept mapped per queue (LRU beyond that). Each queue keeps
+    /// enough for its ring full of the largest requests, within this cap (see
+    /// [`grants::persistent_grants_for_ring`]).
     pub max_persistent_grants: usize,
     /// `multi-queue-max-queues`.
     pub max_queues: u32,
@@ -99,7 +101,7 @@ impl Default for BlkConfig {
         BlkConfig {
             grant_mode: GrantMode::Map,
             persistent_grants: true,
-            max_persistent_grants: grants::DEFAULT_MAX_PERSISTENT_GRANTS,
+            max_persistent_grants: grants::MAX_PERSISTENT_GRANTS_PER_QUEUE,
             max_queues: cpus.clamp(1, 4),
             max_ring_page_order: 4,
             max_indirect_segments: request::MAX_INDIRECT_SEGMENTS,
@@ -447,7 +449,11 @@ impl Device for BlkDevice {
                 protocol: choice.protocol,
                 persistent,
                 grant_mode: self.config.grant_mode,
-                max_persistent_grants: self.config.max_persistent_grants,
+                max_persistent_grants: grants::persistent_grants_for_ring(
+                    ring_slots(qr.ring_refs.len()),
+                    self.config.max_indirect_segments,
+                    self.config.max_persistent_grants,
+                ),
                 limits,
                 engine,
                 shared: self.shared.clone(),
@@ -476,4 +482,11 @@ impl Drop for BlkDevice {
     fn drop(&mut self) {
         self.stop_queues();
     }
+}
+
+/// Slots of a blkif ring of `pages` pages (the native and x86_32 layouts give the same count).
+fn ring_slots(pages: usize) -> usize {
+    xen::ring::ring_size_of::<xen::abi::blkif::BlkifRequest, xen::abi::blkif::BlkifResponse>(
+        pages.saturating_mul(xen::PAGE_SIZE),
+    ) as usize
 }
