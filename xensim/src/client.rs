@@ -22,7 +22,7 @@ use xen::{
 
 use crate::efd::EventFd;
 use crate::mem;
-use crate::proto::{decode, encode, CopySeg, Request, Response, MAX_MSG};
+use crate::proto::{decode, encode, CopySeg, DmOp, Request, Response, MAX_MSG};
 use crate::sys;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -161,6 +161,7 @@ impl XenHost for SimHost {
     }
     fn open_devmodel(&self) -> Result<Box<dyn DeviceModel>, HostError> {
         Ok(Box::new(SimDm {
+            conn: self.conn("privcmd-dm")?,
             restricted: Mutex::new(None),
         }))
     }
@@ -615,17 +616,42 @@ impl ForeignMemory for SimForeign {
         &self,
         domid: DomId,
         res: Resource,
-        _frame: u64,
-        _nr: u64,
+        frame: u64,
+        nr_frames: u64,
     ) -> Result<SharedMem, ForeignError> {
-        Err(ForeignError::Os {
+        if let Some(r) = *lock(&self.restricted) {
+            if r != domid {
+                return Err(ForeignError::Restricted {
+                    restricted: r,
+                    requested: domid,
+                });
+            }
+        }
+        let os = |source| ForeignError::Os {
             op: "mmap_resource",
             domid,
-            source: io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("xensim has no HVM domains yet, so no {res:?} resource (EOPNOTSUPP, as Xen without HVM)"),
-            ),
-        })
+            source,
+        };
+        let (type_, id) = res.type_and_id();
+        match self
+            .conn
+            .call(&Request::MapResource {
+                domid,
+                type_,
+                id,
+                frame,
+                nr_frames,
+            })
+            .map_err(os)?
+        {
+            (Response::Resource, mut fds) if fds.len() == 1 => {
+                let fd = fds.remove(0);
+                let frames: Vec<u64> = (frame..frame.saturating_add(nr_frames)).collect();
+                mem::map_frames(fd.as_fd(), &frames, true).map_err(os)
+            }
+            (Response::Err { errno, msg }, _) => Err(os(rsp_err(errno, &msg))),
+            (other, _) => Err(os(unexpected(&other))),
+        }
     }
 
     fn restrict(&self, domid: DomId) -> Result<(), ForeignError> {
@@ -643,15 +669,17 @@ impl ForeignMemory for SimForeign {
     }
 }
 
-/// Device-model operations: xensim has only PV domains so far, so every DMOP fails the way
-/// Xen fails them for a PV domain (EOPNOTSUPP), after the restriction check.
+/// Device-model operations through the daemon (HYPERVISOR_dm_op on the simulated host).
+/// Arguments are checked here as `LinuxDm` checks them before the ioctl; the host checks
+/// them again as Xen does.
 #[derive(Debug)]
 struct SimDm {
+    conn: Arc<Conn>,
     restricted: Mutex<Option<DomId>>,
 }
 
 impl SimDm {
-    fn refuse<T>(&self, op: &'static str, domid: DomId) -> Result<T, DmError> {
+    fn call(&self, name: &'static str, domid: DomId, op: DmOp) -> Result<Response, DmError> {
         if let Some(r) = *lock(&self.restricted) {
             if r != domid {
                 return Err(DmError::Restricted {
@@ -660,54 +688,205 @@ impl SimDm {
                 });
             }
         }
-        Err(DmError::Op {
-            op,
+        let os = |source| DmError::Op {
+            op: name,
             domid,
-            source: io::Error::from_raw_os_error(libc::EOPNOTSUPP),
-        })
+            source,
+        };
+        match self.conn.call(&Request::Dm { domid, op }).map_err(os)? {
+            (Response::Err { errno, msg }, _) => Err(os(rsp_err(errno, &msg))),
+            (r, _) => Ok(r),
+        }
+    }
+
+    fn call_ok(&self, name: &'static str, domid: DomId, op: DmOp) -> Result<(), DmError> {
+        match self.call(name, domid, op)? {
+            Response::Ok => Ok(()),
+            other => Err(DmError::Op {
+                op: name,
+                domid,
+                source: unexpected(&other),
+            }),
+        }
+    }
+
+    fn range(name: &'static str, domid: DomId, range: IoRange) -> Result<(u32, u64, u64), DmError> {
+        use xen::abi::dm_op::*;
+        let invalid = |why| DmError::Invalid {
+            op: name,
+            domid,
+            why,
+        };
+        match range {
+            IoRange::Port { start, end } if start > end => {
+                Err(invalid("port range ends before it starts"))
+            }
+            IoRange::Port { end, .. } if end > 0xffff => {
+                Err(invalid("port range beyond port 0xffff"))
+            }
+            IoRange::Port { start, end } => Ok((XEN_DMOP_IO_RANGE_PORT, start, end)),
+            IoRange::Mmio { start, end } if start > end => {
+                Err(invalid("MMIO range ends before it starts"))
+            }
+            IoRange::Mmio { start, end } => Ok((XEN_DMOP_IO_RANGE_MEMORY, start, end)),
+            IoRange::Pci { dev, func, .. } if dev > 0x1f || func > 7 => {
+                Err(invalid("PCI device must be 0..=31 and function 0..=7"))
+            }
+            IoRange::Pci {
+                seg,
+                bus,
+                dev,
+                func,
+            } => {
+                let sbdf = xen_dmop_pci_sbdf(seg, bus, dev, func);
+                Ok((XEN_DMOP_IO_RANGE_PCI, sbdf, sbdf))
+            }
+        }
     }
 }
 
 impl DeviceModel for SimDm {
-    fn create_ioreq_server(&self, domid: DomId, _b: BufIoreq) -> Result<IoServId, DmError> {
-        self.refuse("create_ioreq_server", domid)
+    fn create_ioreq_server(&self, domid: DomId, b: BufIoreq) -> Result<IoServId, DmError> {
+        use xen::abi::ioreq::{
+            HVM_IOREQSRV_BUFIOREQ_ATOMIC, HVM_IOREQSRV_BUFIOREQ_LEGACY, HVM_IOREQSRV_BUFIOREQ_OFF,
+        };
+        let handle_bufioreq = match b {
+            BufIoreq::Off => HVM_IOREQSRV_BUFIOREQ_OFF,
+            BufIoreq::Legacy => HVM_IOREQSRV_BUFIOREQ_LEGACY,
+            BufIoreq::Atomic => HVM_IOREQSRV_BUFIOREQ_ATOMIC,
+        };
+        let name = "create_ioreq_server";
+        match self.call(name, domid, DmOp::CreateIoreqServer { handle_bufioreq })? {
+            Response::IoServId(id) => Ok(id),
+            other => Err(DmError::Op {
+                op: name,
+                domid,
+                source: unexpected(&other),
+            }),
+        }
     }
     fn get_ioreq_server_info(
         &self,
         domid: DomId,
-        _id: IoServId,
-        _g: bool,
+        id: IoServId,
+        want_gfns: bool,
     ) -> Result<IoreqServerInfo, DmError> {
-        self.refuse("get_ioreq_server_info", domid)
+        let name = "get_ioreq_server_info";
+        match self.call(name, domid, DmOp::GetIoreqServerInfo { id, want_gfns })? {
+            Response::IoreqInfo { bufioreq_port } => Ok(IoreqServerInfo {
+                bufioreq_port,
+                ioreq_gfn: 0,
+                bufioreq_gfn: 0,
+            }),
+            other => Err(DmError::Op {
+                op: name,
+                domid,
+                source: unexpected(&other),
+            }),
+        }
     }
-    fn map_io_range(&self, domid: DomId, _id: IoServId, _r: IoRange) -> Result<(), DmError> {
-        self.refuse("map_io_range", domid)
+    fn map_io_range(&self, domid: DomId, id: IoServId, r: IoRange) -> Result<(), DmError> {
+        let name = "map_io_range_to_ioreq_server";
+        let (type_, start, end) = Self::range(name, domid, r)?;
+        self.call_ok(
+            name,
+            domid,
+            DmOp::MapIoRange {
+                id,
+                type_,
+                start,
+                end,
+            },
+        )
     }
-    fn unmap_io_range(&self, domid: DomId, _id: IoServId, _r: IoRange) -> Result<(), DmError> {
-        self.refuse("unmap_io_range", domid)
+    fn unmap_io_range(&self, domid: DomId, id: IoServId, r: IoRange) -> Result<(), DmError> {
+        let name = "unmap_io_range_from_ioreq_server";
+        let (type_, start, end) = Self::range(name, domid, r)?;
+        self.call_ok(
+            name,
+            domid,
+            DmOp::UnmapIoRange {
+                id,
+                type_,
+                start,
+                end,
+            },
+        )
     }
-    fn set_ioreq_server_state(&self, domid: DomId, _id: IoServId, _e: bool) -> Result<(), DmError> {
-        self.refuse("set_ioreq_server_state", domid)
+    fn set_ioreq_server_state(
+        &self,
+        domid: DomId,
+        id: IoServId,
+        enabled: bool,
+    ) -> Result<(), DmError> {
+        self.call_ok(
+            "set_ioreq_server_state",
+            domid,
+            DmOp::SetIoreqServerState { id, enabled },
+        )
     }
-    fn destroy_ioreq_server(&self, domid: DomId, _id: IoServId) -> Result<(), DmError> {
-        self.refuse("destroy_ioreq_server", domid)
+    fn destroy_ioreq_server(&self, domid: DomId, id: IoServId) -> Result<(), DmError> {
+        self.call_ok(
+            "destroy_ioreq_server",
+            domid,
+            DmOp::DestroyIoreqServer { id },
+        )
     }
-    fn set_isa_irq_level(&self, domid: DomId, _irq: u8, _l: bool) -> Result<(), DmError> {
-        self.refuse("set_isa_irq_level", domid)
+    fn set_isa_irq_level(&self, domid: DomId, irq: u8, level: bool) -> Result<(), DmError> {
+        if irq > 15 {
+            return Err(DmError::Invalid {
+                op: "set_isa_irq_level",
+                domid,
+                why: "ISA IRQ must be 0..=15",
+            });
+        }
+        self.call_ok(
+            "set_isa_irq_level",
+            domid,
+            DmOp::SetIsaIrqLevel {
+                irq,
+                level: u8::from(level),
+            },
+        )
     }
     fn set_pci_intx_level(
         &self,
         domid: DomId,
-        _s: u16,
-        _b: u8,
-        _d: u8,
-        _i: u8,
-        _l: bool,
+        seg: u16,
+        bus: u8,
+        dev: u8,
+        intx: u8,
+        level: bool,
     ) -> Result<(), DmError> {
-        self.refuse("set_pci_intx_level", domid)
+        let name = "set_pci_intx_level";
+        if intx > 3 {
+            return Err(DmError::Invalid {
+                op: name,
+                domid,
+                why: "INTx must be 0..=3 (INTA..INTD)",
+            });
+        }
+        if dev > 0x1f {
+            return Err(DmError::Invalid {
+                op: name,
+                domid,
+                why: "PCI device must be 0..=31",
+            });
+        }
+        self.call_ok(
+            name,
+            domid,
+            DmOp::SetPciIntxLevel {
+                seg,
+                bus,
+                dev,
+                intx,
+                level: u8::from(level),
+            },
+        )
     }
-    fn inject_msi(&self, domid: DomId, _a: u64, _d: u32) -> Result<(), DmError> {
-        self.refuse("inject_msi", domid)
+    fn inject_msi(&self, domid: DomId, addr: u64, data: u32) -> Result<(), DmError> {
+        self.call_ok("inject_msi", domid, DmOp::InjectMsi { addr, data })
     }
     fn restrict(&self, domid: DomId) -> Result<(), DmError> {
         let mut r = lock(&self.restricted);

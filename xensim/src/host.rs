@@ -169,6 +169,8 @@ struct State {
 pub struct Host {
     state: Mutex<State>,
     xenstored: Arc<Xenstored>,
+    /// HVM state of the HVM domains (see `crate::hvm`).
+    hvm: Mutex<HashMap<DomId, Arc<crate::hvm::HvmDomain>>>,
 }
 
 fn evtchn_err(
@@ -197,6 +199,7 @@ impl Host {
                 next_domid: 1,
             }),
             xenstored,
+            hvm: Mutex::new(HashMap::new()),
         });
         host.insert_domain(0, "Domain-0", 0)?;
         Ok(host)
@@ -277,6 +280,33 @@ impl Host {
         Ok(id)
     }
 
+    /// Creates an HVM guest domain with `vcpus` vCPUs (see [`Host::create_domain`]); its
+    /// port I/O, MMIO and PCI config accesses go to ioreq servers (`crate::hvm`).
+    pub fn create_hvm_domain(
+        &self,
+        name: &str,
+        ram_pages: u64,
+        vcpus: u32,
+    ) -> Result<DomId, HostError> {
+        crate::hvm::HvmDomain::new(0, vcpus)?;
+        let id = self.create_domain(name, ram_pages)?;
+        let d = crate::hvm::HvmDomain::new(id, vcpus)?;
+        self.hvm
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Arc::new(d));
+        Ok(id)
+    }
+
+    /// The HVM state of a domain (None for PV domains and dom0).
+    pub fn hvm_domain(&self, id: DomId) -> Option<Arc<crate::hvm::HvmDomain>> {
+        self.hvm
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
     /// Destroys a domain: its ports close (peers become unbound), xenstored releases it
     /// (@releaseDomain), and its memory goes away once the last mapping of it is gone.
     pub fn destroy_domain(&self, id: DomId) -> Result<(), HostError> {
@@ -304,6 +334,14 @@ impl Host {
                 }
             }
             let _ = xenbus::XsOps::rm(xs, &format!("/local/domain/{id}"));
+        }
+        let hvm = self
+            .hvm
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        if let Some(h) = hvm {
+            h.destroy_all(self);
         }
         for p in ports {
             let _ = self.evtchn_close(id, p);

@@ -86,6 +86,105 @@ pub enum Request {
     },
     /// The domains that exist (reply: `Domains`).
     Domains,
+    /// HYPERVISOR_dm_op on an HVM domain (privileged clients only; reply per [`DmOp`]).
+    Dm {
+        /// Target domain.
+        domid: u16,
+        /// The operation.
+        op: DmOp,
+    },
+    /// XENMEM_acquire_resource of an ioreq server (reply: `Resource`, fds = [pages memfd]:
+    /// frame N is at offset N * 4096).
+    MapResource {
+        /// Target domain.
+        domid: u16,
+        /// XENMEM_resource_* type.
+        type_: u32,
+        /// Resource id (the ioreq server id).
+        id: u32,
+        /// First frame.
+        frame: u64,
+        /// Number of frames.
+        nr_frames: u64,
+    },
+}
+
+/// A device-model operation on the wire, with the arguments as Xen receives them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum DmOp {
+    /// XEN_DMOP_create_ioreq_server (reply: `IoServId`).
+    CreateIoreqServer {
+        /// HVM_IOREQSRV_BUFIOREQ_*.
+        handle_bufioreq: u8,
+    },
+    /// XEN_DMOP_get_ioreq_server_info (reply: `IoreqInfo`).
+    GetIoreqServerInfo {
+        /// Server.
+        id: u16,
+        /// Legacy gfns wanted (no XEN_DMOP_no_gfns).
+        want_gfns: bool,
+    },
+    /// XEN_DMOP_map_io_range_to_ioreq_server.
+    MapIoRange {
+        /// Server.
+        id: u16,
+        /// XEN_DMOP_IO_RANGE_*.
+        type_: u32,
+        /// Inclusive start.
+        start: u64,
+        /// Inclusive end.
+        end: u64,
+    },
+    /// XEN_DMOP_unmap_io_range_from_ioreq_server.
+    UnmapIoRange {
+        /// Server.
+        id: u16,
+        /// XEN_DMOP_IO_RANGE_*.
+        type_: u32,
+        /// Inclusive start.
+        start: u64,
+        /// Inclusive end.
+        end: u64,
+    },
+    /// XEN_DMOP_set_ioreq_server_state.
+    SetIoreqServerState {
+        /// Server.
+        id: u16,
+        /// Enable.
+        enabled: bool,
+    },
+    /// XEN_DMOP_destroy_ioreq_server.
+    DestroyIoreqServer {
+        /// Server.
+        id: u16,
+    },
+    /// XEN_DMOP_set_isa_irq_level.
+    SetIsaIrqLevel {
+        /// ISA IRQ.
+        irq: u8,
+        /// Level (0 or 1).
+        level: u8,
+    },
+    /// XEN_DMOP_set_pci_intx_level.
+    SetPciIntxLevel {
+        /// Segment.
+        seg: u16,
+        /// Bus.
+        bus: u8,
+        /// Device.
+        dev: u8,
+        /// INTx pin.
+        intx: u8,
+        /// Level (0 or 1).
+        level: u8,
+    },
+    /// XEN_DMOP_inject_msi.
+    InjectMsi {
+        /// Address.
+        addr: u64,
+        /// Data.
+        data: u32,
+    },
 }
 
 /// One grant-copy segment on the wire.
@@ -144,6 +243,15 @@ pub enum Response {
     },
     /// Domains: (id, name, RAM pages).
     Domains(Vec<(u16, String, u64)>),
+    /// An ioreq server id.
+    IoServId(u16),
+    /// XEN_DMOP_get_ioreq_server_info's answer.
+    IoreqInfo {
+        /// Buffered ring port.
+        bufioreq_port: u32,
+    },
+    /// Resource frames granted (memfd attached).
+    Resource,
     /// The operation failed with this errno.
     Err {
         /// errno.

@@ -418,6 +418,16 @@ impl Connection {
                     ),
                 }
             }
+            Request::Dm { domid: target, op } => {
+                (crate::hvm::serve_dm(&host, domid, target, op), Vec::new())
+            }
+            Request::MapResource {
+                domid: target,
+                type_,
+                id,
+                frame,
+                nr_frames,
+            } => crate::hvm::serve_map_resource(&host, domid, target, type_, id, frame, nr_frames),
             Request::Domains => (
                 Response::Domains(
                     host.domains()

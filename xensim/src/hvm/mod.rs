@@ -7,6 +7,109 @@
 
 use std::time::Duration;
 
+#[allow(unsafe_code)]
+mod atomic;
+pub mod domain;
+pub mod vcpu;
+
+pub use domain::{HvmDomain, HvmError, RangeSet, ServerInfo, XenIoreqServer};
+pub use vcpu::{BufSpace, HvmGuest, Posted, VcpuIo, DEFAULT_IO_TIMEOUT};
+
+use std::os::fd::OwnedFd;
+
+use crate::host::Host;
+use crate::proto::{DmOp, Response};
+
+/// Runs one DMOP from a daemon client in domain `caller` (only dom0 is privileged).
+pub fn serve_dm(host: &Host, caller: xen::DomId, domid: xen::DomId, op: DmOp) -> Response {
+    let err = |e: HvmError| Response::Err {
+        errno: e.errno(),
+        msg: e.to_string(),
+    };
+    if caller != 0 {
+        return Response::Err {
+            errno: libc::EPERM,
+            msg: format!("dom{caller} may not issue dm_ops"),
+        };
+    }
+    let Some(d) = host.hvm_domain(domid) else {
+        return Response::Err {
+            errno: if host.has_domain(domid) {
+                libc::EOPNOTSUPP
+            } else {
+                libc::ESRCH
+            },
+            msg: format!("dom{domid} is not an HVM domain"),
+        };
+    };
+    let ok = |r: Result<(), HvmError>| r.map_or_else(err, |()| Response::Ok);
+    match op {
+        DmOp::CreateIoreqServer { handle_bufioreq } => d
+            .create_server(host, caller, handle_bufioreq)
+            .map_or_else(err, Response::IoServId),
+        DmOp::GetIoreqServerInfo { id, want_gfns } => d
+            .server_info(caller, id, want_gfns)
+            .map_or_else(err, |i| Response::IoreqInfo {
+                bufioreq_port: i.bufioreq_port,
+            }),
+        DmOp::MapIoRange {
+            id,
+            type_,
+            start,
+            end,
+        } => ok(d.map_range(caller, id, type_, start, end)),
+        DmOp::UnmapIoRange {
+            id,
+            type_,
+            start,
+            end,
+        } => ok(d.unmap_range(caller, id, type_, start, end)),
+        DmOp::SetIoreqServerState { id, enabled } => ok(d.set_state(caller, id, enabled)),
+        DmOp::DestroyIoreqServer { id } => ok(d.destroy_server(host, caller, id)),
+        DmOp::SetIsaIrqLevel { irq, level } => ok(d.set_isa_irq_level(irq, level)),
+        DmOp::SetPciIntxLevel {
+            seg,
+            bus,
+            dev,
+            intx,
+            level,
+        } => ok(d.set_pci_intx_level(seg, bus, dev, intx, level)),
+        DmOp::InjectMsi { addr, data } => ok(d.inject_msi(addr, data)),
+    }
+}
+
+/// XENMEM_acquire_resource from a daemon client: the ioreq server's pages memfd.
+pub fn serve_map_resource(
+    host: &Host,
+    caller: xen::DomId,
+    domid: xen::DomId,
+    type_: u32,
+    id: u32,
+    frame: u64,
+    nr_frames: u64,
+) -> (Response, Vec<OwnedFd>) {
+    let fail = |errno: i32, msg: String| (Response::Err { errno, msg }, Vec::new());
+    if caller != 0 {
+        return fail(libc::EPERM, format!("dom{caller} may not map resources"));
+    }
+    if type_ != 0 {
+        return fail(
+            libc::EOPNOTSUPP,
+            format!("xensim maps only ioreq server resources, not type {type_}"),
+        );
+    }
+    let Some(d) = host.hvm_domain(domid) else {
+        return fail(libc::ESRCH, format!("dom{domid} is not an HVM domain"));
+    };
+    let Ok(id) = u16::try_from(id) else {
+        return fail(libc::ENOENT, format!("no ioreq server {id}"));
+    };
+    match d.resource_fd(caller, id, frame, nr_frames) {
+        Ok(fd) => (Response::Resource, vec![fd]),
+        Err(e) => fail(e.errno(), e.to_string()),
+    }
+}
+
 /// An interrupt raised by the device model (through DMOPs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Irq {
