@@ -1,0 +1,346 @@
+//! The machine: the PCI bus (i440FX host bridge at 00:00.0, PIIX3 ISA bridge at 00:01.0,
+//! Xen platform device at 00:02.0, one virtio-blk function per disk from 00:03.0), COM1, and
+//! the fixed ports, served to an ioreq server as one [`IoHandler`].
+
+use std::sync::Arc;
+
+use backends::blk::engine::{open_image, EngineOptions};
+use ioreq::{IoAccess, IoHandler, IoSpace, RangeRegistry, Sbdf};
+use xen::{DeviceModel, DomId, IoRange};
+
+use crate::config::MachineConfig;
+use crate::irq::IrqSink;
+use crate::mem::{GuestRam, MemMapError, RamSource};
+use crate::pci::{ones, HostBridge, IsaBridge, PciBus, PciError};
+use crate::platform::{Platform, UnplugState, PORT_BASE, PORT_LAST};
+use crate::uart::{Uart, UartError, COM1_BASE, COM1_IRQ};
+use crate::virtio::blk::VirtioBlk;
+use crate::virtio::{VirtioError, VirtioPci};
+use crate::RateLog;
+
+/// Errors assembling a machine.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// Guest RAM.
+    #[error(transparent)]
+    Mem(#[from] MemMapError),
+    /// The bus.
+    #[error(transparent)]
+    Pci(#[from] PciError),
+    /// The UART.
+    #[error(transparent)]
+    Uart(#[from] UartError),
+    /// A virtio function.
+    #[error(transparent)]
+    Virtio(#[from] VirtioError),
+    /// A disk image.
+    #[error("dom{domid}: disk {vdev}: {source}")]
+    Disk {
+        /// Domain.
+        domid: DomId,
+        /// The disk.
+        vdev: String,
+        /// Cause.
+        #[source]
+        source: backends::blk::engine::EngineError,
+    },
+    /// Registering a fixed range.
+    #[error("dom{domid}: registering {what}: {source}")]
+    Range {
+        /// Domain.
+        domid: DomId,
+        /// Which.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: ioreq::RangeError,
+    },
+    /// Something in the description this build cannot provide.
+    #[error("dom{domid}: {key}: {why}")]
+    Unsupported {
+        /// Domain.
+        domid: DomId,
+        /// Config key.
+        key: String,
+        /// Why.
+        why: &'static str,
+    },
+}
+
+/// The PCI address of the platform device.
+pub const PLATFORM_SBDF: Sbdf = Sbdf {
+    seg: 0,
+    bus: 0,
+    dev: 2,
+    func: 0,
+};
+/// The first virtio slot.
+pub const FIRST_VIRTIO_DEV: u8 = 3;
+
+/// An HVM machine.
+pub struct Machine {
+    domid: DomId,
+    bus: PciBus,
+    uart: Option<Uart>,
+    ram: Arc<GuestRam>,
+    devices: Vec<String>,
+    log: RateLog,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("domid", &self.domid)
+            .field("devices", &self.devices)
+            .finish()
+    }
+}
+
+impl Machine {
+    /// Builds the machine for `domid` from `cfg`, registering its ranges with `registry`,
+    /// raising interrupts through `dm`, and mapping guest RAM from `ram`.
+    pub fn new(
+        domid: DomId,
+        cfg: &MachineConfig,
+        registry: Arc<dyn RangeRegistry>,
+        dm: Arc<dyn DeviceModel>,
+        ram: Box<dyn RamSource>,
+    ) -> Result<Machine, MachineError> {
+        if let Some((i, _)) = cfg.vifs.iter().enumerate().next() {
+            return Err(MachineError::Unsupported {
+                domid,
+                key: format!("vif[{i}]"),
+                why: "virtio-net is not built yet; use a PV vif served by `domio serve`",
+            });
+        }
+        let irq = IrqSink::new(dm, domid);
+        let ram = Arc::new(GuestRam::new(domid, ram)?);
+        let fixed = |what, start: u64, end: u64| {
+            registry
+                .map(IoRange::Port { start, end })
+                .map_err(|source| MachineError::Range {
+                    domid,
+                    what,
+                    source,
+                })
+        };
+        fixed(
+            "platform ports 0x10-0x13",
+            u64::from(PORT_BASE),
+            u64::from(PORT_LAST),
+        )?;
+        fixed(
+            "COM1 0x3f8-0x3ff",
+            u64::from(COM1_BASE),
+            u64::from(COM1_BASE) + 7,
+        )?;
+        let mut bus = PciBus::new(domid, registry);
+        bus.reserve_ports(u64::from(PORT_BASE), u64::from(PORT_LAST));
+        bus.reserve_ports(u64::from(COM1_BASE), u64::from(COM1_BASE) + 7);
+        bus.reserve_ports(0xcf8, 0xcff);
+        bus.add(
+            Sbdf {
+                seg: 0,
+                bus: 0,
+                dev: 0,
+                func: 0,
+            },
+            Box::new(HostBridge::new()),
+        )?;
+        bus.add(
+            Sbdf {
+                seg: 0,
+                bus: 0,
+                dev: 1,
+                func: 0,
+            },
+            Box::new(IsaBridge::new(domid)),
+        )?;
+        bus.add(
+            PLATFORM_SBDF,
+            Box::new(Platform::new(domid, cfg.platform_blacklist.clone())),
+        )?;
+        for (i, d) in cfg.disks.iter().enumerate() {
+            let dev = FIRST_VIRTIO_DEV + i as u8;
+            if dev >= 32 {
+                return Err(MachineError::Unsupported {
+                    domid,
+                    key: format!("disk[{i}]"),
+                    why: "no PCI slot left",
+                });
+            }
+            let engine = open_image(
+                d.format.as_deref(),
+                &d.target,
+                d.read_only,
+                &EngineOptions::default(),
+            )
+            .map_err(|source| MachineError::Disk {
+                domid,
+                vdev: d.vdev.clone(),
+                source,
+            })?;
+            let blk = VirtioBlk::new(&d.vdev, engine, cfg.virtio_queues);
+            let f = VirtioPci::new(
+                format!("virtio-blk {}", d.vdev),
+                Box::new(blk),
+                irq.clone(),
+                0,
+                dev,
+                ram.clone(),
+            )?;
+            bus.add(
+                Sbdf {
+                    seg: 0,
+                    bus: 0,
+                    dev,
+                    func: 0,
+                },
+                Box::new(f),
+            )?;
+        }
+        let uart = match cfg.serial {
+            crate::uart::SerialSpec::None => None,
+            ref s => Some(Uart::new(s, irq.clone(), COM1_IRQ)?),
+        };
+        let mut devices = bus.describe();
+        if let Some(u) = &uart {
+            devices.push(format!(
+                "COM1 16550A {:#x} IRQ {} console {}",
+                COM1_BASE,
+                COM1_IRQ,
+                u.console()
+            ));
+        }
+        for d in &devices {
+            tracing::info!(domid, "device: {d}");
+        }
+        Ok(Machine {
+            domid,
+            bus,
+            uart,
+            ram,
+            devices,
+            log: RateLog::new(),
+        })
+    }
+
+    /// One line per device (for the log and the control socket).
+    pub fn devices(&self) -> &[String] {
+        &self.devices
+    }
+
+    /// The UART's console ("pty:/dev/pts/N", ...), if there is one.
+    pub fn serial_console(&self) -> Option<&str> {
+        self.uart.as_ref().map(|u| u.console())
+    }
+
+    /// The platform device's unplug-protocol state.
+    pub fn unplug_state(&mut self) -> Option<UnplugState> {
+        self.bus.devices_mut().find_map(|d| {
+            d.as_any()
+                .and_then(|a| a.downcast_ref::<Platform>())
+                .map(|p| p.state().clone())
+        })
+    }
+
+    /// The BAR ranges currently routed to this machine.
+    pub fn routed_bars(&self) -> Vec<IoRange> {
+        self.bus.routed()
+    }
+
+    fn platform(&mut self) -> Option<&mut Platform> {
+        self.bus
+            .devices_mut()
+            .find_map(|d| d.as_any_mut().and_then(|a| a.downcast_mut::<Platform>()))
+    }
+
+    fn port_read(&mut self, port: u64, size: u8) -> Option<u64> {
+        let last = port + u64::from(size) - 1;
+        let com = u64::from(COM1_BASE)..=u64::from(COM1_BASE) + 7;
+        let plat = u64::from(PORT_BASE)..=u64::from(PORT_LAST);
+        if com.contains(&port) {
+            let uart = self.uart.as_mut()?;
+            let mut v = 0u64;
+            for i in 0..u64::from(size) {
+                let b = if com.contains(&(port + i)) {
+                    uart.read((port + i - u64::from(COM1_BASE)) as u16)
+                } else {
+                    0xff
+                };
+                v |= u64::from(b) << (8 * i);
+            }
+            return Some(v);
+        }
+        if plat.contains(&port) {
+            if !plat.contains(&last) {
+                return Some(ones(size));
+            }
+            return Some(self.platform()?.port_read(port as u16, size));
+        }
+        self.bus.bar_read(true, port, size)
+    }
+
+    fn port_write(&mut self, port: u64, size: u8, value: u64) -> bool {
+        let last = port + u64::from(size) - 1;
+        let com = u64::from(COM1_BASE)..=u64::from(COM1_BASE) + 7;
+        let plat = u64::from(PORT_BASE)..=u64::from(PORT_LAST);
+        if com.contains(&port) {
+            let Some(uart) = self.uart.as_mut() else {
+                return false;
+            };
+            for i in 0..u64::from(size) {
+                if com.contains(&(port + i)) {
+                    uart.write(
+                        (port + i - u64::from(COM1_BASE)) as u16,
+                        (value >> (8 * i)) as u8,
+                    );
+                }
+            }
+            return true;
+        }
+        if plat.contains(&port) {
+            if plat.contains(&last) {
+                if let Some(p) = self.platform() {
+                    p.port_write(port as u16, size, value);
+                }
+            }
+            return true;
+        }
+        self.bus.bar_write(true, port, size, value)
+    }
+}
+
+impl IoHandler for Machine {
+    fn read(&mut self, a: IoAccess) -> Option<u64> {
+        match a.space {
+            IoSpace::Port => self.port_read(a.addr, a.size),
+            IoSpace::Mmio => self.bus.bar_read(false, a.addr, a.size),
+            IoSpace::PciConfig(sbdf) => self.bus.config_read(sbdf, a.addr, a.size),
+        }
+    }
+
+    fn write(&mut self, a: IoAccess, value: u64) -> bool {
+        match a.space {
+            IoSpace::Port => self.port_write(a.addr, a.size, value),
+            IoSpace::Mmio => self.bus.bar_write(false, a.addr, a.size, value),
+            IoSpace::PciConfig(sbdf) => self.bus.config_write(sbdf, a.addr, a.size, value),
+        }
+    }
+
+    fn invalidate(&mut self) {
+        if let Err(e) = self.ram.invalidate() {
+            self.log.warn(format_args!(
+                "dom{}: remapping guest RAM after invalidate: {e}",
+                self.domid
+            ));
+        }
+    }
+
+    fn time_offset(&mut self, offset: i64) {
+        tracing::debug!(
+            domid = self.domid,
+            "guest RTC offset {offset} s (no RTC here: Xen emulates it)"
+        );
+    }
+}

@@ -1,0 +1,646 @@
+//! virtio-blk on the storage engines: read, write, flush, discard, write-zeroes and get-id,
+//! with one or more queues served by one thread per disk (the engine is not shared between
+//! threads; queue heads from all queues go to it in batches).
+//!
+//! Every request is copied out of guest RAM once and checked before it reaches the engine:
+//! the chain must end (no loops, at most the queue size of descriptors), have a readable
+//! 16-byte header first and a writable status byte last, data descriptors with the right
+//! direction, non-zero lengths inside guest RAM, and a sector range inside the disk. A bad
+//! request completes with VIRTIO_BLK_S_IOERR (or VIRTIO_BLK_S_UNSUPP), and the queue goes on.
+
+use std::collections::VecDeque;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use backends::blk::engine::{Completion, Engine, IoOp, IoRequest, IoSeg};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use virtio_queue::{Descriptor, Queue, QueueT};
+
+use super::{Activation, Notifier, VirtioBackend};
+use crate::mem::{GuestRam, RamMap};
+use crate::RateLog;
+
+/// VIRTIO_BLK_F_SIZE_MAX.
+pub const F_SIZE_MAX: u64 = 1 << 1;
+/// VIRTIO_BLK_F_SEG_MAX.
+pub const F_SEG_MAX: u64 = 1 << 2;
+/// VIRTIO_BLK_F_RO.
+pub const F_RO: u64 = 1 << 5;
+/// VIRTIO_BLK_F_BLK_SIZE.
+pub const F_BLK_SIZE: u64 = 1 << 6;
+/// VIRTIO_BLK_F_FLUSH.
+pub const F_FLUSH: u64 = 1 << 9;
+/// VIRTIO_BLK_F_MQ.
+pub const F_MQ: u64 = 1 << 12;
+/// VIRTIO_BLK_F_DISCARD.
+pub const F_DISCARD: u64 = 1 << 13;
+/// VIRTIO_BLK_F_WRITE_ZEROES.
+pub const F_WRITE_ZEROES: u64 = 1 << 14;
+
+/// Request types.
+pub const T_IN: u32 = 0;
+/// Write.
+pub const T_OUT: u32 = 1;
+/// Flush.
+pub const T_FLUSH: u32 = 4;
+/// Get id.
+pub const T_GET_ID: u32 = 8;
+/// Discard.
+pub const T_DISCARD: u32 = 11;
+/// Write zeroes.
+pub const T_WRITE_ZEROES: u32 = 13;
+/// Status OK.
+pub const S_OK: u8 = 0;
+/// I/O error.
+pub const S_IOERR: u8 = 1;
+/// Unsupported.
+pub const S_UNSUPP: u8 = 2;
+
+/// Largest single data descriptor (size_max).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Most data descriptors per request (seg_max).
+pub const SEG_MAX: u32 = 126;
+/// Queue size offered.
+pub const QUEUE_SIZE: u16 = 256;
+const SECTOR: u64 = 512;
+
+struct Pending {
+    status_gpa: u64,
+    used_len: u32,
+}
+
+struct Worker {
+    engine: Box<dyn Engine>,
+    queues: Vec<Option<Queue>>,
+    kicks: Vec<Arc<EventFd>>,
+    stop: Arc<EventFd>,
+    ram: Arc<GuestRam>,
+    notifier: Notifier,
+    pending: Vec<Vec<Option<Pending>>>,
+    backlog: VecDeque<(usize, IoRequest)>,
+    seg_pool: Vec<Vec<IoSeg>>,
+    completions: Vec<Completion>,
+    descs: Vec<Descriptor>,
+    to_notify: Vec<bool>,
+    serial: [u8; 20],
+    capacity: u64,
+    read_only: bool,
+    name: String,
+    log: Arc<RateLog>,
+}
+
+/// The virtio-blk device.
+pub struct VirtioBlk {
+    name: String,
+    engine: Option<Box<dyn Engine>>,
+    capacity: u64,
+    read_only: bool,
+    discard: bool,
+    queues: u16,
+    serial: [u8; 20],
+    running: Option<(Arc<EventFd>, JoinHandle<Box<dyn Engine>>)>,
+    log: Arc<RateLog>,
+    describe: String,
+}
+
+impl std::fmt::Debug for VirtioBlk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioBlk")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl VirtioBlk {
+    /// A disk named `name` (the xl vdev, used as its serial) on `engine` with `queues` queues.
+    pub fn new(name: &str, engine: Box<dyn Engine>, queues: u16) -> VirtioBlk {
+        let info = engine.info().clone();
+        let mut serial = [0u8; 20];
+        let n = name.len().min(20);
+        serial[..n].copy_from_slice(&name.as_bytes()[..n]);
+        VirtioBlk {
+            name: name.to_string(),
+            capacity: info.capacity / SECTOR,
+            read_only: info.read_only,
+            discard: info.discard.is_some(),
+            queues: queues.clamp(1, 16),
+            serial,
+            engine: Some(engine),
+            running: None,
+            log: Arc::new(RateLog::new()),
+            describe: format!(
+                "virtio-blk {name} {} ({} MiB{}, {} queue{})",
+                info.describe,
+                info.capacity >> 20,
+                if info.read_only { ", read-only" } else { "" },
+                queues.clamp(1, 16),
+                if queues > 1 { "s" } else { "" }
+            ),
+        }
+    }
+}
+
+impl VirtioBackend for VirtioBlk {
+    fn device_type(&self) -> u16 {
+        2
+    }
+    fn class(&self) -> u32 {
+        0x01_80_00
+    }
+    fn features(&self) -> u64 {
+        let mut f = F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_MQ;
+        if self.read_only {
+            f |= F_RO;
+        } else {
+            f |= F_WRITE_ZEROES;
+            if self.discard {
+                f |= F_DISCARD;
+            }
+        }
+        f
+    }
+    fn num_queues(&self) -> u16 {
+        self.queues
+    }
+    fn max_queue_size(&self) -> u16 {
+        QUEUE_SIZE
+    }
+    fn config_read(&self, off: u64, size: u8) -> u64 {
+        let mut c = [0u8; 64];
+        c[0..8].copy_from_slice(&self.capacity.to_le_bytes());
+        c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[20..24].copy_from_slice(&512u32.to_le_bytes());
+        c[34..36].copy_from_slice(&self.queues.to_le_bytes());
+        c[36..40].copy_from_slice(&(u32::MAX >> 9).to_le_bytes());
+        c[40..44].copy_from_slice(&1u32.to_le_bytes());
+        c[44..48].copy_from_slice(&8u32.to_le_bytes());
+        c[48..52].copy_from_slice(&(u32::MAX >> 9).to_le_bytes());
+        c[52..56].copy_from_slice(&1u32.to_le_bytes());
+        let (o, s) = (off as usize, usize::from(size));
+        match c.get(o..o + s) {
+            Some(b) => b
+                .iter()
+                .rev()
+                .fold(0u64, |acc, &x| (acc << 8) | u64::from(x)),
+            None => 0,
+        }
+    }
+    fn activate(&mut self, act: Activation) -> Result<(), String> {
+        let engine = self
+            .engine
+            .take()
+            .ok_or("engine is still owned by a stopped thread")?;
+        let stop = Arc::new(
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|e| format!("eventfd: {e}"))?,
+        );
+        let map = act.ram.get();
+        let mut queues = Vec::with_capacity(act.queues.len());
+        for (i, qc) in act.queues.iter().enumerate() {
+            if !qc.enabled {
+                queues.push(None);
+                continue;
+            }
+            let mut q = Queue::new(QUEUE_SIZE).map_err(|e| format!("queue {i}: {e}"))?;
+            q.try_set_size(qc.size)
+                .map_err(|e| format!("queue {i} size: {e}"))?;
+            q.try_set_desc_table_address(vm_memory::GuestAddress(qc.desc))
+                .map_err(|e| format!("queue {i}: {e}"))?;
+            q.try_set_avail_ring_address(vm_memory::GuestAddress(qc.avail))
+                .map_err(|e| format!("queue {i}: {e}"))?;
+            q.try_set_used_ring_address(vm_memory::GuestAddress(qc.used))
+                .map_err(|e| format!("queue {i}: {e}"))?;
+            q.set_ready(true);
+            if !q.is_valid(map.memory()) {
+                return Err(format!("queue {i} rings outside guest RAM"));
+            }
+            queues.push(Some(q));
+        }
+        let nq = queues.len();
+        let mut w = Worker {
+            engine,
+            queues,
+            kicks: act.kicks,
+            stop: stop.clone(),
+            ram: act.ram,
+            notifier: act.notifier,
+            pending: (0..nq)
+                .map(|_| (0..QUEUE_SIZE).map(|_| None).collect())
+                .collect(),
+            backlog: VecDeque::with_capacity(usize::from(QUEUE_SIZE) * nq),
+            seg_pool: (0..usize::from(QUEUE_SIZE) * nq)
+                .map(|_| Vec::with_capacity(SEG_MAX as usize))
+                .collect(),
+            completions: Vec::with_capacity(usize::from(QUEUE_SIZE)),
+            descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
+            to_notify: vec![false; nq],
+            serial: self.serial,
+            capacity: self.capacity,
+            read_only: self.read_only,
+            name: self.name.clone(),
+            log: self.log.clone(),
+        };
+        let h = std::thread::Builder::new()
+            .name(format!("vblk-{}", self.name))
+            .spawn(move || {
+                w.run();
+                w.engine
+            })
+            .map_err(|e| format!("spawning the queue thread: {e}"))?;
+        self.running = Some((stop, h));
+        Ok(())
+    }
+    fn reset(&mut self) {
+        if let Some((stop, h)) = self.running.take() {
+            let _ = stop.write(1);
+            match h.join() {
+                Ok(engine) => self.engine = Some(engine),
+                Err(_) => self.log.warn(format_args!(
+                    "virtio-blk {}: queue thread panicked; disk gone",
+                    self.name
+                )),
+            }
+        }
+    }
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
+
+/// Why a request is refused.
+enum Bad {
+    /// Malformed: IOERR.
+    Io(&'static str),
+    /// Unknown type: UNSUPP.
+    Unsupp,
+}
+
+impl Worker {
+    fn run(&mut self) {
+        loop {
+            let (stop_ready, kicked, done) = {
+                let mut fds = Vec::with_capacity(2 + self.kicks.len());
+                fds.push(PollFd::new(self.stop.as_fd(), PollFlags::POLLIN));
+                fds.push(PollFd::new(self.engine.completion_fd(), PollFlags::POLLIN));
+                for k in &self.kicks {
+                    fds.push(PollFd::new(k.as_fd(), PollFlags::POLLIN));
+                }
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => {
+                        self.log
+                            .warn(format_args!("virtio-blk {}: poll: {e}", self.name));
+                        return;
+                    }
+                }
+                let r = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+                let kicked: u64 = fds[2..]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| r(f))
+                    .fold(0, |a, (i, _)| a | 1 << i);
+                (r(&fds[0]), kicked, r(&fds[1]))
+            };
+            if stop_ready {
+                self.drain();
+                return;
+            }
+            for q in 0..self.kicks.len() {
+                if kicked & (1 << q) != 0 {
+                    let _ = self.kicks[q].read();
+                }
+            }
+            if done {
+                self.reap();
+            }
+            // Process every queue on each wakeup: a kick may have been coalesced.
+            for q in 0..self.queues.len() {
+                self.pop_queue(q);
+            }
+            if let Err(e) = self.engine.kick() {
+                self.log
+                    .warn(format_args!("virtio-blk {}: engine kick: {e}", self.name));
+            }
+            self.notify();
+        }
+    }
+
+    /// Waits for the engine's in-flight requests and drops their results (device reset).
+    fn drain(&mut self) {
+        while self.engine.in_flight() > 0 {
+            let mut fds = [PollFd::new(self.engine.completion_fd(), PollFlags::POLLIN)];
+            if poll(&mut fds, PollTimeout::from(1000u16)).is_err() {
+                break;
+            }
+            self.completions.clear();
+            if self.engine.reap(&mut self.completions).is_err() {
+                break;
+            }
+        }
+    }
+
+    fn notify(&mut self) {
+        let map = self.ram.get();
+        for q in 0..self.to_notify.len() {
+            if std::mem::take(&mut self.to_notify[q]) {
+                let needs = match self.queues.get_mut(q).and_then(|o| o.as_mut()) {
+                    Some(queue) => queue.needs_notification(map.memory()).unwrap_or(true),
+                    None => false,
+                };
+                if needs {
+                    self.notifier.queue(q);
+                }
+            }
+        }
+    }
+
+    fn complete(
+        &mut self,
+        map: &RamMap,
+        q: usize,
+        head: u16,
+        status: u8,
+        used_len: u32,
+        status_gpa: Option<u64>,
+    ) {
+        if let Some(gpa) = status_gpa {
+            map.write(gpa, &[status]);
+        }
+        if let Some(Some(queue)) = self.queues.get_mut(q) {
+            if let Err(e) = queue.add_used(map.memory(), head, used_len) {
+                self.log.warn(format_args!(
+                    "virtio-blk {}: queue {q}: add_used: {e}",
+                    self.name
+                ));
+            }
+            self.to_notify[q] = true;
+        }
+    }
+
+    fn reap(&mut self) {
+        self.completions.clear();
+        if let Err(e) = self.engine.reap(&mut self.completions) {
+            self.log
+                .warn(format_args!("virtio-blk {}: reap: {e}", self.name));
+            return;
+        }
+        let map = self.ram.get();
+        let mut comps = std::mem::take(&mut self.completions);
+        for c in comps.drain(..) {
+            let (q, head) = ((c.tag >> 16) as usize, c.tag as u16);
+            let mut segs = c.segs;
+            segs.clear();
+            self.seg_pool.push(segs);
+            let Some(p) = self
+                .pending
+                .get_mut(q)
+                .and_then(|v| v.get_mut(usize::from(head)))
+                .and_then(|p| p.take())
+            else {
+                continue;
+            };
+            let status = if c.result.is_ok() { S_OK } else { S_IOERR };
+            self.complete(&map, q, head, status, p.used_len, Some(p.status_gpa));
+        }
+        self.completions = comps;
+        // Room freed: resubmit what the engine refused earlier.
+        while let Some((q, req)) = self.backlog.pop_front() {
+            if let Err(req) = self.engine.queue(req) {
+                self.backlog.push_front((q, req));
+                break;
+            }
+        }
+    }
+
+    fn pop_queue(&mut self, q: usize) {
+        if !self.backlog.is_empty() {
+            return;
+        }
+        let map = self.ram.get();
+        loop {
+            let chain = match self.queues.get_mut(q) {
+                Some(Some(queue)) => queue.pop_descriptor_chain(map.memory()),
+                _ => return,
+            };
+            let Some(chain) = chain else { return };
+            let head = chain.head_index();
+            self.descs.clear();
+            let mut count = 0usize;
+            let mut looped = false;
+            for d in chain {
+                count += 1;
+                if count > usize::from(QUEUE_SIZE) {
+                    looped = true;
+                    break;
+                }
+                self.descs.push(d);
+            }
+            // virtio-queue stops a chain silently after queue-size hops or at an index past
+            // the table; a last descriptor that still says NEXT means the chain never ended.
+            if looped || self.descs.last().is_none_or(|d| d.has_next()) {
+                self.log.warn(format_args!("virtio-blk {}: queue {q} head {head}: descriptor chain loops, is too long or points outside the table", self.name));
+                self.complete(&map, q, head, S_IOERR, 0, None);
+                continue;
+            }
+            match self.build(&map, q, head) {
+                Ok(None) => {}
+                Ok(Some(req)) => {
+                    if let Err(req) = self.engine.queue(req) {
+                        self.backlog.push_back((q, req));
+                        return;
+                    }
+                }
+                Err((bad, status_gpa)) => {
+                    let (st, why) = match bad {
+                        Bad::Io(w) => (S_IOERR, w),
+                        Bad::Unsupp => (S_UNSUPP, "unsupported request type"),
+                    };
+                    self.log.warn(format_args!(
+                        "virtio-blk {}: queue {q} head {head}: {why}",
+                        self.name
+                    ));
+                    let used = u32::from(status_gpa.is_some());
+                    self.complete(&map, q, head, st, used, status_gpa);
+                }
+            }
+        }
+    }
+
+    /// Turns the chain in `self.descs` into an engine request (or completes it at once).
+    fn build(
+        &mut self,
+        map: &RamMap,
+        q: usize,
+        head: u16,
+    ) -> Result<Option<IoRequest>, (Bad, Option<u64>)> {
+        let n = self.descs.len();
+        let last = self.descs[n - 1];
+        let status_gpa = if last.is_write_only() && last.len() >= 1 {
+            Some(
+                last.addr()
+                    .0
+                    .checked_add(u64::from(last.len()) - 1)
+                    .ok_or((Bad::Io("status address wraps"), None))?,
+            )
+        } else {
+            None
+        };
+        let Some(status_gpa) = status_gpa.filter(|g| map.seg(*g, 1, true).is_some()) else {
+            return Err((
+                Bad::Io("no writable status byte in guest RAM at the end of the chain"),
+                None,
+            ));
+        };
+        let fail = |w: &'static str| Err((Bad::Io(w), Some(status_gpa)));
+        if n < 2 {
+            return fail("chain shorter than header + status");
+        }
+        let hd = self.descs[0];
+        if hd.is_write_only() || hd.len() < 16 {
+            return fail("header descriptor not readable or shorter than 16 bytes");
+        }
+        let mut h = [0u8; 16];
+        if !map.read(hd.addr().0, &mut h) {
+            return fail("header outside guest RAM");
+        }
+        let ty = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+        let sector = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+        // The status descriptor may carry data bytes before the status (one descriptor for
+        // both); we only accept the status byte alone to keep the direction checks simple.
+        if last.len() != 1 {
+            return fail("status descriptor longer than one byte");
+        }
+        let data = &self.descs[1..n - 1];
+        if data.len() > SEG_MAX as usize {
+            return fail("more data descriptors than seg_max");
+        }
+        let tag = ((q as u64) << 16) | u64::from(head);
+        let slot_free = self
+            .pending
+            .get(q)
+            .and_then(|v| v.get(usize::from(head)))
+            .is_some_and(|p| p.is_none());
+        if !slot_free {
+            return fail("head already in flight");
+        }
+        let (op, device_writes) = match ty {
+            T_IN => (IoOp::Read, true),
+            T_OUT => (IoOp::Write, false),
+            T_FLUSH => (IoOp::Flush, false),
+            T_DISCARD => (IoOp::Discard, false),
+            T_WRITE_ZEROES => (IoOp::WriteZeroes, false),
+            T_GET_ID => {
+                let Some(d) = data
+                    .first()
+                    .filter(|d| d.is_write_only() && data.len() == 1)
+                else {
+                    return fail("get-id needs one writable data descriptor");
+                };
+                let len = (d.len() as usize).min(20);
+                if len == 0 || !map.write(d.addr().0, &self.serial[..len]) {
+                    return fail("get-id buffer outside guest RAM");
+                }
+                self.complete(map, q, head, S_OK, len as u32 + 1, Some(status_gpa));
+                return Ok(None);
+            }
+            _ => return Err((Bad::Unsupp, Some(status_gpa))),
+        };
+        if self.read_only && op != IoOp::Read && op != IoOp::Flush {
+            return fail("write to a read-only disk");
+        }
+        let mut segs = self.seg_pool.pop().unwrap_or_default();
+        segs.clear();
+        let mut total: u64 = 0;
+        let mut used_len = 1u32;
+        let mut offset = sector.checked_mul(SECTOR);
+        let mut len = 0u64;
+        match op {
+            IoOp::Read | IoOp::Write => {
+                for d in data {
+                    if d.is_write_only() != device_writes {
+                        self.seg_pool.push(segs);
+                        return fail("data descriptor has the wrong direction");
+                    }
+                    if d.len() == 0 || d.len() > SIZE_MAX {
+                        self.seg_pool.push(segs);
+                        return fail("data descriptor length 0 or above size_max");
+                    }
+                    match map.seg(d.addr().0, d.len() as usize, device_writes) {
+                        Some(s) => segs.push(s),
+                        None => {
+                            self.seg_pool.push(segs);
+                            return fail("data descriptor outside guest RAM");
+                        }
+                    }
+                    total += u64::from(d.len());
+                }
+                if total == 0 || total % SECTOR != 0 {
+                    self.seg_pool.push(segs);
+                    return fail("data length not a non-zero multiple of 512");
+                }
+                if device_writes {
+                    used_len = used_len.saturating_add(total as u32);
+                }
+            }
+            IoOp::Discard | IoOp::WriteZeroes => {
+                let Some(d) = data
+                    .first()
+                    .filter(|d| data.len() == 1 && !d.is_write_only() && d.len() == 16)
+                else {
+                    self.seg_pool.push(segs);
+                    return fail("discard/write-zeroes needs exactly one 16-byte segment");
+                };
+                let mut s = [0u8; 16];
+                if !map.read(d.addr().0, &mut s) {
+                    self.seg_pool.push(segs);
+                    return fail("discard segment outside guest RAM");
+                }
+                let sec = u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]);
+                let num = u64::from(u32::from_le_bytes([s[8], s[9], s[10], s[11]]));
+                let flags = u32::from_le_bytes([s[12], s[13], s[14], s[15]]);
+                if flags & !1 != 0 || (op == IoOp::Discard && flags != 0) {
+                    self.seg_pool.push(segs);
+                    return fail("reserved discard/write-zeroes flags set");
+                }
+                offset = sec.checked_mul(SECTOR);
+                len = num * SECTOR;
+                total = len;
+                if len == 0 {
+                    self.seg_pool.push(segs);
+                    return fail("zero-length discard/write-zeroes");
+                }
+            }
+            _ => {
+                offset = Some(0);
+            }
+        }
+        let end_ok = offset
+            .and_then(|o| o.checked_add(total))
+            .is_some_and(|end| end <= self.capacity * SECTOR);
+        if !end_ok {
+            self.seg_pool.push(segs);
+            return fail("sector range past the end of the disk");
+        }
+        if let Some(p) = self
+            .pending
+            .get_mut(q)
+            .and_then(|v| v.get_mut(usize::from(head)))
+        {
+            *p = Some(Pending {
+                status_gpa,
+                used_len,
+            });
+        }
+        Ok(Some(IoRequest {
+            tag,
+            op,
+            offset: offset.unwrap_or(0),
+            len,
+            segs,
+            fua: false,
+        }))
+    }
+}
