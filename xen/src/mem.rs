@@ -327,11 +327,33 @@ impl SharedMem {
         self.atomic_u64(offset, true)?.store(v, order);
         Ok(())
     }
+    /// Compare-and-exchange of an aligned u64; returns the value found (Xen updates the
+    /// buffered ioreq ring's read/write pointer pair with one such exchange).
+    pub fn cmpxchg_u64(&self, offset: usize, old: u64, new: u64) -> Result<u64, MemError> {
+        let a = self.atomic_u64(offset, true)?;
+        Ok(
+            match a.compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(v) | Err(v) => v,
+            },
+        )
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cmpxchg_u64_swaps_only_on_match_and_checks_bounds_and_alignment() {
+        let m = heap_mem(32);
+        m.store_u64(8, 5, Ordering::SeqCst).unwrap();
+        assert_eq!(m.cmpxchg_u64(8, 4, 9).unwrap(), 5);
+        assert_eq!(m.load_u64(8, Ordering::SeqCst).unwrap(), 5);
+        assert_eq!(m.cmpxchg_u64(8, 5, 9).unwrap(), 5);
+        assert_eq!(m.load_u64(8, Ordering::SeqCst).unwrap(), 9);
+        assert!(m.cmpxchg_u64(4, 0, 1).is_err(), "misaligned");
+        assert!(m.cmpxchg_u64(32, 0, 1).is_err(), "out of bounds");
+    }
 
     fn heap_mem(len: usize) -> SharedMem {
         let buf: Box<[u64]> = vec![0u64; len.div_ceil(8)].into_boxed_slice();
