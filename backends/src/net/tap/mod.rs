@@ -488,9 +488,22 @@ impl Tap {
     }
 }
 
-/// Whether an interface of that name exists in our network namespace.
+/// Whether an interface of that name exists in the calling thread's network namespace (asked
+/// with SIOCGIFINDEX on a socket: /sys/class/net shows the namespace sysfs was mounted in).
 pub fn interface_exists(name: &str) -> bool {
-    valid_ifname(name).is_ok() && Path::new("/sys/class/net").join(name).exists()
+    if valid_ifname(name).is_err() {
+        return false;
+    }
+    let Ok(ctl) = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return false;
+    };
+    let mut r = sys::ifreq(name);
+    sys::ioctl_ifreq(ctl.as_fd(), uapi::SIOCGIFINDEX, &mut r).is_ok()
 }
 
 #[cfg(test)]
