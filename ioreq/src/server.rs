@@ -490,15 +490,17 @@ impl Core {
         tracing::debug!(domid = self.domid, server = self.id, "ioreq thread stopped");
     }
 
-    /// Serves every vCPU slot that is READY and drains the buffered ring (bounded). Returns
+    /// Drains the buffered ring (bounded) and serves every vCPU slot that is READY. Returns
     /// true if work was done (or remains).
     fn scan(&mut self, handler: &mut dyn IoHandler) -> bool {
         let mut worked = false;
-        for v in 0..self.vcpus {
-            worked |= self.serve_slot(v, handler);
-        }
+        // Buffered writes first (as QEMU does): a synchronous request a vCPU posted after
+        // buffered ones must see them done. The budget covers a full ring.
         if self.buf_off.is_some() {
             worked |= self.drain_buffered(handler);
+        }
+        for v in 0..self.vcpus {
+            worked |= self.serve_slot(v, handler);
         }
         worked
     }
@@ -512,6 +514,10 @@ impl Core {
         };
         if bits & 0x0f != STATE_IOREQ_READY {
             return false;
+        }
+        if self.buf_off.is_some() {
+            // Writes this vCPU buffered before this request come first.
+            self.drain_buffered(handler);
         }
         let _ = self.pages.store_u8(
             state_at,
