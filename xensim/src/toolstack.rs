@@ -69,6 +69,47 @@ impl DeviceSpec {
         s
     }
 
+    /// A network interface as `libxl__device_nic_add` writes one: backend
+    /// `vif/<domid>/<devid>` (or `qnic`, the userspace-backend type) with `mac`, `bridge`,
+    /// `handle`, `type = vif`, and `script`, `ip`, `rate` (`bytes,usec`) and `mtu` when given;
+    /// frontend `device/vif/<devid>` with `handle`, `mac`, `mtu` and `trusted`.
+    pub fn vif(frontend_domid: DomId, devid: u32, nic: &VifNic) -> Self {
+        let mut s = DeviceSpec::new(&nic.backend_type, frontend_domid, devid);
+        s.frontend_kind = "vif".into();
+        let kv = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let mac = nic
+            .mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        s.backend = vec![
+            kv("mac", &mac),
+            kv("handle", &devid.to_string()),
+            kv("type", "vif"),
+            kv("mtu", &nic.mtu.to_string()),
+        ];
+        if let Some(b) = &nic.bridge {
+            s.backend.push(kv("bridge", b));
+        }
+        if let Some(sc) = &nic.script {
+            s.backend.push(kv("script", sc));
+        }
+        if let Some(ip) = &nic.ip {
+            s.backend.push(kv("ip", ip));
+        }
+        if let Some((bytes, usec)) = nic.rate {
+            s.backend.push(kv("rate", &format!("{bytes},{usec}")));
+        }
+        s.frontend = vec![
+            kv("handle", &devid.to_string()),
+            kv("mac", &mac),
+            kv("mtu", &nic.mtu.to_string()),
+            kv("trusted", "1"),
+        ];
+        s
+    }
+
     /// A secondary PV console served by a device model, as `libxl__device_console_add` writes
     /// it: backend `protocol = vt100`; frontend `type = ioemu` and `limit`, read-only to the
     /// guest.
@@ -92,6 +133,39 @@ impl DeviceSpec {
             "/local/domain/{}/device/{}/{}",
             self.frontend_domid, self.frontend_kind, self.devid
         )
+    }
+}
+
+/// The settings of a [`DeviceSpec::vif`] (xl's `vif = [ 'mac=..,bridge=..,rate=..' ]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VifNic {
+    /// `vif` (kernel netback) or `qnic` (a userspace backend).
+    pub backend_type: String,
+    /// The guest's MAC.
+    pub mac: [u8; 6],
+    /// `bridge`.
+    pub bridge: Option<String>,
+    /// `script`.
+    pub script: Option<String>,
+    /// `ip`.
+    pub ip: Option<String>,
+    /// `rate` as (bytes per interval, interval in microseconds).
+    pub rate: Option<(u64, u32)>,
+    /// `mtu`.
+    pub mtu: u32,
+}
+
+impl Default for VifNic {
+    fn default() -> Self {
+        VifNic {
+            backend_type: "vif".into(),
+            mac: [0x00, 0x16, 0x3e, 0x00, 0x00, 0x01],
+            bridge: None,
+            script: None,
+            ip: None,
+            rate: None,
+            mtu: 1500,
+        }
     }
 }
 

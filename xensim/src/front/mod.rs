@@ -3,6 +3,7 @@
 pub mod blk;
 pub mod console;
 pub mod frame;
+pub mod net;
 pub mod netstack;
 
 use std::time::{Duration, Instant};
