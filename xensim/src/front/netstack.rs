@@ -175,13 +175,23 @@ impl StreamSum {
 /// Fills `buf` with the test pattern bytes at stream offsets `offset..offset + buf.len()`
 /// (a position-keyed xorshift, so a lost, repeated or reordered chunk changes the sum).
 pub fn fill_pattern(offset: u64, buf: &mut [u8]) {
-    for (i, b) in buf.iter_mut().enumerate() {
-        let p = offset + i as u64;
-        let mut x = (p >> 3).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    fn word(w: u64) -> [u8; 8] {
+        let mut x = w.wrapping_add(0x9e37_79b9_7f4a_7c15);
         x ^= x >> 30;
         x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
         x ^= x >> 27;
-        *b = (x >> ((p & 7) * 8)) as u8;
+        x.to_le_bytes()
+    }
+    let mut p = offset;
+    let mut rest = buf;
+    while !rest.is_empty() {
+        let w = word(p >> 3);
+        let skip = (p & 7) as usize;
+        let n = (8 - skip).min(rest.len());
+        let (head, tail) = rest.split_at_mut(n);
+        head.copy_from_slice(&w[skip..skip + n]);
+        p += n as u64;
+        rest = tail;
     }
 }
 
