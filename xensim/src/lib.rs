@@ -14,6 +14,7 @@ pub mod client;
 pub mod efd;
 pub mod front;
 pub mod guest;
+pub mod guestos;
 pub mod host;
 pub mod hvm;
 #[allow(unsafe_code)]

@@ -1,0 +1,313 @@
+//! The machine driven by the guest OS library over a direct bus: PCI enumeration, the
+//! platform device's unplug handshake, the UART's consoles and interrupt, and the hostile
+//! configuration-space and BAR rows of THREATS.md §5.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::{config, DirectBus};
+use ioreq::Sbdf;
+use xen::IoRange;
+use xensim::guestos::pci::{self, BarWindow};
+use xensim::guestos::platform::{self, Unplug};
+use xensim::guestos::uart::Uart;
+use xensim::hvm::{HvmBus, Irq};
+
+fn disk(dir: &tempfile::TempDir, name: &str, mib: u64) -> String {
+    let p = dir.path().join(name);
+    std::fs::File::create(&p)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn enumerate_bus_ids_bars_and_capabilities() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = disk(&dir, "a.img", 8);
+    let bus = DirectBus::new(&config(&format!("disk = [ '{d},raw,xvda,rw' ]")));
+    let mut fns = pci::enumerate(&bus).unwrap();
+    let ids: Vec<(u8, u16, u16, u32)> = fns
+        .iter()
+        .map(|f| (f.dev, f.vendor, f.device, f.class))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            (0, 0x8086, 0x1237, 0x060000),
+            (1, 0x8086, 0x7000, 0x060100),
+            (2, 0x5853, 0x0001, 0xff8000),
+            (3, 0x1af4, 0x1042, 0x018000)
+        ]
+    );
+    // Platform: BAR0 I/O 256 bytes, BAR1 16 MiB prefetchable memory.
+    let p = &fns[2];
+    let b0 = p.bars[0].unwrap();
+    let b1 = p.bars[1].unwrap();
+    assert!(b0.io && b0.size == 256);
+    assert!(!b1.io && b1.prefetchable && b1.size == 16 << 20);
+    // virtio-blk: one 32 KiB memory BAR, four virtio vendor caps then MSI-X.
+    let v = &fns[3];
+    assert_eq!(v.bars[0].map(|b| (b.io, b.size)), Some((false, 0x8000)));
+    let cap_ids: Vec<u8> = v.caps.iter().map(|c| c.id).collect();
+    assert_eq!(cap_ids, vec![0x09, 0x09, 0x09, 0x09, 0x11]);
+    // The PIIX3 is multi-function-capable and its PIRQ routes start disabled.
+    assert_eq!(fns[1].header_type & 0x80, 0x80);
+    assert_eq!(fns[1].read(&bus, 0x60, 4).unwrap(), 0x8080_8080);
+    // Nothing is routed before assignment; everything after.
+    assert!(bus.machine.lock().unwrap().routed_bars().is_empty());
+    pci::assign_bars(&bus, &mut fns, &mut BarWindow::default()).unwrap();
+    let routed = bus.machine.lock().unwrap().routed_bars();
+    assert_eq!(routed.len(), 3, "{routed:?}");
+    assert!(routed.contains(&IoRange::Port {
+        start: 0xc000,
+        end: 0xc0ff
+    }));
+    // Reading the BAR back gives the address with the type bits.
+    assert_eq!(
+        fns[3].read(&bus, 0x10, 4).unwrap(),
+        fns[3].bars[0].unwrap().addr as u32
+    );
+    // An absent device reads all ones.
+    assert_eq!(pci::cfg_read(&bus, 0, 9, 0, 0, 4).unwrap(), 0xffff_ffff);
+}
+
+#[test]
+fn unplug_handshake_and_blacklist() {
+    let bus = DirectBus::new(&config(""));
+    assert_eq!(
+        platform::unplug(&bus, 3, 0x1234, 0x3).unwrap(),
+        Unplug::Done { version: 1 }
+    );
+    platform::log(&bus, "hello from the PV drivers").unwrap();
+    let st = bus.machine.lock().unwrap().unplug_state().unwrap();
+    assert_eq!(
+        (
+            st.product,
+            st.build,
+            st.unplugged,
+            st.blacklisted,
+            st.log_lines
+        ),
+        (Some(3), Some(0x1234), 3, false, 1)
+    );
+
+    let bus = DirectBus::new(&config("xen_platform_blacklist = [ 1 ]"));
+    assert_eq!(
+        platform::unplug(&bus, 1, 7, 0x3).unwrap(),
+        Unplug::Blacklisted
+    );
+    assert_eq!(bus.pio_read(0x10, 2).unwrap(), 0xd249);
+    let st = bus.machine.lock().unwrap().unplug_state().unwrap();
+    assert_eq!(
+        st.unplugged, 0,
+        "blacklisted drivers stop before unplugging"
+    );
+}
+
+fn uart_input_raises_irq4(bus: &DirectBus, mut feed: impl FnMut(&[u8])) {
+    let u = Uart::COM1;
+    u.init(bus).unwrap();
+    bus.take_irqs();
+    feed(b"ping\n");
+    let mut got = Vec::new();
+    let n = u
+        .read_irq(bus, &mut got, 5, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(got, b"ping\n");
+    assert!(n >= 1);
+}
+
+#[test]
+fn uart_bytes_reach_the_pty_and_input_raises_irq4() {
+    let bus = DirectBus::new(&config("serial = 'pty'"));
+    let console = bus
+        .machine
+        .lock()
+        .unwrap()
+        .serial_console()
+        .unwrap()
+        .to_string();
+    let path = console.strip_prefix("pty:").unwrap().to_string();
+    let mut pty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let u = Uart::COM1;
+    u.init(&bus).unwrap();
+    u.write(&bus, b"hello, pty\n").unwrap();
+    let mut buf = [0u8; 11];
+    pty.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello, pty\n");
+    let mut w = pty.try_clone().unwrap();
+    uart_input_raises_irq4(&bus, |d| w.write_all(d).unwrap());
+}
+
+#[test]
+fn uart_bytes_reach_the_unix_socket_and_input_raises_irq4() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("com1.sock");
+    let bus = DirectBus::new(&config(&format!(
+        "serial = 'unix:{},server'",
+        sock.display()
+    )));
+    let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let u = Uart::COM1;
+    u.init(&bus).unwrap();
+    // The listener accepts on its own thread; output before that is dropped, so send until
+    // the first byte arrives.
+    c.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut first = [0u8; 1];
+    let mut ok = false;
+    for _ in 0..100 {
+        u.write(&bus, b"!").unwrap();
+        if c.read(&mut first).is_ok_and(|n| n == 1) {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "the socket client never got a byte");
+    c.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let mut sink = [0u8; 256];
+    while c.read(&mut sink).is_ok_and(|n| n > 0) {}
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    u.write(&bus, b"over the socket\n").unwrap();
+    let mut buf = [0u8; 16];
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"over the socket\n");
+    let mut w = c.try_clone().unwrap();
+    uart_input_raises_irq4(&bus, |d| w.write_all(d).unwrap());
+}
+
+#[test]
+fn uart_bytes_reach_the_log_file_and_loopback_echoes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("com1.log");
+    let bus = DirectBus::new(&config(&format!("serial = 'file:{}'", log.display())));
+    let u = Uart::COM1;
+    u.init(&bus).unwrap();
+    u.write(&bus, b"to the file\n").unwrap();
+    assert_eq!(std::fs::read(&log).unwrap(), b"to the file\n");
+    // Loopback: THR comes back on RBR and raises the received-data interrupt.
+    bus.take_irqs();
+    bus.pio_write(0x3fc, 1, 0x1b).unwrap();
+    bus.pio_write(0x3f8, 1, u32::from(b'x')).unwrap();
+    assert!(bus.wait_for(Duration::from_secs(1), |i| matches!(
+        i,
+        Irq::Isa {
+            irq: 4,
+            level: true
+        }
+    )));
+    // FIFO trigger level 1 (FCR 0x07): a single byte is "received data available".
+    assert_eq!(bus.pio_read(0x3fa, 1).unwrap() & 0x0f, 0x04);
+    assert_eq!(bus.pio_read(0x3f8, 1).unwrap(), u32::from(b'x'));
+    assert_eq!(bus.pio_read(0x3fd, 1).unwrap() & 1, 0);
+    // MSR in loopback mirrors MCR: RTS->CTS, DTR->DSR, OUT2->DCD.
+    assert_eq!(bus.pio_read(0x3fe, 1).unwrap() & 0xf0, 0xb0);
+    assert_eq!(
+        std::fs::read(&log).unwrap(),
+        b"to the file\n",
+        "loopback bytes stay inside the UART"
+    );
+}
+
+/// XSA-238: a guest writing all ones to every BAR (the sizing probe, left in place) and then
+/// enabling decoding gets no range routed; overlapping BARs are refused too.
+#[test]
+fn xsa_238_all_ones_bars_and_overlaps_are_never_routed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (disk(&dir, "a.img", 1), disk(&dir, "b.img", 1));
+    let bus = DirectBus::new(&config(&format!(
+        "disk = [ '{a},raw,xvda', '{b},raw,xvdb' ]"
+    )));
+    let mut fns = pci::enumerate(&bus).unwrap();
+    for f in &fns {
+        for off in (0x10..0x28).step_by(4) {
+            f.write(&bus, off, 4, 0xffff_ffff).unwrap();
+        }
+        f.write(&bus, 4, 2, 0x7).unwrap();
+    }
+    assert!(bus.machine.lock().unwrap().routed_bars().is_empty());
+    // BAR0 of 00:03.0 overlapping BAR0 of 00:04.0: only the first is routed.
+    pci::assign_bars(&bus, &mut fns, &mut BarWindow::default()).unwrap();
+    let before = bus.machine.lock().unwrap().routed_bars();
+    let a0 = fns[3].bars[0].unwrap().addr as u32;
+    fns[4].write(&bus, 0x10, 4, a0).unwrap();
+    let after = bus.machine.lock().unwrap().routed_bars();
+    assert_eq!(after.len(), before.len() - 1, "{after:?}");
+    // A BAR at 0 (unassigned) is not routed either, and the guest goes on.
+    fns[4].write(&bus, 0x10, 4, 0).unwrap();
+    assert_eq!(
+        bus.machine.lock().unwrap().routed_bars().len(),
+        before.len() - 1
+    );
+    // Every range that was registered is one the registry accepted (end >= start).
+    assert!(bus.ranges.0.lock().unwrap().iter().all(|r| match *r {
+        IoRange::Port { start, end } | IoRange::Mmio { start, end } => start <= end,
+        IoRange::Pci { .. } => true,
+    }));
+}
+
+/// XSA-126/131/120: per-register write masks; accesses that straddle registers, leave the
+/// 256-byte header or reach 4096 are answered (all ones / ignored) and change nothing.
+#[test]
+fn xsa_126_131_120_config_masks_and_straddling_accesses() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = disk(&dir, "a.img", 1);
+    let bus = DirectBus::new(&config(&format!("disk = [ '{a},raw,xvda' ]")));
+    let sbdf = Sbdf {
+        seg: 0,
+        bus: 0,
+        dev: 3,
+        func: 0,
+    };
+    let snapshot = |bus: &DirectBus| {
+        (0..64)
+            .map(|i| bus.cfg_raw_read(sbdf, i * 4, 4).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let before = snapshot(&bus);
+    // Read-only registers: ids, class, header type, capability pointer, status cap bit.
+    for (off, size) in [
+        (0u64, 4u8),
+        (8, 4),
+        (0x0e, 1),
+        (0x34, 1),
+        (0x2c, 4),
+        (0x3d, 1),
+    ] {
+        assert!(bus.cfg_raw_write(sbdf, off, size, 0));
+    }
+    assert!(bus.cfg_raw_write(sbdf, 6, 2, 0xffff));
+    // Straddling BAR0 and BAR1; at 0xff size 4; at 0x1000; at 0xffe size 4.
+    assert!(bus.cfg_raw_write(sbdf, 0x12, 4, 0xdead_beef));
+    assert!(bus.cfg_raw_write(sbdf, 0xff, 4, 0xdead_beef));
+    assert!(bus.cfg_raw_write(sbdf, 0x1000, 4, 0xdead_beef));
+    assert!(bus.cfg_raw_write(sbdf, 0xffe, 4, 0xdead_beef));
+    assert_eq!(bus.cfg_raw_read(sbdf, 0x12, 4), Some(0xffff_ffff));
+    assert_eq!(bus.cfg_raw_read(sbdf, 0xff, 4), Some(0xffff_ffff));
+    assert_eq!(bus.cfg_raw_read(sbdf, 0x1000, 4), Some(0xffff_ffff));
+    // Extended space reads as zero (no extended capabilities).
+    assert_eq!(bus.cfg_raw_read(sbdf, 0x100, 4), Some(0));
+    assert_eq!(snapshot(&bus), before, "nothing changed");
+    // The MSI-X capability's table offset and size are read-only; only enable/mask move.
+    let f = pci::enumerate(&bus).unwrap().remove(3);
+    let mc = u64::from(f.cap(0x11).unwrap());
+    let tbl = bus.cfg_raw_read(sbdf, mc + 4, 4).unwrap();
+    assert!(bus.cfg_raw_write(sbdf, mc + 4, 4, 0));
+    assert!(bus.cfg_raw_write(sbdf, mc + 2, 2, 0xffff));
+    assert_eq!(bus.cfg_raw_read(sbdf, mc + 4, 4).unwrap(), tbl);
+    assert_eq!(
+        bus.cfg_raw_read(sbdf, mc + 2, 2).unwrap() & 0x3fff,
+        1,
+        "table size stays 2 vectors"
+    );
+    // The machine still answers normally.
+    assert_eq!(bus.cfg_raw_read(sbdf, 0, 4), Some(0x1042_1af4));
+}
