@@ -223,6 +223,36 @@ fn test_blk_persistent_cache_holds_a_full_ring_of_largest_requests_by_default() 
     assert_eq!(s.persistent_hits, 1100);
 }
 
+/// Pushes 8 reads at once and returns the most requests one engine kick carried.
+fn largest_kick_for_a_burst_of_8(submit_batch: u32) -> u64 {
+    let cfg = BlkConfig {
+        submit_batch,
+        ..BlkConfig::default()
+    };
+    let r = rig_with(&[(0, "w")], cfg);
+    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    let pages: Vec<_> = (0..8).map(|_| f.data_page(0, false)).collect();
+    for (i, (_, gr)) in pages.iter().enumerate() {
+        f.put(
+            0,
+            &rw(BLKIF_OP_READ, i as u64, 8 * i as u64, &[(*gr, 0, 7)]),
+        );
+    }
+    f.push(0);
+    let rsps = f.responses(0, 8);
+    assert!(rsps.iter().all(|r| r.status == BLKIF_RSP_OKAY));
+    r.disk
+        .max_kick_batch
+        .load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[test]
+fn test_blk_submits_a_burst_to_the_engine_in_batches_of_submit_batch() {
+    assert_eq!(largest_kick_for_a_burst_of_8(2), 2);
+    assert_eq!(largest_kick_for_a_burst_of_8(1), 1);
+    assert_eq!(largest_kick_for_a_burst_of_8(64), 8, "one kick per burst");
+}
+
 #[test]
 fn test_blk_non_persistent_grants_unmapped_before_response() {
     let r = rig(&[(0, "w")]);

@@ -91,7 +91,17 @@ pub struct BlkConfig {
     pub max_ring_page_order: u32,
     /// `feature-max-indirect-segments` (at most 256).
     pub max_indirect_segments: u16,
+    /// While reading a burst of requests from a ring, hand them to the storage engine (one
+    /// `io_uring_enter` for io_uring) after every this many, rather than once at the end of
+    /// the burst: the device starts on the first requests sooner. 1 submits each request
+    /// alone; a value at least the ring size submits once per burst.
+    pub submit_batch: u32,
 }
+
+/// The default [`BlkConfig::submit_batch`], chosen by measurement (docs/PERFORMANCE.md):
+/// 4 KiB random reads at QD32 gain 10-30 % over one submission per burst, for a little
+/// more CPU per request.
+pub const DEFAULT_SUBMIT_BATCH: u32 = 2;
 
 impl Default for BlkConfig {
     fn default() -> Self {
@@ -105,6 +115,7 @@ impl Default for BlkConfig {
             max_queues: cpus.clamp(1, 4),
             max_ring_page_order: 4,
             max_indirect_segments: request::MAX_INDIRECT_SEGMENTS,
+            submit_batch: DEFAULT_SUBMIT_BATCH,
         }
     }
 }
@@ -454,6 +465,7 @@ impl Device for BlkDevice {
                     self.config.max_indirect_segments,
                     self.config.max_persistent_grants,
                 ),
+                submit_batch: self.config.submit_batch,
                 limits,
                 engine,
                 shared: self.shared.clone(),

@@ -81,6 +81,8 @@ pub(crate) struct QueueParams {
     pub persistent: bool,
     pub grant_mode: GrantMode,
     pub max_persistent_grants: usize,
+    /// Kick the engine after this many requests taken from the ring (and when it is empty).
+    pub submit_batch: u32,
     pub limits: DiskLimits,
     pub engine: Box<dyn Engine>,
     pub shared: Arc<DevShared>,
@@ -182,6 +184,9 @@ struct Queue {
     ctl: mpsc::Receiver<Ctl>,
     slots: Vec<Slot>,
     free: Vec<usize>,
+    submit_batch: u32,
+    /// Requests started since the last engine kick.
+    unkicked: u32,
     /// Requests handed to the engine (or waiting in `backlog`) and not completed.
     submitted: usize,
     backlog: VecDeque<IoRequest>,
@@ -287,6 +292,8 @@ pub(crate) fn start(p: QueueParams) -> Result<QueueHandle, BlkError> {
         ctl: ctl_rx,
         slots,
         free: (0..n).rev().collect(),
+        submit_batch: p.submit_batch.max(1),
+        unkicked: 0,
         submitted: 0,
         backlog: VecDeque::with_capacity(n),
         barrier: Barrier::None,
@@ -434,7 +441,15 @@ impl Queue {
         loop {
             while !self.stalled() {
                 match self.ring.next(&self.limits) {
-                    Ok(Some(Ok(req))) => self.start_request(req),
+                    Ok(Some(Ok(req))) => {
+                        self.start_request(req);
+                        // Start the device on the first requests of a burst while the rest
+                        // are still being read from the ring.
+                        self.unkicked += 1;
+                        if self.unkicked >= self.submit_batch {
+                            self.kick();
+                        }
+                    }
                     Ok(Some(Err(bad))) => self.refuse(bad),
                     Ok(None) => break,
                     Err(e) => return self.go_rogue(e),
@@ -913,6 +928,7 @@ impl Queue {
     }
 
     fn kick(&mut self) {
+        self.unkicked = 0;
         if let Err(e) = self.engine.kick() {
             if self.log_bucket.take(1.0) {
                 warn!(queue = self.queue, error = %e, "engine kick failed");

@@ -52,6 +52,8 @@ pub struct MemDisk {
     hold: AtomicBool,
     queues: Mutex<Vec<Arc<EngQ>>>,
     capacity: AtomicU64,
+    /// The most requests any one engine kick handed over.
+    pub max_kick_batch: AtomicU64,
 }
 
 impl MemDisk {
@@ -62,6 +64,7 @@ impl MemDisk {
             hold: AtomicBool::new(false),
             queues: Mutex::new(Vec::new()),
             capacity: AtomicU64::new(capacity),
+            max_kick_batch: AtomicU64::new(0),
         })
     }
 
@@ -209,6 +212,9 @@ impl Engine for MemEngine {
         if self.queued.is_empty() {
             return Ok(());
         }
+        self.disk
+            .max_kick_batch
+            .fetch_max(self.queued.len() as u64, Ordering::SeqCst);
         for r in self.queued.drain(..) {
             if self.disk.hold.load(Ordering::SeqCst) {
                 self.q.held.lock().unwrap().push_back(r);
