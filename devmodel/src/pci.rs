@@ -475,7 +475,7 @@ impl PciBus {
     /// Checks a config access: size 1/2/4, aligned, inside 4096 bytes.
     fn access_ok(&mut self, sbdf: Sbdf, off: u64, size: u8) -> bool {
         let ok = matches!(size, 1 | 2 | 4)
-            && off % u64::from(size) == 0
+            && off.is_multiple_of(u64::from(size))
             && off + u64::from(size) <= CFG_EXT_SIZE;
         if !ok {
             self.log.warn(format_args!(
@@ -855,7 +855,7 @@ impl Msix {
         let w = ((off % 16) / 4) as usize;
         match (size, off % 4) {
             (4, 0) => u64::from(e[w]),
-            (8, 0) if w % 2 == 0 => u64::from(e[w]) | (u64::from(e[w + 1]) << 32),
+            (8, 0) if w.is_multiple_of(2) => u64::from(e[w]) | (u64::from(e[w + 1]) << 32),
             _ => ones(size),
         }
     }
@@ -869,7 +869,7 @@ impl Msix {
         let before = e[3];
         match (size, off % 4) {
             (4, 0) => e[w] = value as u32,
-            (8, 0) if w % 2 == 0 => {
+            (8, 0) if w.is_multiple_of(2) => {
                 e[w] = value as u32;
                 e[w + 1] = (value >> 32) as u32;
             }

@@ -179,7 +179,7 @@ impl Platform {
             (off, s) => self.log.warn(format_args!(
                 "dom{}: platform port {:#x} write of {s} bytes ignored",
                 self.domid,
-                u16::from(PORT_BASE) + off
+                PORT_BASE + off
             )),
         }
     }

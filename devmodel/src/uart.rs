@@ -281,7 +281,7 @@ impl Shared {
             let n = self
                 .tx_dropped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if n % 4096 == 0 {
+            if n.is_multiple_of(4096) {
                 self.log.warn(format_args!(
                     "dom{}: serial console output dropped ({} bytes so far)",
                     self.irq.domid(),

@@ -91,6 +91,9 @@ struct Worker {
     log: Arc<RateLog>,
 }
 
+/// The stop signal and the queue thread, which hands the engine back when it ends.
+type Running = (Arc<EventFd>, JoinHandle<Box<dyn Engine>>);
+
 /// The virtio-blk device.
 pub struct VirtioBlk {
     name: String,
@@ -100,7 +103,7 @@ pub struct VirtioBlk {
     discard: bool,
     queues: u16,
     serial: [u8; 20],
-    running: Option<(Arc<EventFd>, JoinHandle<Box<dyn Engine>>)>,
+    running: Option<Running>,
     log: Arc<RateLog>,
     describe: String,
 }
@@ -577,7 +580,7 @@ impl Worker {
                     }
                     total += u64::from(d.len());
                 }
-                if total == 0 || total % SECTOR != 0 {
+                if total == 0 || !total.is_multiple_of(SECTOR) {
                     self.seg_pool.push(segs);
                     return fail("data length not a non-zero multiple of 512");
                 }

@@ -419,7 +419,7 @@ impl VirtioPci {
         let n = u64::from(q.size);
         let map = self.ram.get();
         let inside = |gpa: u64, len: u64, align: u64| {
-            gpa % align == 0 && gpa.checked_add(len).is_some() && {
+            gpa.is_multiple_of(align) && gpa.checked_add(len).is_some() && {
                 let mut probe = [0u8; 1];
                 map.read(gpa, &mut probe)
                     && map.read(gpa + len - 1, &mut probe)

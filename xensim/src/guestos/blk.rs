@@ -219,10 +219,9 @@ impl VirtioBlkDriver {
             // Reap.
             b.take_irqs();
             let mut progress = false;
-            for qi in 0..nq {
+            for (qi, own) in owner.iter_mut().enumerate() {
                 while let Some((head, _len)) = self.queues[qi].pop_used(b)? {
-                    let Some(i) = owner[qi].get_mut(usize::from(head)).and_then(|o| o.take())
-                    else {
+                    let Some(i) = own.get_mut(usize::from(head)).and_then(|o| o.take()) else {
                         return Err(GuestOsError::Device(format!(
                             "queue {qi}: used head {head} was not in flight"
                         )));
