@@ -49,6 +49,8 @@ counters! {
     tx_engine_errors,
     /// Times the TX path stopped for the credit-based rate limit.
     tx_throttled,
+    /// Rate changes applied (the `rate` key changed while connected).
+    rate_updates,
     /// Multicast filter add/delete requests.
     mcast_ops,
     /// Frames delivered to the guest.

@@ -41,8 +41,11 @@ use super::xenbus::{FrontendChoice, Rate};
 use super::NetError;
 use crate::ratelimit::TokenBucket;
 
-/// Bytes of TX frames fetched per grant-copy batch.
-const TX_ARENA: usize = 256 * 1024;
+/// Bytes of TX frames fetched per grant-copy batch (one 64 KiB super-frame and more; xensim
+/// carries a batch in one message of at most 160 KiB).
+const TX_ARENA: usize = 128 * 1024;
+/// Bytes of RX frames delivered per grant-copy batch (at least one frame).
+const RX_BATCH_BYTES: usize = 128 * 1024;
 /// Largest frame from the engine: 64 KiB of payload plus an Ethernet header.
 const RX_MAX_FRAME: usize = 65535 + 14;
 /// Frames read from the engine per queue per pass (fairness between queues and TX).
@@ -448,6 +451,7 @@ impl Vif {
             if self.shared.rate_changed.swap(false, Ordering::SeqCst) {
                 let r = *self.shared.rate.lock().unwrap_or_else(|e| e.into_inner());
                 self.credit.set_rate(r);
+                add(&self.shared.metrics.rate_updates, 1);
                 debug!(rate = ?r, "rate changed");
             }
             delivered.clear();
@@ -1083,15 +1087,17 @@ impl Vif {
         let headroom = usize::from(self.choice.xdp_headroom);
         let first_room = xen::PAGE_SIZE - headroom;
         let mut frames = 0usize;
+        let mut bytes = 0usize;
         let mut errors = 0u64;
         let mut ring_err = None;
         {
             let q = &mut self.queues[qi];
             for f in q.rx.backlog.iter() {
-                if frames >= RX_BATCH {
+                let len = f.buf.len();
+                if frames >= RX_BATCH || (frames > 0 && bytes + len > RX_BATCH_BYTES) {
                     break;
                 }
-                let len = f.buf.len();
+                bytes += len;
                 let data = if len <= first_room {
                     1
                 } else {
