@@ -390,3 +390,72 @@ fn test_hotplug_script_failure_reports_device_and_stderr() {
         assert!(msg.contains("online"), "{msg}");
     });
 }
+
+#[test]
+fn test_vif_host_creates_the_tap_on_the_bridge_opens_queues_per_connect_and_removes_it() {
+    in_netns(|| {
+        // Arrange
+        let lan = Lan::new(1500);
+        let params = backends::net::VifParams {
+            backend_type: "vif".into(),
+            domid: 9,
+            devid: 1,
+            mac: GUEST_MAC,
+            bridge: Some(lan.bridge.clone()),
+            script: None,
+            rate: None,
+            ip: None,
+            mtu: 1500,
+            backend_path: "backend/vif/9/1".into(),
+        };
+        let factory = backends::net::tap::tap_engine_factory();
+
+        // Act: probe, then two connects (a frontend reconnecting).
+        let mut host = factory(&params).expect("probe opens the host side");
+        let first = host
+            .open_queues(2, backends::net::Offloads::default())
+            .expect("two queues");
+        drop(first);
+        let queues = host
+            .open_queues(
+                1,
+                backends::net::Offloads {
+                    csum: true,
+                    tso4: true,
+                    tso6: true,
+                },
+            )
+            .expect("one queue after reconnect");
+
+        // Assert: the tap is on the bridge and a broadcast from Linux reaches the live queue
+        // (not the detached anchor).
+        let link = net_common::ip(&["-o", "link", "show", "vif9.1"]);
+        assert!(link.contains("master dbr0"), "{link}");
+        assert!(host.describe().contains("vif9.1"));
+        let peer_ip = lan.peer_ip;
+        lan.peer.run(move || {
+            let s = UdpSocket::bind((peer_ip, 0)).unwrap();
+            s.set_broadcast(true).unwrap();
+            s.send_to(b"hello vif", (Ipv4Addr::new(10, 77, 0, 255), 7))
+                .unwrap();
+        });
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut buf = vec![0u8; 70_000];
+        let mut seen = false;
+        while !seen {
+            let left = end.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "the broadcast never reached the vif's queue"
+            );
+            let mut fds = [PollFd::new(queues[0].fd(), PollFlags::POLLIN)];
+            poll(&mut fds, PollTimeout::from(100u16)).unwrap();
+            while let Some((_, n)) = queues[0].recv(&mut buf).unwrap() {
+                seen |= buf[..n].ends_with(b"hello vif");
+            }
+        }
+        drop(queues);
+        drop(host);
+        assert!(!interface_exists("vif9.1"), "teardown removes the tap");
+    });
+}

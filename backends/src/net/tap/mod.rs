@@ -16,12 +16,17 @@
 //! closes (dropping the [`Tap`] and every clone of its queues). A persistent tap the toolstack
 //! made beforehand is left in place.
 //!
-//! The host side (hotplug script or bridge) is in [`hotplug`].
+//! The host side (hotplug script or bridge) is in [`hotplug`]; netback's per-vif host side
+//! (tap + hotplug, the `VifHost` its driver asks for) is [`vif::TapVifHost`], made by
+//! [`tap_engine_factory`].
 
 pub mod hotplug;
 #[allow(unsafe_code)]
 mod sys;
 pub mod uapi;
+pub mod vif;
+
+pub use vif::{tap_engine_factory, TapVifHost};
 
 use std::fs::OpenOptions;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -142,6 +147,9 @@ pub struct TapOptions {
     pub up: bool,
     /// Initial offloads (see [`Tap::set_offloads`]).
     pub offloads: Offloads,
+    /// Create the tap with IFF_MULTI_QUEUE even for one queue, so that queues can be added
+    /// later ([`Tap::add_queues`]). Always on with more than one queue.
+    pub multi_queue: bool,
 }
 
 impl Default for TapOptions {
@@ -153,6 +161,7 @@ impl Default for TapOptions {
             mac: Some([0xfe, 0xff, 0xff, 0xff, 0xff, 0xff]),
             up: true,
             offloads: Offloads::default(),
+            multi_queue: false,
         }
     }
 }
@@ -169,6 +178,63 @@ impl TapQueue {
     pub fn index(&self) -> u16 {
         self.index
     }
+
+    /// Steers frames to this queue (`true`) or stops (`false`) on a multi-queue tap; a
+    /// detached queue still keeps the device alive.
+    pub fn set_attached(&self, attached: bool) -> io::Result<()> {
+        let mut r = sys::ifreq("");
+        r.ifr_ifru.ifru_flags = if attached {
+            uapi::IFF_ATTACH_QUEUE
+        } else {
+            uapi::IFF_DETACH_QUEUE
+        } as libc::c_short;
+        sys::ioctl_ifreq(self.fd.as_fd(), uapi::TUNSETQUEUE, &mut r)
+    }
+}
+
+/// Opens one more descriptor on tap `name` with `flags` and our vnet header size.
+fn open_queue(
+    name: &str,
+    flags: u16,
+    index: u16,
+) -> Result<(TapQueue, String), (&'static str, io::Error)> {
+    let fd: OwnedFd = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(Path::new("/dev/net/tun"))
+        .map_err(|e| ("open /dev/net/tun", e))?
+        .into();
+    if index == 0 {
+        let features = sys::ioctl_get_int(fd.as_fd(), uapi::TUNGETFEATURES)
+            .map_err(|e| ("TUNGETFEATURES", e))?;
+        let need = u32::from(flags);
+        if features & need != need {
+            return Err((
+                "TUNGETFEATURES",
+                io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!(
+                        "the kernel's tun driver offers features {features:#x}, without {:#x}",
+                        need & !features
+                    ),
+                ),
+            ));
+        }
+    }
+    let mut r = sys::ifreq(name);
+    r.ifr_ifru.ifru_flags = flags as libc::c_short;
+    sys::ioctl_ifreq(fd.as_fd(), uapi::TUNSETIFF, &mut r).map_err(|e| ("TUNSETIFF", e))?;
+    let actual = sys::ifreq_name(&r);
+    // The vnet header size is per device, but setting it on each queue is harmless and keeps
+    // a queue usable on its own.
+    sys::ioctl_set_int_ptr(fd.as_fd(), uapi::TUNSETVNETHDRSZ, uapi::VNET_HDR_LEN)
+        .map_err(|e| ("TUNSETVNETHDRSZ", e))?;
+    if cfg!(target_endian = "big") {
+        sys::ioctl_set_int_ptr(fd.as_fd(), uapi::TUNSETVNETLE, 1)
+            .map_err(|e| ("TUNSETVNETLE", e))?;
+    }
+    Ok((TapQueue { fd, index }, actual))
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -238,6 +304,7 @@ pub struct Tap {
     queues: Vec<Arc<TapQueue>>,
     ctl: OwnedFd,
     persistent: bool,
+    flags: u16,
 }
 
 /// Checks an interface name the way the kernel does (dev_valid_name).
@@ -295,44 +362,16 @@ impl Tap {
         .map_err(|e| io_err("control socket", &name)(e.into()))?;
 
         let mut flags = uapi::IFF_TAP | uapi::IFF_NO_PI | uapi::IFF_VNET_HDR;
-        if opts.queues > 1 {
+        if opts.queues > 1 || opts.multi_queue {
             flags |= uapi::IFF_MULTI_QUEUE;
         }
         let mut queues = Vec::with_capacity(usize::from(opts.queues));
         let mut actual = name.clone();
         for index in 0..opts.queues {
-            let fd: OwnedFd = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-                .open(Path::new("/dev/net/tun"))
-                .map_err(io_err("open /dev/net/tun", &name))?
-                .into();
-            if index == 0 {
-                let features = sys::ioctl_get_int(fd.as_fd(), uapi::TUNGETFEATURES)
-                    .map_err(io_err("TUNGETFEATURES", &name))?;
-                let need = u32::from(flags);
-                if features & need != need {
-                    return Err(cfg_err(format!(
-                        "the kernel's tun driver offers features {features:#x}, without {:#x}",
-                        need & !features
-                    )));
-                }
-            }
-            let mut r = sys::ifreq(&name);
-            r.ifr_ifru.ifru_flags = flags as libc::c_short;
-            sys::ioctl_ifreq(fd.as_fd(), uapi::TUNSETIFF, &mut r)
-                .map_err(io_err("TUNSETIFF", &name))?;
-            actual = sys::ifreq_name(&r);
-            // The vnet header size is per device, but setting it on each queue is harmless
-            // and keeps a queue usable on its own.
-            sys::ioctl_set_int_ptr(fd.as_fd(), uapi::TUNSETVNETHDRSZ, uapi::VNET_HDR_LEN)
-                .map_err(io_err("TUNSETVNETHDRSZ", &actual))?;
-            if cfg!(target_endian = "big") {
-                sys::ioctl_set_int_ptr(fd.as_fd(), uapi::TUNSETVNETLE, 1)
-                    .map_err(io_err("TUNSETVNETLE", &actual))?;
-            }
-            queues.push(Arc::new(TapQueue { fd, index }));
+            let (q, n) = open_queue(&actual, flags, index)
+                .map_err(|(op, source)| io_err(op, &actual)(source))?;
+            actual = n;
+            queues.push(Arc::new(q));
         }
         let first = queues
             .first()
@@ -348,6 +387,7 @@ impl Tap {
             queues,
             ctl,
             persistent,
+            flags,
         };
         tap.set_offloads(opts.offloads)?;
         if let Some(mac) = opts.mac {
@@ -395,6 +435,31 @@ impl Tap {
     /// The queues, shareable with the threads that serve them.
     pub fn queues(&self) -> &[Arc<TapQueue>] {
         &self.queues
+    }
+
+    /// Opens `n` more queues on a tap created with `multi_queue` (numbered after the ones
+    /// [`Tap::queues`] holds). The caller owns them; closing them detaches them.
+    pub fn add_queues(&self, n: u16) -> Result<Vec<Arc<TapQueue>>, TapError> {
+        if self.flags & uapi::IFF_MULTI_QUEUE == 0 {
+            return Err(TapError::Config {
+                vif: self.vif,
+                name: self.name.clone(),
+                why: "queues can only be added to a tap opened with multi_queue".into(),
+            });
+        }
+        let base = self.queues.len() as u16;
+        (0..n)
+            .map(|i| {
+                open_queue(&self.name, self.flags, base + i + 1)
+                    .map(|(q, _)| Arc::new(q))
+                    .map_err(|(op, source)| TapError::Io {
+                        vif: self.vif,
+                        name: self.name.clone(),
+                        op,
+                        source,
+                    })
+            })
+            .collect()
     }
 
     /// Sets what the kernel may hand us: partial checksums and TSO super-frames.

@@ -26,6 +26,9 @@ pub const TUNGETIFF: u32 = ioc(IOC_READ, b'T', 210, UINT);
 pub const TUNGETVNETHDRSZ: u32 = ioc(IOC_READ, b'T', 215, INT);
 /// `TUNSETVNETHDRSZ`: `_IOW('T', 216, int)`.
 pub const TUNSETVNETHDRSZ: u32 = ioc(IOC_WRITE, b'T', 216, INT);
+/// `TUNSETQUEUE`: `_IOW('T', 217, int)` (takes a `struct ifreq` with IFF_ATTACH_QUEUE or
+/// IFF_DETACH_QUEUE).
+pub const TUNSETQUEUE: u32 = ioc(IOC_WRITE, b'T', 217, INT);
 /// `TUNSETVNETLE`: `_IOW('T', 220, int)`.
 pub const TUNSETVNETLE: u32 = ioc(IOC_WRITE, b'T', 220, INT);
 
@@ -37,6 +40,11 @@ pub const IFF_NO_PI: u16 = 0x1000;
 pub const IFF_VNET_HDR: u16 = 0x4000;
 /// `IFF_MULTI_QUEUE`: one queue per file descriptor.
 pub const IFF_MULTI_QUEUE: u16 = 0x0100;
+/// `IFF_ATTACH_QUEUE` (TUNSETQUEUE): steer frames to this queue again.
+pub const IFF_ATTACH_QUEUE: u16 = 0x0200;
+/// `IFF_DETACH_QUEUE` (TUNSETQUEUE): stop steering frames to this queue; the descriptor
+/// still keeps the device alive.
+pub const IFF_DETACH_QUEUE: u16 = 0x0400;
 /// `IFF_PERSIST` (read back with TUNGETIFF): the device outlives its descriptors.
 pub const IFF_PERSIST: u16 = 0x0800;
 
