@@ -371,6 +371,10 @@ impl NetQueue {
     pub fn ring_refs(&self) -> (GrantRef, GrantRef) {
         (self.ring_pages[0].gref, self.ring_pages[1].gref)
     }
+    /// The TX and RX ring pages (for a flipper that rewrites slots from another thread).
+    pub fn ring_gfns(&self) -> (Gfn, Gfn) {
+        (self.ring_pages[0].gfn, self.ring_pages[1].gfn)
+    }
     /// RX buffers currently posted.
     pub fn rx_posted(&self) -> usize {
         self.rx_slot.iter().filter(|p| p.is_some()).count()
@@ -761,10 +765,10 @@ impl NetQueue {
         self.tx_pages.get(usize::from(id)).map(|p| (p.gfn, p.gref))
     }
 
-    /// Writes `reqs` into the TX ring as they are (ids marked in flight when they name a
-    /// pool page), publishes and notifies. Returns false if the ring has no room for them.
+    /// Writes `reqs` into the TX ring as they are, publishes and notifies. Returns false if the
+    /// ring has no room for them. Use [`NetQueue::reap_tx_raw`] for the responses (a queue
+    /// driven raw must not also send frames).
     pub fn push_tx_raw(&mut self, reqs: &[NetifTxRequest]) -> Result<bool, NetFrontError> {
-        self.reap_tx()?;
         if self.tx.free_requests() < reqs.len() as u32 {
             return Ok(false);
         }
@@ -779,11 +783,32 @@ impl NetQueue {
     /// Reaps raw TX responses (id, status) without pool bookkeeping.
     pub fn reap_tx_raw(&mut self, out: &mut Vec<NetifTxResponse>) -> Result<usize, NetFrontError> {
         let mut n = 0;
-        while let Some(r) = self.tx.get_response().map_err(self.ring_err())? {
-            out.push(r);
-            n += 1;
+        loop {
+            while let Some(r) = self.tx.get_response().map_err(self.ring_err())? {
+                out.push(r);
+                n += 1;
+            }
+            if !self
+                .tx
+                .final_check_for_responses()
+                .map_err(self.ring_err())?
+            {
+                return Ok(n);
+            }
         }
-        Ok(n)
+    }
+
+    /// Writes bytes into the shared TX ring at `offset` (a flipper rewriting slots, XSA-155).
+    pub fn poke_tx_ring(&self, offset: usize, bytes: &[u8]) -> Result<(), NetFrontError> {
+        self.tx
+            .memory()
+            .write(offset, bytes)
+            .map_err(|e| self.ring_err()(RingError::Mem(e)))
+    }
+
+    /// The TX ring's size (slots).
+    pub fn tx_ring_size(&self) -> u32 {
+        self.tx.size()
     }
 
     /// Writes the shared TX `req_prod` directly and notifies (an impossible index, XSA-39).
