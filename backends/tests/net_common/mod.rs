@@ -282,13 +282,23 @@ pub fn rig(devids: &[u32]) -> Rig {
 }
 
 pub fn rig_with(nics: Vec<VifNic>, config: NetConfig) -> Rig {
+    rig_specs(config, |domid| {
+        nics.iter()
+            .enumerate()
+            .map(|(i, n)| DeviceSpec::vif(domid, i as u32, n))
+            .collect()
+    })
+}
+
+/// A rig whose devices are exactly `specs(domid)`.
+pub fn rig_specs(config: NetConfig, specs: impl FnOnce(u16) -> Vec<DeviceSpec>) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let host = Host::new().unwrap();
     let server = Server::start(host.clone(), &dir.path().join("s")).unwrap();
     let domid = host.create_domain("g", 8192).unwrap();
     let ts = host.toolstack().unwrap();
-    for (i, n) in nics.iter().enumerate() {
-        ts.add_device(&DeviceSpec::vif(domid, i as u32, n)).unwrap();
+    for s in specs(domid) {
+        ts.add_device(&s).unwrap();
     }
     let sim: Arc<dyn XenHost> = Arc::new(SimHost::connect(server.path(), 0).unwrap());
     let xs = XsClient::new(sim.open_xenstore(&xen::XsTransport::Socket(None)).unwrap()).unwrap();

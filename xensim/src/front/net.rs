@@ -1069,10 +1069,21 @@ impl NetFront {
         opts: NetFrontOptions,
     ) -> Result<NetFront, NetFrontError> {
         let link = FrontendLink::open(guest, "vif", devid)?;
+        // A device closed earlier (resume, reconnect) starts over from Initialising; the
+        // backend then leaves Closed for InitWait, so Closed is not a refusal there.
+        let fe = link.path().to_string();
+        let own = link
+            .xs()
+            .try_read(&format!("{fe}/state"))
+            .map_err(xs_err(&fe))?
+            .and_then(|v| XenbusState::parse(&v).ok());
+        let reconnect = own.is_some_and(|s| s != XenbusState::Initialising);
+        if reconnect {
+            link.switch_state(XenbusState::Initialising)?;
+        }
         let s = link.wait_backend("InitWait", opts.timeout, |s| {
-            (s >= XenbusState::InitWait && s <= XenbusState::Connected)
-                || s == XenbusState::Closing
-                || s == XenbusState::Closed
+            let ready = s >= XenbusState::InitWait && s <= XenbusState::Connected;
+            ready || (!reconnect && (s == XenbusState::Closing || s == XenbusState::Closed))
         })?;
         if s >= XenbusState::Closing {
             return Err(FrontError::Protocol {
