@@ -83,10 +83,13 @@ pub struct HostQueue {
     collector: Option<JoinHandle<()>>,
 }
 
+/// A vif's (domid, devid) and the host ends of its queues.
+pub type VifQueues = ((u32, u32), Vec<Arc<OwnedFd>>);
+
 /// The host side of every vif the rig opened: (domid, devid) -> its queues.
 #[derive(Default)]
 pub struct HostNet {
-    pub queues: Mutex<Vec<((u32, u32), Vec<Arc<OwnedFd>>)>>,
+    pub queues: Mutex<Vec<VifQueues>>,
     pub sink: Arc<Sink>,
     pub opened: Mutex<Vec<(VifParams, u32, Offloads)>>,
     pub cond: Condvar,
