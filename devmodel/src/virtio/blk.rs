@@ -18,7 +18,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use virtio_queue::{Descriptor, Queue, QueueT};
 
-use super::{Activation, Notifier, VirtioBackend};
+use super::{Activation, Notifier, QueueConfig, VirtioBackend};
 use crate::mem::{GuestRam, RamMap};
 use crate::RateLog;
 
@@ -200,51 +200,18 @@ impl VirtioBackend for VirtioBlk {
             EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(|e| format!("eventfd: {e}"))?,
         );
-        let map = act.ram.get();
-        let mut queues = Vec::with_capacity(act.queues.len());
-        for (i, qc) in act.queues.iter().enumerate() {
-            if !qc.enabled {
-                queues.push(None);
-                continue;
-            }
-            let mut q = Queue::new(QUEUE_SIZE).map_err(|e| format!("queue {i}: {e}"))?;
-            q.try_set_size(qc.size)
-                .map_err(|e| format!("queue {i} size: {e}"))?;
-            q.try_set_desc_table_address(vm_memory::GuestAddress(qc.desc))
-                .map_err(|e| format!("queue {i}: {e}"))?;
-            q.try_set_avail_ring_address(vm_memory::GuestAddress(qc.avail))
-                .map_err(|e| format!("queue {i}: {e}"))?;
-            q.try_set_used_ring_address(vm_memory::GuestAddress(qc.used))
-                .map_err(|e| format!("queue {i}: {e}"))?;
-            q.set_ready(true);
-            if !q.is_valid(map.memory()) {
-                return Err(format!("queue {i} rings outside guest RAM"));
-            }
-            queues.push(Some(q));
-        }
-        let nq = queues.len();
-        let mut w = Worker {
-            engine,
-            queues,
-            kicks: act.kicks,
-            stop: stop.clone(),
-            ram: act.ram,
-            notifier: act.notifier,
-            pending: (0..nq)
-                .map(|_| (0..QUEUE_SIZE).map(|_| None).collect())
-                .collect(),
-            backlog: VecDeque::with_capacity(usize::from(QUEUE_SIZE) * nq),
-            seg_pool: (0..usize::from(QUEUE_SIZE) * nq)
-                .map(|_| Vec::with_capacity(SEG_MAX as usize))
-                .collect(),
-            completions: Vec::with_capacity(usize::from(QUEUE_SIZE)),
-            descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
-            to_notify: vec![false; nq],
+        let disk = DiskParams {
             serial: self.serial,
             capacity: self.capacity,
             read_only: self.read_only,
             name: self.name.clone(),
-            log: self.log.clone(),
+        };
+        let mut w = match Worker::prepare(engine, act, stop.clone(), disk, self.log.clone()) {
+            Ok(w) => w,
+            Err((engine, e)) => {
+                self.engine = Some(engine);
+                return Err(e);
+            }
         };
         let h = std::thread::Builder::new()
             .name(format!("vblk-{}", self.name))
@@ -281,7 +248,151 @@ enum Bad {
     Unsupp,
 }
 
+/// What the queue thread knows about its disk.
+struct DiskParams {
+    serial: [u8; 20],
+    capacity: u64,
+    read_only: bool,
+    name: String,
+}
+
+fn make_queue(i: usize, qc: &QueueConfig, map: &RamMap) -> Result<Option<Queue>, String> {
+    if !qc.enabled {
+        return Ok(None);
+    }
+    let mut q = Queue::new(QUEUE_SIZE).map_err(|e| format!("queue {i}: {e}"))?;
+    q.try_set_size(qc.size)
+        .map_err(|e| format!("queue {i} size {}: {e}", qc.size))?;
+    q.try_set_desc_table_address(vm_memory::GuestAddress(qc.desc))
+        .map_err(|e| format!("queue {i}: {e}"))?;
+    q.try_set_avail_ring_address(vm_memory::GuestAddress(qc.avail))
+        .map_err(|e| format!("queue {i}: {e}"))?;
+    q.try_set_used_ring_address(vm_memory::GuestAddress(qc.used))
+        .map_err(|e| format!("queue {i}: {e}"))?;
+    q.set_ready(true);
+    if !q.is_valid(map.memory()) {
+        return Err(format!("queue {i} rings outside guest RAM"));
+    }
+    Ok(Some(q))
+}
+
+/// Serves one queue synchronously on the calling thread with the same code as the queue
+/// thread: every chain the driver made available is popped, checked and run on `engine`
+/// until nothing is in flight. Returns the used entries (head, length) in order. For the
+/// descriptor-chain fuzz target and tests; `ram` is guest RAM from guest-physical 0.
+pub fn serve_queue_once(
+    ram: Arc<xen::SharedMem>,
+    qc: QueueConfig,
+    engine: Box<dyn Engine>,
+    irq: crate::irq::IrqSink,
+) -> Result<Vec<(u32, u32)>, String> {
+    let gram = GuestRam::new(
+        irq.domid(),
+        Box::new(crate::mem::FixedRam(vec![crate::mem::RamRegion {
+            gpa: 0,
+            mem: ram,
+        }])),
+    )
+    .map_err(|e| e.to_string())?;
+    let act = Activation {
+        features: 0,
+        queues: vec![qc],
+        kicks: Vec::new(),
+        ram: Arc::new(gram),
+        notifier: Notifier::new(irq, 0, 0, 1, 2),
+    };
+    let stop = Arc::new(
+        EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| format!("eventfd: {e}"))?,
+    );
+    let disk_bytes = engine.info().capacity;
+    let disk = DiskParams {
+        serial: *b"fuzz\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+        capacity: disk_bytes / SECTOR,
+        read_only: engine.info().read_only,
+        name: "harness".into(),
+    };
+    let mut w =
+        Worker::prepare(engine, act, stop, disk, Arc::new(RateLog::new())).map_err(|(_, e)| e)?;
+    let map = w.ram.get();
+    let used_before = w.queues[0].as_ref().map_or(0, |q| q.next_used());
+    loop {
+        w.pop_queue(0);
+        if let Err(e) = w.engine.kick() {
+            return Err(e.to_string());
+        }
+        if w.engine.in_flight() == 0 {
+            break;
+        }
+        let mut fds = [PollFd::new(w.engine.completion_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, PollTimeout::from(5000u16)).map_err(|e| e.to_string())? == 0 {
+            return Err("engine completion timed out".into());
+        }
+        w.reap();
+    }
+    let Some(q) = w.queues[0].as_ref() else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    let mut i = used_before;
+    while i != q.next_used() {
+        let e = qc.used + 4 + 8 * u64::from(i % qc.size);
+        let mut b = [0u8; 8];
+        if !map.read(e, &mut b) {
+            return Err("used ring outside RAM".into());
+        }
+        out.push((
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+        ));
+        i = i.wrapping_add(1);
+    }
+    Ok(out)
+}
+
 impl Worker {
+    /// Builds the queues (checked) and the per-queue state; gives the engine back on error.
+    fn prepare(
+        engine: Box<dyn Engine>,
+        act: Activation,
+        stop: Arc<EventFd>,
+        disk: DiskParams,
+        log: Arc<RateLog>,
+    ) -> Result<Worker, (Box<dyn Engine>, String)> {
+        let map = act.ram.get();
+        let mut queues = Vec::with_capacity(act.queues.len());
+        for (i, qc) in act.queues.iter().enumerate() {
+            match make_queue(i, qc, &map) {
+                Ok(q) => queues.push(q),
+                Err(e) => return Err((engine, e)),
+            }
+        }
+        let nq = queues.len();
+        Ok(Worker {
+            engine,
+            queues,
+            kicks: act.kicks,
+            stop,
+            ram: act.ram,
+            notifier: act.notifier,
+            pending: (0..nq)
+                .map(|_| (0..QUEUE_SIZE).map(|_| None).collect())
+                .collect(),
+            backlog: VecDeque::with_capacity(usize::from(QUEUE_SIZE) * nq),
+            seg_pool: (0..usize::from(QUEUE_SIZE) * nq)
+                .map(|_| Vec::with_capacity(SEG_MAX as usize))
+                .collect(),
+            completions: Vec::with_capacity(usize::from(QUEUE_SIZE)),
+            descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
+            to_notify: vec![false; nq],
+            serial: disk.serial,
+            capacity: disk.capacity,
+            read_only: disk.read_only,
+            name: disk.name,
+            log,
+        })
+    }
+
     fn run(&mut self) {
         loop {
             let (stop_ready, kicked, done) = {
