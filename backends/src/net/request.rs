@@ -392,4 +392,77 @@ mod tests {
         let p = parse_tx(&[slot(60, NETTXF_EXTRA_INFO), extra(g)]);
         assert_eq!(p, TxParse::Fatal(TxFatal::GsoSizeZero));
     }
+
+    /// The fuzz target's invariants over many pseudo-random slot runs biased towards the
+    /// interesting values (small sizes, page edges, flag combinations, extra slots).
+    #[test]
+    fn test_parse_random_slot_runs_keep_the_invariants() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let pick = |r: u64, v: &[u16]| v[(r % v.len() as u64) as usize];
+        for _ in 0..20_000 {
+            let n = 1 + (next() % 30) as usize;
+            let reqs: Vec<NetifTxRequest> = (0..n)
+                .map(|_| {
+                    let r = next();
+                    if r % 7 == 0 {
+                        let g = NetifExtraInfo::new_gso(
+                            (r >> 8) as u8 & 1,
+                            &NetifExtraGso {
+                                size: pick(r >> 16, &[0, 1, 1448]),
+                                type_: (r >> 24) as u8 % 4,
+                                pad: 0,
+                                features: 0,
+                            },
+                        );
+                        let mut e = extra_slot(&g);
+                        e.gref = (e.gref & !0xff) | ((r >> 32) as u32 % 6);
+                        return e;
+                    }
+                    NetifTxRequest {
+                        gref: 1,
+                        offset: pick(r >> 8, &[0, 1, 2048, 4082, 4095, 4096]),
+                        flags: (r >> 24) as u16 & 0xf,
+                        id: 0,
+                        size: pick(r >> 32, &[0, 1, 7, 13, 14, 60, 1514, 4096, 65535]),
+                    }
+                })
+                .collect();
+            let mut pos = 0;
+            while pos < reqs.len() {
+                match parse_tx(&reqs[pos..]) {
+                    TxParse::Packet(p) => {
+                        assert!(p.slots >= 1 && pos + p.slots <= reqs.len());
+                        if p.mcast.is_none() {
+                            assert!(p.slots - p.frags_start() <= MAX_SLOTS_DROP);
+                            assert!(p.first_len >= ETH_HLEN);
+                            assert!(usize::from(reqs[pos].offset) + p.first_len <= PAGE_SIZE);
+                            let frags: usize = reqs[pos + p.frags_start()..pos + p.slots]
+                                .iter()
+                                .map(|r| {
+                                    assert!(
+                                        usize::from(r.offset) + usize::from(r.size) <= PAGE_SIZE
+                                    );
+                                    usize::from(r.size)
+                                })
+                                .sum();
+                            assert_eq!(p.first_len + frags, p.len);
+                            assert!(p.gso.is_none_or(|g| g.size != 0));
+                        }
+                        pos += p.slots;
+                    }
+                    TxParse::Drop { slots, extras, .. } => {
+                        assert!(slots >= 1 && pos + slots <= reqs.len() && extras < slots);
+                        pos += slots;
+                    }
+                    TxParse::Incomplete | TxParse::Fatal(_) => break,
+                }
+            }
+        }
+    }
 }
