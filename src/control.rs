@@ -3,8 +3,8 @@
 //! `{"return": ...}` or `{"error": {"class": ..., "desc": ...}}`. A client that sends garbage
 //! gets an error answer and can go on; nothing it sends can stop the service.
 //!
-//! Commands: `stats` (per-device counters), `devices` (XenBus states), `resize`
-//! (`{"devid": N}`: online resize of a disk after its image grew).
+//! Commands: `stats` (per-device counters of the console, blk and net backends), `devices`
+//! (XenBus states), `resize` (`{"devid": N}`: online resize of a disk after its image grew).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
@@ -149,7 +149,12 @@ fn execute(svc: &Service, req: &Value) -> Value {
                 .into_iter()
                 .map(|((domid, devid), s)| json!({"domid": domid, "devid": devid, "stats": s}))
                 .collect();
-            json!({"return": {"console": console, "blk": blk}})
+            let net: Vec<Value> = svc
+                .net_stats()
+                .into_iter()
+                .map(|((domid, devid), s)| json!({"domid": domid, "devid": devid, "stats": s}))
+                .collect();
+            json!({"return": {"console": console, "blk": blk, "net": net}})
         }
         "devices" => {
             let mut out = Vec::new();

@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use backends::blk::{default_engine_factory, BlkConfig, BlkDriver, BlkStats};
 use backends::console::{ConsoleDriver, ConsoleLimits, ConsoleSink, ConsoleStats, LogSink};
+use backends::net::tap::tap_engine_factory;
+use backends::net::{NetConfig, NetDriver, NetStats};
 use clap::Args;
 use tracing::{info, info_span, warn};
 use xen::{DomId, XenHost, XsTransport};
@@ -17,9 +19,9 @@ use xenbus::{XsClient, XsOps};
 use crate::target::Target;
 
 /// Backend types this build serves.
-pub const AVAILABLE_TYPES: &[&str] = &["console", "qdisk", "vbd"];
+pub const AVAILABLE_TYPES: &[&str] = &["console", "qdisk", "vbd", "vif", "qnic"];
 /// Backend types that are planned but not in this build yet, with where they come from.
-const PLANNED_TYPES: &[(&str, &str)] = &[("vif", "netback"), ("qnic", "netback")];
+const PLANNED_TYPES: &[(&str, &str)] = &[];
 
 /// Arguments of `domio serve`.
 #[derive(Debug, Args)]
@@ -31,8 +33,9 @@ pub struct ServeArgs {
     #[arg(long, default_value = "linux")]
     pub xen: Target,
     /// Backend types to serve, comma-separated: `console`, `qdisk` (disks xl gives to a
-    /// userspace backend) and `vbd` (only where the kernel's blkback is not loaded, or both
-    /// would serve the same disks).
+    /// userspace backend), `vbd` (only where the kernel's blkback is not loaded, or both
+    /// would serve the same disks), `vif` (NICs; only where the kernel's netback is not
+    /// loaded) and `qnic` (NICs of a userspace backend).
     #[arg(long, value_delimiter = ',', default_value = "console,qdisk")]
     pub backend_types: Vec<String>,
     /// How to reach xenstored on Linux: the unix socket or /dev/xen/xenbus.
@@ -109,6 +112,7 @@ pub struct Service {
     watchers: Mutex<Vec<BackendWatcher>>,
     console: Option<Arc<ConsoleDriver>>,
     blk: Vec<Arc<BlkDriver>>,
+    net: Vec<Arc<NetDriver>>,
     xs: XsClient,
 }
 
@@ -137,6 +141,7 @@ impl Service {
             watchers: Mutex::new(Vec::new()),
             console: None,
             blk: Vec::new(),
+            net: Vec::new(),
             xs: xs.clone(),
         };
         for t in types {
@@ -155,6 +160,12 @@ impl Service {
                         default_engine_factory(),
                     );
                     svc.blk.push(d.clone());
+                    d
+                }
+                "vif" | "qnic" => {
+                    let d =
+                        NetDriver::new(host.clone(), t, NetConfig::default(), tap_engine_factory());
+                    svc.net.push(d.clone());
                     d
                 }
                 other => bail!("unknown backend type {other:?}"),
@@ -197,6 +208,11 @@ impl Service {
     /// Disk counters of every block backend type: ((domid, devid), stats).
     pub fn blk_stats(&self) -> Vec<((u32, u32), BlkStats)> {
         self.blk.iter().flat_map(|d| d.stats()).collect()
+    }
+
+    /// NIC counters of every network backend type: ((domid, devid), stats).
+    pub fn net_stats(&self) -> Vec<((u32, u32), NetStats)> {
+        self.net.iter().flat_map(|d| d.stats()).collect()
     }
 
     /// The console driver (to send input).
@@ -353,8 +369,10 @@ mod tests {
             check_types(&["console".into(), "console".into()]).unwrap(),
             vec!["console".to_string()]
         );
-        let e = check_types(&["vif".into()]).unwrap_err().to_string();
-        assert!(e.contains("needs netback"), "{e}");
+        assert_eq!(
+            check_types(&["vif".into(), "qnic".into()]).unwrap(),
+            vec!["vif".to_string(), "qnic".to_string()]
+        );
         let e = check_types(&["bogus".into()]).unwrap_err().to_string();
         assert!(e.contains("unknown backend type \"bogus\""), "{e}");
     }
