@@ -17,25 +17,17 @@ mod net_common;
 
 use std::time::Duration;
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use backends::net::tap::hotplug::{HostSetup, HostSide};
-use backends::net::tap::{tap_engine_factory, Offloads, Tap, TapOptions, VifId};
-use backends::net::{NetDriver, NetStats};
+use backends::net::tap::{Offloads, Tap, TapOptions, VifId};
+use backends::net::NetStats;
+use net_common::netback::netback_rig;
 use net_common::tapdev::TapFrameDevice;
 use net_common::{in_netns, Lan, GUEST_MAC};
-use xen::XenHost;
-use xenbus::backend::BackendWatcher;
-use xenbus::XsClient;
-use xensim::client::SimHost;
 use xensim::front::frame::{FrameDevice, FrameMeta};
-use xensim::front::net::{NetFront, NetFrontOptions, NetQueue};
+use xensim::front::net::{NetFrontOptions, NetQueue};
 use xensim::front::netstack::{NetConfig, NetStack};
-use xensim::guest::Guest;
-use xensim::host::Host;
-use xensim::server::Server;
-use xensim::toolstack::{DeviceSpec, VifNic};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -177,73 +169,6 @@ fn test_guest_stack_over_tap_tcp_100mb_each_way_with_gso_checksums_match() {
 
 // ------------------------------------------------------------------ through netback
 
-/// A simulated host and guest with one vif on the LAN's bridge, served by domio's netback on
-/// a real tap, and the guest's netfront connected.
-struct NetbackRig {
-    front: NetFront,
-    driver: Arc<NetDriver>,
-    _watcher: BackendWatcher,
-    _guest: Guest,
-    _server: Server,
-    _host: Arc<Host>,
-    _dir: tempfile::TempDir,
-}
-
-fn netback_rig(lan: &Lan, rate: Option<(u64, u32)>, opts: NetFrontOptions) -> NetbackRig {
-    let dir = tempfile::tempdir().expect("tmp");
-    let host = Host::new().expect("xensim host");
-    let server = Server::start(host.clone(), &dir.path().join("xensim.sock")).expect("server");
-    let domid = host.create_domain("netguest", 16384).expect("domain");
-    let ts = host.toolstack().expect("toolstack");
-    let nic = VifNic {
-        mac: GUEST_MAC,
-        bridge: Some(lan.bridge.clone()),
-        rate,
-        ..VifNic::default()
-    };
-    ts.add_device(&DeviceSpec::vif(domid, 0, &nic))
-        .expect("vif spec");
-    let sim: Arc<dyn XenHost> = Arc::new(SimHost::connect(server.path(), 0).expect("attach"));
-    let xs = XsClient::new(
-        sim.open_xenstore(&xen::XsTransport::Socket(None))
-            .expect("xenstore"),
-    )
-    .expect("xs client");
-    let driver = NetDriver::new(
-        sim,
-        "vif",
-        backends::net::NetConfig::default(),
-        tap_engine_factory(),
-    );
-    let watcher = BackendWatcher::start(xs, driver.clone(), 0, u32::from(domid)).expect("watcher");
-    let guest = Guest::new(host.clone(), domid).expect("guest");
-    let front = NetFront::connect(&guest, 0, opts).expect("netfront connects to domio's netback");
-    NetbackRig {
-        front,
-        driver,
-        _watcher: watcher,
-        _guest: guest,
-        _server: server,
-        _host: host,
-        _dir: dir,
-    }
-}
-
-impl NetbackRig {
-    fn stats(&self) -> NetStats {
-        self.driver
-            .stats()
-            .into_iter()
-            .map(|(_, s)| s)
-            .next()
-            .unwrap_or_default()
-    }
-
-    fn queue(&mut self) -> NetQueue {
-        self.front.take_queues().remove(0)
-    }
-}
-
 fn guest_stack(q: NetQueue, lan: &Lan) -> NetStack<NetQueue> {
     NetStack::new(q, &NetConfig::ipv4(GUEST_MAC, lan.guest_ip, 24)).expect("guest stack")
 }
@@ -253,7 +178,7 @@ fn test_netback_arp_and_ping_both_ways() {
     in_netns(|| {
         // Arrange
         let lan = Lan::new(1500);
-        let mut rig = netback_rig(&lan, None, NetFrontOptions::default());
+        let mut rig = netback_rig(Some(&lan.bridge), None, NetFrontOptions::default());
         let mut g = guest_stack(rig.queue(), &lan);
 
         // Act
@@ -282,7 +207,7 @@ fn netback_tcp(opts: NetFrontOptions, n: u64) -> NetStats {
     in_netns(move || {
         // Arrange
         let lan = Lan::new(1500);
-        let mut rig = netback_rig(&lan, None, opts);
+        let mut rig = netback_rig(Some(&lan.bridge), None, opts);
         let mut g = guest_stack(rig.queue(), &lan);
 
         // Act 1: guest -> Linux.
@@ -370,7 +295,7 @@ fn test_netback_multicast_control_delivers_only_subscribed_groups() {
             multicast_control: true,
             ..NetFrontOptions::default()
         };
-        let mut rig = netback_rig(&lan, None, opts);
+        let mut rig = netback_rig(Some(&lan.bridge), None, opts);
         let mut q = rig.queue();
         let group_a = [0x01, 0x00, 0x5e, 0x01, 0x01, 0x01];
         let end = Instant::now() + T;
@@ -422,7 +347,7 @@ fn test_netback_drops_spoofed_source_macs_and_counts_them() {
         // Arrange: a Linux UDP receiver, and a guest that sends one frame with a forged
         // source MAC, then one with its own.
         let lan = Lan::new(1500);
-        let mut rig = netback_rig(&lan, None, NetFrontOptions::default());
+        let mut rig = netback_rig(Some(&lan.bridge), None, NetFrontOptions::default());
         let mut q = rig.queue();
         let peer_ip = lan.peer_ip;
         let (tx, rx) = std::sync::mpsc::channel();
@@ -503,7 +428,7 @@ fn test_netback_rate_limit_holds_tcp_within_10_percent() {
         let limit = rate_bytes as f64 / (f64::from(rate_usec) / 1e6);
         let lan = Lan::new(1500);
         let mut rig = netback_rig(
-            &lan,
+            Some(&lan.bridge),
             Some((rate_bytes, rate_usec)),
             NetFrontOptions::default(),
         );

@@ -13,8 +13,13 @@
 //!   tap queue with GSO, against a Linux TCP peer behind a bridge: guest-to-host and
 //!   host-to-guest.
 //!
-//! `tcp_gbps` is the guest-to-host TCP figure of the path domio serves. CPU per packet is the
-//! process's CPU time (all threads) over the frames moved.
+//! * `netback`: the same guest stack on xensim's netfront (one queue, GSO), served by
+//!   domio's netback on a real tap on the bridge: `tcp_gbps` (guest to host) and
+//!   `tcp_rx_gbps`; and 64-byte frames sent by the netfront as fast as its ring allows,
+//!   through netback to a tap on no bridge: `tx_pps_64b`.
+//!
+//! CPU per packet is the process's CPU time (all threads: guest, netback and the Linux peer's
+//! threads alike) over the frames moved.
 
 use std::io::IoSlice;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -32,9 +37,12 @@ mod net_common;
 use backends::net::engine::{NetQueueIo, VirtioNetHdr};
 use backends::net::tap::hotplug::{HostSetup, HostSide};
 use backends::net::tap::{Offloads, Tap, TapOptions, VifId};
+use net_common::netback::netback_rig;
 use net_common::tapdev::TapFrameDevice;
 use net_common::{in_netns, ip, Lan, Peer, GUEST_MAC};
-use xensim::front::netstack::{NetConfig, NetStack};
+use xensim::front::frame::{FrameDevice, FrameMeta};
+use xensim::front::net::NetFrontOptions;
+use xensim::front::netstack::{NetConfig, NetStack, Transfer};
 
 use super::cpu::process_cpu_time;
 
@@ -58,6 +66,8 @@ pub struct NetReport {
     pub tcp_rx_gbps: f64,
     /// What `tcp_gbps` measured.
     pub tcp_path: String,
+    /// CPU nanoseconds (whole process: guest, netback, Linux peer threads) per guest frame.
+    pub tcp_cpu_ns_per_frame: f64,
     /// TCP over a veth pair between two namespaces (Gbit/s).
     pub veth_gbps: f64,
     /// `tcp_gbps / veth_gbps`.
@@ -183,8 +193,67 @@ fn tap_raw(dur: Duration) -> anyhow::Result<(f64, f64)> {
     })
 }
 
-/// The guest stack on a tap with GSO against Linux: (tx Gbit/s, rx Gbit/s, CPU ns/frame).
-fn stack_over_tap(dur: Duration) -> anyhow::Result<(f64, f64, f64)> {
+/// TCP both ways between the guest stack `g` and a Linux peer on `lan`, each transfer sized
+/// from a short probe to take about `dur`: (guest-to-host, host-to-guest) in bytes and time.
+fn tcp_both_ways<D: FrameDevice>(
+    g: &mut NetStack<D>,
+    lan: &Lan,
+    dur: Duration,
+) -> anyhow::Result<(Transfer, Transfer)> {
+    let t = dur * 4 + Duration::from_secs(60);
+    let probe = 8u64 << 20;
+    let (addr, server) = lan.tcp_server(5301, 0);
+    let h = g.tcp_connect(addr, t)?;
+    let p = g.tcp_send_pattern(h, probe, t)?;
+    let _ = g.tcp_recv_all(h, t);
+    let _ = server.join();
+    let n = (((probe as f64 / p.elapsed.as_secs_f64()) * dur.as_secs_f64()) as u64).max(probe);
+    let (addr, server) = lan.tcp_server(5302, 0);
+    let h = g.tcp_connect(addr, t)?;
+    let up = g.tcp_send_pattern(h, n, t)?;
+    let _ = g.tcp_recv_all(h, t);
+    let got = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("Linux receiver panicked"))?;
+    anyhow::ensure!(got == up.sum, "guest-to-host checksum mismatch");
+    let (addr, server) = lan.tcp_server(5303, n);
+    let h = g.tcp_connect(addr, t)?;
+    let down = g.tcp_recv_all(h, t)?;
+    g.tcp_close(h, t)?;
+    let sent = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("Linux sender panicked"))?;
+    anyhow::ensure!(sent == down.sum, "host-to-guest checksum mismatch");
+    Ok((up, down))
+}
+
+/// TCP figures of one path: Gbit/s each way and CPU ns per guest frame.
+struct TcpFigures {
+    tx_gbps: f64,
+    rx_gbps: f64,
+    cpu_ns_per_frame: f64,
+}
+
+fn tcp_figures<D: FrameDevice>(
+    g: &mut NetStack<D>,
+    lan: &Lan,
+    dur: Duration,
+) -> anyhow::Result<TcpFigures> {
+    let cpu0 = process_cpu_time()?;
+    let s0 = g.stats();
+    let (up, down) = tcp_both_ways(g, lan, dur)?;
+    let cpu = process_cpu_time()?.saturating_sub(cpu0);
+    let s1 = g.stats();
+    let frames = (s1.tx_frames + s1.rx_frames - s0.tx_frames - s0.rx_frames).max(1);
+    Ok(TcpFigures {
+        tx_gbps: gbps(up.sum.bytes, up.elapsed),
+        rx_gbps: gbps(down.sum.bytes, down.elapsed),
+        cpu_ns_per_frame: cpu.as_nanos() as f64 / frames as f64,
+    })
+}
+
+/// The guest stack straight on a tap with GSO, against Linux.
+fn stack_over_tap(dur: Duration) -> anyhow::Result<TcpFigures> {
     in_netns(move || {
         let lan = Lan::new(1500);
         let vif = VifId { domid: 2, devid: 0 };
@@ -203,39 +272,54 @@ fn stack_over_tap(dur: Duration) -> anyhow::Result<(f64, f64, f64)> {
         let _host = HostSide::online(vif, tap.name(), HostSetup::Bridge(lan.bridge.clone()))?;
         let dev = TapFrameDevice::new(tap.queues()[0].clone(), true, 1500);
         let mut g = NetStack::new(dev, &NetConfig::ipv4(GUEST_MAC, lan.guest_ip, 24))?;
-        let t = dur + Duration::from_secs(60);
-        // Size the transfers from a short probe so each takes about `dur`.
+        tcp_figures(&mut g, &lan, dur)
+    })
+}
+
+/// The guest stack on xensim's netfront, served by domio's netback on a tap (one queue, GSO),
+/// against Linux.
+fn netback_tcp(dur: Duration) -> anyhow::Result<TcpFigures> {
+    in_netns(move || {
+        let lan = Lan::new(1500);
+        let mut rig = netback_rig(Some(&lan.bridge), None, NetFrontOptions::default());
+        let mut g = NetStack::new(rig.queue(), &NetConfig::ipv4(GUEST_MAC, lan.guest_ip, 24))?;
+        tcp_figures(&mut g, &lan, dur)
+    })
+}
+
+/// 64-byte frames from the guest's netfront through netback to a tap (one queue, the tap on
+/// no bridge): (frames per second netback wrote, CPU ns per frame for the whole process).
+fn netback_pps(dur: Duration) -> anyhow::Result<(f64, f64)> {
+    in_netns(move || {
+        let mut rig = netback_rig(None, None, NetFrontOptions::default());
+        let mut q = rig.queue();
+        let f = frame_64b();
+        let meta = FrameMeta::default();
+        let s0 = rig.stats();
         let cpu0 = process_cpu_time()?;
-        let probe = 16u64 << 20;
-        let (addr, server) = lan.tcp_server(5301, 0);
-        let h = g.tcp_connect(addr, t)?;
-        let p = g.tcp_send_pattern(h, probe, t)?;
-        let _ = g.tcp_recv_all(h, t);
-        let _ = server.join();
-        let n = ((probe as f64 / p.elapsed.as_secs_f64()) * dur.as_secs_f64()) as u64;
-        let (addr, server) = lan.tcp_server(5302, 0);
-        let h = g.tcp_connect(addr, t)?;
-        let up = g.tcp_send_pattern(h, n.max(probe), t)?;
-        let _ = g.tcp_recv_all(h, t);
-        let got = server
-            .join()
-            .map_err(|_| anyhow::anyhow!("Linux receiver panicked"))?;
-        anyhow::ensure!(got == up.sum, "guest-to-host checksum mismatch");
-        let (addr, server) = lan.tcp_server(5303, n.max(probe));
-        let h = g.tcp_connect(addr, t)?;
-        let down = g.tcp_recv_all(h, t)?;
-        g.tcp_close(h, t)?;
-        let sent = server
-            .join()
-            .map_err(|_| anyhow::anyhow!("Linux sender panicked"))?;
-        anyhow::ensure!(sent == down.sum, "host-to-guest checksum mismatch");
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < dur {
+            while q.send(&f, meta)? {
+                sent += 1;
+            }
+            q.wait(Duration::from_millis(10))?;
+        }
+        // Let netback finish what is on the ring (counted when written to the tap).
+        let end = Instant::now() + Duration::from_secs(10);
+        while rig.stats().tx_packets - s0.tx_packets < sent && Instant::now() < end {
+            q.wait(Duration::from_millis(10))?;
+        }
+        let el = start.elapsed();
         let cpu = process_cpu_time()?.saturating_sub(cpu0);
-        let st = g.stats();
-        let frames = (st.tx_frames + st.rx_frames).max(1);
+        let done = rig.stats().tx_packets - s0.tx_packets;
+        anyhow::ensure!(
+            done == sent,
+            "netback wrote {done} of the {sent} frames sent"
+        );
         Ok((
-            gbps(up.sum.bytes, up.elapsed),
-            gbps(down.sum.bytes, down.elapsed),
-            cpu.as_nanos() as f64 / frames as f64,
+            done as f64 / el.as_secs_f64(),
+            cpu.as_nanos() as f64 / done.max(1) as f64,
         ))
     })
 }
@@ -255,25 +339,38 @@ pub fn run(a: NetArgs) -> anyhow::Result<ExitCode> {
         "tap raw 64-byte writes: {:.3} Mpps, {raw_cpu:.0} ns CPU/frame",
         raw_pps / 1e6
     );
-    let (stx, srx, scpu) = stack_over_tap(dur).context("guest stack over a tap")?;
+    let st = stack_over_tap(dur).context("guest stack over a tap")?;
     println!(
-        "guest stack on tap (GSO): guest->host {stx:.2} Gbit/s, host->guest {srx:.2} Gbit/s, \
-         {scpu:.0} ns CPU/frame"
+        "guest stack on tap (GSO, no netback): guest->host {:.2} Gbit/s, host->guest {:.2} Gbit/s, \
+         {:.0} ns CPU/frame",
+        st.tx_gbps, st.rx_gbps, st.cpu_ns_per_frame
+    );
+    let nb = netback_tcp(dur).context("TCP through netback")?;
+    println!(
+        "TCP through netback (GSO, 1 queue): guest->host {:.2} Gbit/s, host->guest {:.2} Gbit/s, \
+         {:.0} ns CPU/frame",
+        nb.tx_gbps, nb.rx_gbps, nb.cpu_ns_per_frame
+    );
+    let (pps, pps_cpu) = netback_pps(dur).context("64-byte frames through netback")?;
+    println!(
+        "64-byte TX through netback: {:.3} Mpps, {pps_cpu:.0} ns CPU/frame",
+        pps / 1e6
     );
     let rep = NetReport {
-        tcp_gbps: stx,
-        tcp_rx_gbps: srx,
-        tcp_path: "guest stack on tap (netback not in the path)".into(),
+        tcp_gbps: nb.tx_gbps,
+        tcp_rx_gbps: nb.rx_gbps,
+        tcp_path: "xensim netfront -> domio netback -> tap -> bridge -> veth -> Linux TCP".into(),
+        tcp_cpu_ns_per_frame: nb.cpu_ns_per_frame,
         veth_gbps: veth,
-        ratio_vs_veth: stx / veth.max(1e-9),
-        tx_pps_64b: raw_pps,
-        tx_pps_path: "raw tap writes (netback not in the path)".into(),
-        tx_cpu_ns_per_packet: raw_cpu,
+        ratio_vs_veth: nb.tx_gbps / veth.max(1e-9),
+        tx_pps_64b: pps,
+        tx_pps_path: "xensim netfront -> domio netback -> tap".into(),
+        tx_cpu_ns_per_packet: pps_cpu,
         tap_raw_pps_64b: raw_pps,
         tap_raw_cpu_ns_per_packet: raw_cpu,
-        stack_tap_tx_gbps: stx,
-        stack_tap_rx_gbps: srx,
-        stack_tap_cpu_ns_per_frame: scpu,
+        stack_tap_tx_gbps: st.tx_gbps,
+        stack_tap_rx_gbps: st.rx_gbps,
+        stack_tap_cpu_ns_per_frame: st.cpu_ns_per_frame,
         duration_s: a.duration,
         cpus,
     };

@@ -12,6 +12,7 @@
 
 #![allow(dead_code)]
 
+pub mod netback;
 #[allow(unsafe_code)]
 mod sys;
 pub mod tapdev;
