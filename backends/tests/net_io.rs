@@ -464,3 +464,27 @@ fn test_rate_limit_holds_within_ten_percent_and_follows_the_key_live() {
         "measured {rate:.0} B/s for 4 MB/s"
     );
 }
+
+#[test]
+fn test_dynamic_multicast_control_follows_the_frontend_key() {
+    let rig = rig(&[0]);
+    let mut f = NetFront::connect(&rig.guest, 0, NetFrontOptions::default()).unwrap();
+    assert_eq!(rig.stats(0).mcast_filtering, 0);
+    let group = [0x01, 0x00, 0x5e, 0x00, 0x00, 0x09];
+    let m1 = udp_frame([2; 6], group, 64, 1);
+    rig.net.inject(0, 0, &VirtioNetHdr::default(), &m1);
+    assert_eq!(recv_one(f.queue(0).unwrap()).0, m1);
+    // The frontend turns filtering on while connected.
+    let key = format!("{}/request-multicast-control", f.link().path());
+    xenbus::XsOps::write(f.link().xs(), &key, b"1").unwrap();
+    rig.wait_stats(0, "filtering on", |s| s.mcast_filtering == 1);
+    rig.net.inject(0, 0, &VirtioNetHdr::default(), &m1);
+    let unicast = udp_frame([2; 6], mac_of(0), 64, 2);
+    rig.net.inject(0, 0, &VirtioNetHdr::default(), &unicast);
+    assert_eq!(recv_one(f.queue(0).unwrap()).0, unicast);
+    assert_eq!(rig.stats(0).rx_mcast_drops, 1);
+    // Garbage in the key changes nothing.
+    xenbus::XsOps::write(f.link().xs(), &key, b"yes").unwrap();
+    xenbus::XsOps::write(f.link().xs(), &key, b"0").unwrap();
+    rig.wait_stats(0, "filtering off", |s| s.mcast_filtering == 0);
+}

@@ -51,6 +51,10 @@ counters! {
     tx_throttled,
     /// Rate changes applied (the `rate` key changed while connected).
     rate_updates,
+    /// 1 while the frontend asks for multicast filtering (`request-multicast-control`).
+    mcast_filtering,
+    /// Addresses in the multicast filter now.
+    mcast_addresses,
     /// Multicast filter add/delete requests.
     mcast_ops,
     /// Frames delivered to the guest.

@@ -267,45 +267,65 @@ impl BackendDriver for NetDriver {
             host_side,
             shared,
             running: None,
-            rate_watch: None,
+            key_watch: None,
         }))
     }
 }
 
-/// Follows the backend's `rate` key (the toolstack changes it live).
-struct RateWatch {
+/// Follows the keys that change while connected: the backend's `rate` (the toolstack changes
+/// it live) and the frontend's `request-multicast-control` (`feature-dynamic-multicast-control`).
+/// One bounded, coalescing event queue: a frontend flooding its key costs nothing more.
+struct KeyWatch {
     queue: EventQueue,
     thread: Option<JoinHandle<()>>,
 }
 
-impl RateWatch {
+impl KeyWatch {
     fn start(
         ctx: &DeviceCtx,
         shared: Arc<ring::VifShared>,
         waker: Arc<ring::Waker>,
-    ) -> Option<RateWatch> {
+    ) -> Option<KeyWatch> {
         let queue = EventQueue::new(4);
-        let guard = match ctx
-            .client()
-            .watch_into(&ctx.backend_key("rate"), "rate", &queue)
+        let watch = |path: String, token: &str| match ctx.client().watch_into(&path, token, &queue)
         {
-            Ok(g) => g,
+            Ok(g) => Some(g),
             Err(e) => {
-                warn!(error = %e, "cannot watch the rate key; rate changes need a reconnect");
-                return None;
+                warn!(error = %e, path, "cannot watch; changes need a reconnect");
+                None
             }
         };
+        let rate_guard = watch(ctx.backend_key("rate"), "rate")?;
+        let mcast_guard = watch(ctx.frontend_key("request-multicast-control"), "mcast")?;
         let q = queue.clone();
         let ctx = ctx.clone();
         let thread = std::thread::Builder::new()
             .name(format!(
-                "vif-rate-d{}-{}",
+                "vif-keys-d{}-{}",
                 ctx.frontend_domid(),
                 ctx.devid()
             ))
             .spawn(move || {
-                let _guard = guard;
-                while q.recv().is_some() {
+                let _guards = (rate_guard, mcast_guard);
+                let mut log = crate::ratelimit::TokenBucket::new(1.0, 5.0);
+                while let Some(ev) = q.recv() {
+                    if ev.token == "mcast" {
+                        match ctx.frontend_flag("request-multicast-control") {
+                            Ok(on) => {
+                                if shared.mcast_control.swap(on, Ordering::SeqCst) != on {
+                                    info!(on, "multicast control changed");
+                                    shared.mcast_changed.store(true, Ordering::SeqCst);
+                                    waker.wake();
+                                }
+                            }
+                            Err(e) => {
+                                if log.take(1.0) {
+                                    warn!(error = %e, "ignoring request-multicast-control");
+                                }
+                            }
+                        }
+                        continue;
+                    }
                     let rate = match ctx.read_backend("rate") {
                         Ok(None) => None,
                         Ok(Some(s)) => match Rate::parse(&s) {
@@ -328,7 +348,7 @@ impl RateWatch {
                 }
             })
             .ok()?;
-        Some(RateWatch {
+        Some(KeyWatch {
             queue,
             thread: Some(thread),
         })
@@ -349,12 +369,12 @@ struct NetDevice {
     host_side: Box<dyn VifHost>,
     shared: Arc<ring::VifShared>,
     running: Option<ring::VifHandle>,
-    rate_watch: Option<RateWatch>,
+    key_watch: Option<KeyWatch>,
 }
 
 impl NetDevice {
     fn stop(&mut self) {
-        if let Some(w) = self.rate_watch.take() {
+        if let Some(w) = self.key_watch.take() {
             w.stop();
         }
         if let Some(h) = self.running.take() {
@@ -393,6 +413,9 @@ impl Device for NetDevice {
                 ctx.devid()
             )));
         }
+        self.shared
+            .mcast_control
+            .store(choice.multicast_control, Ordering::SeqCst);
         let nq = choice.queues.len();
         let split = choice.queues.iter().any(|q| q.tx_port != q.rx_port);
         let ctrl = choice.ctrl.is_some();
@@ -409,7 +432,7 @@ impl Device for NetDevice {
             span: ctx.span().clone(),
         })
         .map_err(|e| DriverError::Other(Box::new(e)))?;
-        self.rate_watch = RateWatch::start(ctx, self.shared.clone(), handle.waker.clone());
+        self.key_watch = KeyWatch::start(ctx, self.shared.clone(), handle.waker.clone());
         self.running = Some(handle);
         info!(queues = nq, split, ctrl, ?offloads, "vif connected");
         Ok(())

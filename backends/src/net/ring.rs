@@ -98,6 +98,9 @@ pub(crate) struct VifShared {
     /// The rate from xenstore, changed live by the `rate` watch.
     pub(crate) rate: Mutex<Option<Rate>>,
     pub(crate) rate_changed: AtomicBool,
+    /// `request-multicast-control`, changed live by the frontend.
+    pub(crate) mcast_control: AtomicBool,
+    pub(crate) mcast_changed: AtomicBool,
 }
 
 /// The running thread.
@@ -424,6 +427,10 @@ pub(crate) fn start(p: VifStart) -> Result<VifHandle, NetError> {
 
 impl Vif {
     fn run(&mut self) {
+        set(
+            &self.shared.metrics.mcast_filtering,
+            u64::from(self.choice.multicast_control),
+        );
         let mut ports = [0 as Port; 16];
         let mut delivered: Vec<Port> = Vec::with_capacity(16);
         // A first pass: the frontend may have queued work before we bound.
@@ -453,6 +460,13 @@ impl Vif {
                 self.credit.set_rate(r);
                 add(&self.shared.metrics.rate_updates, 1);
                 debug!(rate = ?r, "rate changed");
+            }
+            if self.shared.mcast_changed.swap(false, Ordering::SeqCst) {
+                self.choice.multicast_control = self.shared.mcast_control.load(Ordering::SeqCst);
+                set(
+                    &self.shared.metrics.mcast_filtering,
+                    u64::from(self.choice.multicast_control),
+                );
             }
             delivered.clear();
             while let Ok(n) = self.evtchn.pending(&mut ports) {
@@ -868,6 +882,10 @@ impl Vif {
                         }
                         None => true,
                     };
+                    set(
+                        &self.shared.metrics.mcast_addresses,
+                        self.mcast.len() as u64,
+                    );
                     let st = if ok { NETIF_RSP_OKAY } else { NETIF_RSP_ERROR };
                     self.tx_respond_packet(qi, pos, pkt.slots, pkt.extras, st);
                 }
