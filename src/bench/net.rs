@@ -30,7 +30,6 @@ use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 
-#[allow(dead_code)]
 #[path = "../../tests/net_common/mod.rs"]
 mod net_common;
 
