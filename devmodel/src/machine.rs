@@ -8,13 +8,18 @@ use backends::blk::engine::{open_image, EngineOptions};
 use ioreq::{IoAccess, IoHandler, IoSpace, RangeRegistry, Sbdf};
 use xen::{DeviceModel, DomId, IoRange};
 
-use crate::config::MachineConfig;
+use backends::net::engine::NetQueueIo;
+use backends::net::tap::hotplug::{HostSetup, HostSide};
+use backends::net::tap::{Tap, TapOptions, VifId};
+
+use crate::config::{MachineConfig, VifSpec};
 use crate::irq::IrqSink;
 use crate::mem::{GuestRam, MemMapError, RamSource};
 use crate::pci::{ones, HostBridge, IsaBridge, PciBus, PciError};
 use crate::platform::{Platform, UnplugState, PORT_BASE, PORT_LAST};
 use crate::uart::{Uart, UartError, COM1_BASE, COM1_IRQ};
 use crate::virtio::blk::VirtioBlk;
+use crate::virtio::net::{TapControl, VirtioNet};
 use crate::virtio::{VirtioError, VirtioPci};
 use crate::RateLog;
 
@@ -55,6 +60,16 @@ pub enum MachineError {
         #[source]
         source: ioreq::RangeError,
     },
+    /// A NIC's tap or host side.
+    #[error("dom{domid}: vif[{index}]: {why}")]
+    Vif {
+        /// Domain.
+        domid: DomId,
+        /// The NIC.
+        index: usize,
+        /// What failed.
+        why: String,
+    },
     /// Something in the description this build cannot provide.
     #[error("dom{domid}: {key}: {why}")]
     Unsupported {
@@ -65,6 +80,73 @@ pub enum MachineError {
         /// Why.
         why: &'static str,
     },
+}
+
+/// Opens the tap of NIC `devid` (named `vifname`, or `vif<domid>.<devid>-emu` as libxl names
+/// an emulated NIC's tap), connects its host side (`bridge` or `script`), and builds the
+/// virtio-net device on it. The MAC is the `mac` key, or 00:16:3e (Xen's OUI) followed by
+/// the domain and device numbers.
+fn open_vif(
+    domid: DomId,
+    devid: u32,
+    v: &VifSpec,
+    queues: u16,
+) -> Result<(VirtioNet, HostSide), MachineError> {
+    let index = devid as usize;
+    let err = |why: String| MachineError::Vif { domid, index, why };
+    let vif = VifId { domid, devid };
+    let name = v
+        .vifname
+        .clone()
+        .unwrap_or_else(|| format!("vif{domid}.{devid}-emu"));
+    let mtu = v
+        .other
+        .iter()
+        .find(|(k, _)| k == "mtu")
+        .map(|(_, m)| m.parse::<u32>().map_err(|_| err(format!("mtu={m}"))))
+        .transpose()?;
+    let opts = TapOptions {
+        name: Some(name.clone()),
+        queues: queues.clamp(1, 16),
+        mtu,
+        ..TapOptions::default()
+    };
+    let tap = Arc::new(Tap::open(vif, &opts).map_err(|e| err(e.to_string()))?);
+    let script = v
+        .other
+        .iter()
+        .find(|(k, _)| k == "script")
+        .map(|(_, s)| s.as_str());
+    let host = HostSide::online(
+        vif,
+        tap.name(),
+        HostSetup::from_keys(script, v.bridge.as_deref()),
+    )
+    .map_err(|e| err(e.to_string()))?;
+    let mac = v.mac.unwrap_or([
+        0x00,
+        0x16,
+        0x3e,
+        (domid >> 8) as u8,
+        domid as u8,
+        devid as u8,
+    ]);
+    let engines: Vec<Arc<dyn NetQueueIo>> = tap
+        .queues()
+        .iter()
+        .map(|q| q.clone() as Arc<dyn NetQueueIo>)
+        .collect();
+    let mtu = tap.mtu().map_err(|e| err(e.to_string()))?;
+    let describe = format!("tap {name} ({:?})", host.setup());
+    let nic = VirtioNet::new(
+        &format!("vif{domid}.{devid}"),
+        mac,
+        mtu.min(65535) as u16,
+        engines,
+        Some(Arc::new(TapControl(tap))),
+        &describe,
+    );
+    Ok((nic, host))
 }
 
 /// The PCI address of the platform device.
@@ -84,6 +166,8 @@ pub struct Machine {
     uart: Option<Uart>,
     ram: Arc<GuestRam>,
     devices: Vec<String>,
+    /// The NICs' host sides (bridge or hotplug script), taken offline on drop, after the bus.
+    _hosts: Vec<HostSide>,
     log: RateLog,
 }
 
@@ -106,13 +190,6 @@ impl Machine {
         dm: Arc<dyn DeviceModel>,
         ram: Box<dyn RamSource>,
     ) -> Result<Machine, MachineError> {
-        if let Some((i, _)) = cfg.vifs.iter().enumerate().next() {
-            return Err(MachineError::Unsupported {
-                domid,
-                key: format!("vif[{i}]"),
-                why: "virtio-net is not built yet; use a PV vif served by `domio serve`",
-            });
-        }
         let irq = IrqSink::new(dm, domid);
         let ram = Arc::new(GuestRam::new(domid, ram)?);
         let fixed = |what, start: u64, end: u64| {
@@ -199,6 +276,36 @@ impl Machine {
                 Box::new(f),
             )?;
         }
+        let mut hosts = Vec::new();
+        for (i, v) in cfg.vifs.iter().enumerate() {
+            let dev = FIRST_VIRTIO_DEV + (cfg.disks.len() + i) as u8;
+            if dev >= 32 {
+                return Err(MachineError::Unsupported {
+                    domid,
+                    key: format!("vif[{i}]"),
+                    why: "no PCI slot left",
+                });
+            }
+            let (nic, host) = open_vif(domid, i as u32, v, cfg.virtio_queues)?;
+            hosts.push(host);
+            let f = VirtioPci::new(
+                format!("virtio-net {i}"),
+                Box::new(nic),
+                irq.clone(),
+                0,
+                dev,
+                ram.clone(),
+            )?;
+            bus.add(
+                Sbdf {
+                    seg: 0,
+                    bus: 0,
+                    dev,
+                    func: 0,
+                },
+                Box::new(f),
+            )?;
+        }
         let uart = match cfg.serial {
             crate::uart::SerialSpec::None => None,
             ref s => Some(Uart::new(s, irq.clone(), COM1_IRQ)?),
@@ -221,6 +328,7 @@ impl Machine {
             uart,
             ram,
             devices,
+            _hosts: hosts,
             log: RateLog::new(),
         })
     }

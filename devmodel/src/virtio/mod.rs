@@ -12,6 +12,7 @@
 //! guest RAM put the device in DEVICE_NEEDS_RESET instead of starting it.
 
 pub mod blk;
+pub mod net;
 
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,693 @@
+//! virtio-net on the network engine ([`NetQueueIo`]: a tap with a vnet header, or any queue
+//! with the same semantics). Each queue pair has its own thread: transmit chains are copied
+//! out of guest RAM once, checked (readable, inside RAM, at most a 12-byte header plus 64 KiB
+//! + 14 of frame, a checksum range inside the frame) and sent with their header; received
+//! frames go into the driver's receive buffers with their header (`num_buffers` 1). With
+//! VERSION_1 the header is always the 12-byte `virtio_net_hdr_mrg_rxbuf`, which is what the
+//! engine carries, so offloads pass through untouched.
+//!
+//! Offloads the tap may hand us follow what the driver accepted (GUEST_CSUM, GUEST_TSO4/6),
+//! through [`NetHostControl`]. Without a host control, a partial checksum is completed in
+//! software for a driver that did not accept GUEST_CSUM, and super-frames for a driver without
+//! GUEST_TSO are dropped. With more than one pair the device offers MQ and a control queue
+//! (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET attaches that many engine queues).
+
+use std::io::IoSlice;
+use std::num::Wrapping;
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use backends::net::engine::{NetQueueIo, VirtioNetHdr};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use virtio_queue::{Descriptor, Queue, QueueT};
+
+use super::{Activation, Notifier, QueueConfig, VirtioBackend};
+use crate::mem::{GuestRam, RamMap};
+use crate::RateLog;
+
+/// VIRTIO_NET_F_CSUM.
+pub const F_CSUM: u64 = 1 << 0;
+/// VIRTIO_NET_F_GUEST_CSUM.
+pub const F_GUEST_CSUM: u64 = 1 << 1;
+/// VIRTIO_NET_F_MTU.
+pub const F_MTU: u64 = 1 << 3;
+/// VIRTIO_NET_F_MAC.
+pub const F_MAC: u64 = 1 << 5;
+/// VIRTIO_NET_F_GUEST_TSO4.
+pub const F_GUEST_TSO4: u64 = 1 << 7;
+/// VIRTIO_NET_F_GUEST_TSO6.
+pub const F_GUEST_TSO6: u64 = 1 << 8;
+/// VIRTIO_NET_F_HOST_TSO4.
+pub const F_HOST_TSO4: u64 = 1 << 11;
+/// VIRTIO_NET_F_HOST_TSO6.
+pub const F_HOST_TSO6: u64 = 1 << 12;
+/// VIRTIO_NET_F_STATUS.
+pub const F_STATUS: u64 = 1 << 16;
+/// VIRTIO_NET_F_CTRL_VQ.
+pub const F_CTRL_VQ: u64 = 1 << 17;
+/// VIRTIO_NET_F_CTRL_RX.
+pub const F_CTRL_RX: u64 = 1 << 18;
+/// VIRTIO_NET_F_MQ.
+pub const F_MQ: u64 = 1 << 22;
+
+/// Largest frame (64 KiB of IP plus the Ethernet header).
+pub const MAX_FRAME: usize = 65_535 + 14;
+/// Queue size offered.
+pub const QUEUE_SIZE: u16 = 256;
+const HDR: usize = VirtioNetHdr::LEN;
+
+/// What the host side of the NIC can do besides carrying frames (a tap's TUNSETOFFLOAD and
+/// queue attachment).
+pub trait NetHostControl: Send + Sync {
+    /// Lets the engine hand us partial checksums and TCP super-frames.
+    fn set_offloads(&self, csum: bool, tso4: bool, tso6: bool) -> std::io::Result<()>;
+    /// Steers traffic to the first `n` engine queues only.
+    fn set_active_queues(&self, n: u16) -> std::io::Result<()>;
+}
+
+/// A [`NetHostControl`] for a tap.
+#[derive(Debug)]
+pub struct TapControl(pub Arc<backends::net::tap::Tap>);
+
+impl NetHostControl for TapControl {
+    fn set_offloads(&self, csum: bool, tso4: bool, tso6: bool) -> std::io::Result<()> {
+        self.0
+            .set_offloads(backends::net::tap::Offloads {
+                csum,
+                tso4,
+                tso6,
+                tso_ecn: false,
+            })
+            .map_err(std::io::Error::other)
+    }
+    fn set_active_queues(&self, n: u16) -> std::io::Result<()> {
+        if self.0.queues().len() < 2 {
+            return Ok(());
+        }
+        for (i, q) in self.0.queues().iter().enumerate() {
+            q.set_attached(i < usize::from(n))?;
+        }
+        Ok(())
+    }
+}
+
+/// The stop signal and the thread of one queue pair.
+type Running = (Arc<EventFd>, JoinHandle<()>);
+
+/// The virtio-net device.
+pub struct VirtioNet {
+    name: String,
+    mac: [u8; 6],
+    mtu: u16,
+    engines: Vec<Arc<dyn NetQueueIo>>,
+    host: Option<Arc<dyn NetHostControl>>,
+    running: Vec<Running>,
+    log: Arc<RateLog>,
+    describe: String,
+}
+
+impl std::fmt::Debug for VirtioNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioNet")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl VirtioNet {
+    /// A NIC named `name` with `mac` over one engine queue per pair (1..=16 pairs).
+    pub fn new(
+        name: &str,
+        mac: [u8; 6],
+        mtu: u16,
+        engines: Vec<Arc<dyn NetQueueIo>>,
+        host: Option<Arc<dyn NetHostControl>>,
+        host_describe: &str,
+    ) -> VirtioNet {
+        let m = mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        VirtioNet {
+            describe: format!(
+                "virtio-net {name} mac {m} mtu {mtu} {} queue pair{} on {host_describe}",
+                engines.len(),
+                if engines.len() > 1 { "s" } else { "" }
+            ),
+            name: name.to_string(),
+            mac,
+            mtu,
+            engines,
+            host,
+            running: Vec::new(),
+            log: Arc::new(RateLog::new()),
+        }
+    }
+
+    fn pairs(&self) -> u16 {
+        self.engines.len().clamp(1, 16) as u16
+    }
+}
+
+impl VirtioBackend for VirtioNet {
+    fn device_type(&self) -> u16 {
+        1
+    }
+    fn class(&self) -> u32 {
+        0x02_00_00
+    }
+    fn features(&self) -> u64 {
+        let mut f = F_CSUM
+            | F_GUEST_CSUM
+            | F_MTU
+            | F_MAC
+            | F_GUEST_TSO4
+            | F_GUEST_TSO6
+            | F_HOST_TSO4
+            | F_HOST_TSO6
+            | F_STATUS;
+        if self.pairs() > 1 {
+            f |= F_CTRL_VQ | F_CTRL_RX | F_MQ;
+        }
+        f
+    }
+    fn num_queues(&self) -> u16 {
+        let p = self.pairs();
+        2 * p + u16::from(p > 1)
+    }
+    fn max_queue_size(&self) -> u16 {
+        QUEUE_SIZE
+    }
+    fn config_read(&self, off: u64, size: u8) -> u64 {
+        let mut c = [0u8; 12];
+        c[0..6].copy_from_slice(&self.mac);
+        c[6..8].copy_from_slice(&1u16.to_le_bytes()); // VIRTIO_NET_S_LINK_UP
+        c[8..10].copy_from_slice(&self.pairs().to_le_bytes());
+        c[10..12].copy_from_slice(&self.mtu.to_le_bytes());
+        let (o, s) = (off as usize, usize::from(size));
+        match c.get(o..o + s) {
+            Some(b) => b
+                .iter()
+                .rev()
+                .fold(0u64, |acc, &x| (acc << 8) | u64::from(x)),
+            None => 0,
+        }
+    }
+    fn activate(&mut self, act: Activation) -> Result<(), String> {
+        let f = act.features;
+        let offl = Offl {
+            guest_csum: f & F_GUEST_CSUM != 0,
+            guest_tso4: f & F_GUEST_TSO4 != 0,
+            guest_tso6: f & F_GUEST_TSO6 != 0,
+            host_csum: f & F_CSUM != 0,
+            host_tso: f & (F_HOST_TSO4 | F_HOST_TSO6) != 0,
+        };
+        if let Some(h) = &self.host {
+            h.set_offloads(offl.guest_csum, offl.guest_tso4, offl.guest_tso6)
+                .map_err(|e| format!("setting the host side's offloads: {e}"))?;
+            h.set_active_queues(1)
+                .map_err(|e| format!("attaching the first queue: {e}"))?;
+        }
+        let map = act.ram.get();
+        let pairs = usize::from(self.pairs());
+        let ctrl_q = if pairs > 1 && f & F_CTRL_VQ != 0 {
+            act.queues.get(2 * pairs).copied()
+        } else {
+            None
+        };
+        for p in 0..pairs {
+            let (Some(rxc), Some(txc)) = (act.queues.get(2 * p), act.queues.get(2 * p + 1)) else {
+                break;
+            };
+            if !rxc.enabled && !txc.enabled {
+                continue;
+            }
+            let rx = make_queue(2 * p, rxc, &map)?;
+            let tx = make_queue(2 * p + 1, txc, &map)?;
+            let ctrl = match (p, ctrl_q) {
+                (0, Some(c)) if c.enabled => Some((
+                    make_queue(2 * pairs, &c, &map)?,
+                    act.kicks.get(2 * pairs).cloned(),
+                )),
+                _ => None,
+            };
+            let stop = Arc::new(
+                EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                    .map_err(|e| format!("eventfd: {e}"))?,
+            );
+            let (Some(rxk), Some(txk)) = (act.kicks.get(2 * p), act.kicks.get(2 * p + 1)) else {
+                break;
+            };
+            let mut w = PairWorker {
+                name: format!("{}.{p}", self.name),
+                engine: self.engines[p].clone(),
+                host: self.host.clone(),
+                pairs: self.pairs(),
+                rx,
+                tx,
+                rx_idx: 2 * p,
+                tx_idx: 2 * p + 1,
+                ctrl,
+                ctrl_idx: 2 * pairs,
+                rx_kick: rxk.clone(),
+                tx_kick: txk.clone(),
+                stop: stop.clone(),
+                ram: act.ram.clone(),
+                notifier: act.notifier.clone(),
+                offl,
+                buf: vec![0u8; HDR + MAX_FRAME],
+                pending: None,
+                descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
+                log: self.log.clone(),
+                dropped: 0,
+            };
+            let h = std::thread::Builder::new()
+                .name(format!("vnet-{}.{p}", self.name))
+                .spawn(move || w.run())
+                .map_err(|e| format!("spawning the queue thread: {e}"))?;
+            self.running.push((stop, h));
+        }
+        Ok(())
+    }
+    fn reset(&mut self) {
+        for (stop, _) in &self.running {
+            let _ = stop.write(1);
+        }
+        for (_, h) in self.running.drain(..) {
+            if h.join().is_err() {
+                self.log.warn(format_args!(
+                    "virtio-net {}: a queue thread panicked",
+                    self.name
+                ));
+            }
+        }
+    }
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
+
+fn make_queue(i: usize, qc: &QueueConfig, map: &RamMap) -> Result<Option<Queue>, String> {
+    if !qc.enabled {
+        return Ok(None);
+    }
+    let mut q = Queue::new(QUEUE_SIZE).map_err(|e| format!("queue {i}: {e}"))?;
+    q.try_set_size(qc.size)
+        .map_err(|e| format!("queue {i} size {}: {e}", qc.size))?;
+    q.try_set_desc_table_address(vm_memory::GuestAddress(qc.desc))
+        .map_err(|e| format!("queue {i}: {e}"))?;
+    q.try_set_avail_ring_address(vm_memory::GuestAddress(qc.avail))
+        .map_err(|e| format!("queue {i}: {e}"))?;
+    q.try_set_used_ring_address(vm_memory::GuestAddress(qc.used))
+        .map_err(|e| format!("queue {i}: {e}"))?;
+    q.set_ready(true);
+    if !q.is_valid(map.memory()) {
+        return Err(format!("queue {i} rings outside guest RAM"));
+    }
+    Ok(Some(q))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Offl {
+    guest_csum: bool,
+    guest_tso4: bool,
+    guest_tso6: bool,
+    host_csum: bool,
+    host_tso: bool,
+}
+
+struct PairWorker {
+    name: String,
+    engine: Arc<dyn NetQueueIo>,
+    host: Option<Arc<dyn NetHostControl>>,
+    pairs: u16,
+    rx: Option<Queue>,
+    tx: Option<Queue>,
+    rx_idx: usize,
+    tx_idx: usize,
+    ctrl: Option<(Option<Queue>, Option<Arc<EventFd>>)>,
+    ctrl_idx: usize,
+    rx_kick: Arc<EventFd>,
+    tx_kick: Arc<EventFd>,
+    stop: Arc<EventFd>,
+    ram: Arc<GuestRam>,
+    notifier: Notifier,
+    offl: Offl,
+    buf: Vec<u8>,
+    pending: Option<(VirtioNetHdr, usize)>,
+    descs: Vec<Descriptor>,
+    log: Arc<RateLog>,
+    dropped: u64,
+}
+
+/// Reads a chain's descriptors into `descs`; false if it never ends (loop, too long, or
+/// an index past the table).
+fn read_chain(
+    chain: virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>,
+    descs: &mut Vec<Descriptor>,
+) -> bool {
+    descs.clear();
+    for d in chain {
+        if descs.len() >= usize::from(QUEUE_SIZE) {
+            return false;
+        }
+        descs.push(d);
+    }
+    descs.last().is_some_and(|d| !d.has_next())
+}
+
+impl PairWorker {
+    fn run(&mut self) {
+        loop {
+            let rx_room = self.rx_has_room();
+            let (stop, _) = {
+                let ctrl_kick = self.ctrl.as_ref().and_then(|c| c.1.clone());
+                let mut fds = vec![
+                    PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.tx_kick.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.rx_kick.as_fd(), PollFlags::POLLIN),
+                ];
+                if let Some(k) = &ctrl_kick {
+                    fds.push(PollFd::new(k.as_fd(), PollFlags::POLLIN));
+                }
+                // Only listen to the engine while there is somewhere to put a frame.
+                if rx_room {
+                    fds.push(PollFd::new(self.engine.fd(), PollFlags::POLLIN));
+                }
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => {
+                        self.log
+                            .warn(format_args!("virtio-net {}: poll: {e}", self.name));
+                        return;
+                    }
+                }
+                let stop = fds[0].revents().is_some_and(|r| !r.is_empty());
+                drop(fds);
+                if let Some(k) = ctrl_kick {
+                    let _ = k.read();
+                }
+                (stop, ())
+            };
+            if stop {
+                return;
+            }
+            let _ = self.tx_kick.read();
+            let _ = self.rx_kick.read();
+            self.ctrl_work();
+            self.tx_work();
+            self.rx_work();
+        }
+    }
+
+    fn rx_has_room(&self) -> bool {
+        let Some(q) = &self.rx else { return false };
+        if self.pending.is_some() {
+            return false;
+        }
+        let map = self.ram.get();
+        q.avail_idx(map.memory(), Ordering::Acquire)
+            .is_ok_and(|i| i != Wrapping(q.next_avail()))
+    }
+
+    fn used(&mut self, map: &RamMap, which: usize, head: u16, len: u32) {
+        let q = match which {
+            0 => self.rx.as_mut(),
+            1 => self.tx.as_mut(),
+            _ => self.ctrl.as_mut().and_then(|c| c.0.as_mut()),
+        };
+        if let Some(q) = q {
+            if let Err(e) = q.add_used(map.memory(), head, len) {
+                self.log
+                    .warn(format_args!("virtio-net {}: add_used: {e}", self.name));
+            }
+        }
+    }
+
+    fn notify(&mut self, map: &RamMap, which: usize) {
+        let (q, idx) = match which {
+            0 => (self.rx.as_mut(), self.rx_idx),
+            1 => (self.tx.as_mut(), self.tx_idx),
+            _ => (self.ctrl.as_mut().and_then(|c| c.0.as_mut()), self.ctrl_idx),
+        };
+        if let Some(q) = q {
+            if q.needs_notification(map.memory()).unwrap_or(true) {
+                self.notifier.queue(idx);
+            }
+        }
+    }
+
+    fn drop_frame(&mut self, why: &str) {
+        self.dropped += 1;
+        self.log.warn(format_args!(
+            "virtio-net {}: frame dropped: {why} ({} so far)",
+            self.name, self.dropped
+        ));
+    }
+
+    fn tx_work(&mut self) {
+        let map = self.ram.get();
+        let mut any = false;
+        loop {
+            let chain = match self.tx.as_mut() {
+                Some(q) => q.pop_descriptor_chain(map.memory()),
+                None => return,
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            any = true;
+            let ok = read_chain(chain, &mut self.descs);
+            match ok
+                .then(|| self.gather_tx(&map))
+                .unwrap_or(Err("chain never ends"))
+            {
+                Ok(len) => {
+                    let hdr = match <&[u8; HDR]>::try_from(&self.buf[..HDR]) {
+                        Ok(h) => VirtioNetHdr::from_bytes(h),
+                        Err(_) => VirtioNetHdr::default(),
+                    };
+                    match self.check_tx_hdr(&hdr, len - HDR) {
+                        Ok(()) => {
+                            let frame = [IoSlice::new(&self.buf[HDR..len])];
+                            if let Err(e) = self.engine.send(&hdr, &frame) {
+                                self.drop_frame(&format!("engine send: {e}"));
+                            }
+                        }
+                        Err(why) => self.drop_frame(why),
+                    }
+                }
+                Err(why) => self.drop_frame(why),
+            }
+            self.used(&map, 1, head, 0);
+        }
+        if any {
+            self.notify(&map, 1);
+        }
+    }
+
+    /// Copies the chain in `self.descs` into `self.buf`; returns the length.
+    fn gather_tx(&mut self, map: &RamMap) -> Result<usize, &'static str> {
+        let mut len = 0usize;
+        for d in &self.descs {
+            if d.is_write_only() {
+                return Err("device-writable descriptor in a transmit chain");
+            }
+            let n = d.len() as usize;
+            let end = len.checked_add(n).filter(|e| *e <= self.buf.len());
+            let Some(end) = end else {
+                return Err("frame longer than 64 KiB + 14 plus its header");
+            };
+            if n > 0 && !map.read(d.addr().0, &mut self.buf[len..end]) {
+                return Err("transmit buffer outside guest RAM");
+            }
+            len = end;
+        }
+        if len < HDR + 14 {
+            return Err("shorter than a header and an Ethernet header");
+        }
+        Ok(len)
+    }
+
+    fn check_tx_hdr(&self, h: &VirtioNetHdr, frame_len: usize) -> Result<(), &'static str> {
+        if h.flags & VirtioNetHdr::F_NEEDS_CSUM != 0 {
+            if !self.offl.host_csum {
+                return Err("partial checksum without VIRTIO_NET_F_CSUM");
+            }
+            let end = usize::from(h.csum_start) + usize::from(h.csum_offset) + 2;
+            if end > frame_len {
+                return Err("checksum field outside the frame");
+            }
+        }
+        match h.gso_type & !VirtioNetHdr::GSO_ECN {
+            VirtioNetHdr::GSO_NONE => Ok(()),
+            VirtioNetHdr::GSO_TCPV4 | VirtioNetHdr::GSO_TCPV6 if self.offl.host_tso => {
+                if h.gso_size == 0 || h.flags & VirtioNetHdr::F_NEEDS_CSUM == 0 {
+                    Err("GSO without a segment size or a partial checksum")
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Err("GSO type not negotiated"),
+        }
+    }
+
+    fn rx_work(&mut self) {
+        let map = self.ram.get();
+        let mut any = false;
+        loop {
+            if self.pending.is_none() {
+                if !self.rx_has_room() {
+                    break;
+                }
+                match self.engine.recv(&mut self.buf[HDR..]) {
+                    Ok(Some((h, n))) => self.pending = Some((h, n)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.drop_frame(&format!("engine recv: {e}"));
+                        continue;
+                    }
+                }
+            }
+            let Some((mut h, n)) = self.pending else {
+                break;
+            };
+            // Offloads the driver did not accept.
+            let gso = h.gso_type & !VirtioNetHdr::GSO_ECN;
+            let gso_ok = match gso {
+                VirtioNetHdr::GSO_NONE => true,
+                VirtioNetHdr::GSO_TCPV4 => self.offl.guest_tso4,
+                VirtioNetHdr::GSO_TCPV6 => self.offl.guest_tso6,
+                _ => false,
+            };
+            if !gso_ok {
+                self.pending = None;
+                self.drop_frame("super-frame for a driver without GUEST_TSO");
+                continue;
+            }
+            if h.flags & VirtioNetHdr::F_NEEDS_CSUM != 0 && !self.offl.guest_csum {
+                let frame = &mut self.buf[HDR..HDR + n];
+                if !backends::net::offload::complete_checksum(frame, h.csum_start, h.csum_offset) {
+                    self.pending = None;
+                    self.drop_frame("partial checksum outside the frame");
+                    continue;
+                }
+                h.flags = VirtioNetHdr::F_DATA_VALID;
+            }
+            h.num_buffers = 1;
+            let chain = match self.rx.as_mut() {
+                Some(q) => q.pop_descriptor_chain(map.memory()),
+                None => break,
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            self.pending = None;
+            any = true;
+            self.buf[..HDR].copy_from_slice(&h.to_bytes());
+            let total = HDR + n;
+            let written = if read_chain(chain, &mut self.descs) {
+                self.scatter_rx(&map, total)
+            } else {
+                Err("chain never ends")
+            };
+            match written {
+                Ok(()) => self.used(&map, 0, head, total as u32),
+                Err(why) => {
+                    self.drop_frame(why);
+                    self.used(&map, 0, head, 0);
+                }
+            }
+        }
+        if any {
+            self.notify(&map, 0);
+        }
+    }
+
+    fn scatter_rx(&self, map: &RamMap, total: usize) -> Result<(), &'static str> {
+        let mut off = 0usize;
+        for d in &self.descs {
+            if off == total {
+                break;
+            }
+            if !d.is_write_only() {
+                return Err("device-readable descriptor in a receive chain");
+            }
+            let n = (d.len() as usize).min(total - off);
+            if !map.write(d.addr().0, &self.buf[off..off + n]) {
+                return Err("receive buffer outside guest RAM");
+            }
+            off += n;
+        }
+        if off < total {
+            return Err("receive buffers smaller than the frame");
+        }
+        Ok(())
+    }
+
+    fn ctrl_work(&mut self) {
+        let Some((Some(_), _)) = &self.ctrl else {
+            return;
+        };
+        let map = self.ram.get();
+        let mut any = false;
+        loop {
+            let chain = match self.ctrl.as_mut().and_then(|c| c.0.as_mut()) {
+                Some(q) => q.pop_descriptor_chain(map.memory()),
+                None => return,
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            any = true;
+            if !read_chain(chain, &mut self.descs) {
+                self.used(&map, 2, head, 0);
+                continue;
+            }
+            // Command: class, cmd, data (readable), then the ack byte (writable, last).
+            let Some(ack) = self
+                .descs
+                .last()
+                .copied()
+                .filter(|d| d.is_write_only() && d.len() >= 1)
+            else {
+                self.used(&map, 2, head, 0);
+                continue;
+            };
+            let mut cmd = [0u8; 4];
+            let mut got = 0usize;
+            for d in self.descs.iter().filter(|d| !d.is_write_only()) {
+                let n = (d.len() as usize).min(cmd.len() - got);
+                if n > 0 && !map.read(d.addr().0, &mut cmd[got..got + n]) {
+                    break;
+                }
+                got += n;
+            }
+            let status: u8 = match (got, cmd[0], cmd[1]) {
+                // VIRTIO_NET_CTRL_RX: promiscuous / all-multicast (the tap passes all).
+                (3.., 0, 0 | 1) => 0,
+                // VIRTIO_NET_CTRL_MAC: table set, address set.
+                (2.., 1, 0 | 1) => 0,
+                // VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET.
+                (4, 4, 0) => {
+                    let n = u16::from_le_bytes([cmd[2], cmd[3]]);
+                    if n == 0 || n > self.pairs {
+                        1
+                    } else {
+                        match &self.host {
+                            Some(h) => u8::from(h.set_active_queues(n).is_err()),
+                            None => 0,
+                        }
+                    }
+                }
+                _ => 1,
+            };
+            map.write(ack.addr().0, &[status]);
+            self.used(&map, 2, head, 1);
+        }
+        if any {
+            self.notify(&map, 2);
+        }
+    }
+}
