@@ -1,7 +1,7 @@
 //! virtio-net on the network engine ([`NetQueueIo`]: a tap with a vnet header, or any queue
 //! with the same semantics). Each queue pair has its own thread: transmit chains are copied
-//! out of guest RAM once, checked (readable, inside RAM, at most a 12-byte header plus 64 KiB
-//! + 14 of frame, a checksum range inside the frame) and sent with their header; received
+//! out of guest RAM once, checked (readable, inside RAM, at most a 12-byte header plus
+//! 65,549 bytes of frame, a checksum range inside the frame) and sent with their header; received
 //! frames go into the driver's receive buffers with their header (`num_buffers` 1). With
 //! VERSION_1 the header is always the 12-byte `virtio_net_hdr_mrg_rxbuf`, which is what the
 //! engine carries, so offloads pass through untouched.
@@ -461,10 +461,12 @@ impl PairWorker {
             let head = chain.head_index();
             any = true;
             let ok = read_chain(chain, &mut self.descs);
-            match ok
-                .then(|| self.gather_tx(&map))
-                .unwrap_or(Err("chain never ends"))
-            {
+            let gathered = if ok {
+                self.gather_tx(&map)
+            } else {
+                Err("chain never ends")
+            };
+            match gathered {
                 Ok(len) => {
                     let hdr = match <&[u8; HDR]>::try_from(&self.buf[..HDR]) {
                         Ok(h) => VirtioNetHdr::from_bytes(h),
