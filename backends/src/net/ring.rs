@@ -50,6 +50,8 @@ const RX_BATCH_BYTES: usize = 128 * 1024;
 const RX_MAX_FRAME: usize = 65535 + 14;
 /// Frames read from the engine per queue per pass (fairness between queues and TX).
 const RX_PULL_BUDGET: usize = 256;
+/// Engine queues the vif thread polls (at most `xenbus::MAX_QUEUES`).
+const POLL_ENGINES: usize = super::xenbus::MAX_QUEUES as usize;
 /// Frames delivered to the guest per batch.
 const RX_BATCH: usize = 64;
 
@@ -438,13 +440,17 @@ impl Vif {
         while !self.dead {
             let timeout = self.poll_timeout();
             {
-                let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(2 + self.engines.len());
-                fds.push(PollFd::new(self.evtchn.fd(), PollFlags::POLLIN));
-                fds.push(PollFd::new(self.waker.fd.as_fd(), PollFlags::POLLIN));
-                for e in &self.engines {
-                    fds.push(PollFd::new(e.fd(), PollFlags::POLLIN));
-                }
-                if let Err(e) = poll(&mut fds, timeout) {
+                // A fixed array (no allocation per wakeup); unused entries repeat the waker.
+                let n = 2 + self.engines.len().min(POLL_ENGINES);
+                let mut fds: [PollFd<'_>; 2 + POLL_ENGINES] = std::array::from_fn(|i| {
+                    let fd = match i {
+                        0 => self.evtchn.fd(),
+                        i if i >= 2 && i - 2 < self.engines.len() => self.engines[i - 2].fd(),
+                        _ => self.waker.fd.as_fd(),
+                    };
+                    PollFd::new(fd, PollFlags::POLLIN)
+                });
+                if let Err(e) = poll(&mut fds[..n], timeout) {
                     if e != nix::errno::Errno::EINTR {
                         warn!(error = %e, "vif poll failed; stopping");
                         break;

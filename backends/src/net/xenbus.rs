@@ -13,6 +13,8 @@ use xenbus::backend::{DeviceCtx, DriverError};
 
 /// Highest event-channel port of the FIFO ABI.
 const MAX_PORT: u32 = (1 << 17) - 1;
+/// Most queues a vif may have (the vif thread polls them all).
+pub const MAX_QUEUES: u32 = 16;
 /// Largest `xdp-headroom` we accept (the first RX slot keeps room for a full-size header).
 pub const MAX_XDP_HEADROOM: u32 = 2048;
 
@@ -140,7 +142,7 @@ pub(crate) fn read_params(ctx: &DeviceCtx) -> Result<VifParams, DriverError> {
 
 /// Writes the features (one transaction), as Linux's `netback_probe` does.
 pub(crate) fn advertise(ctx: &DeviceCtx, max_queues: u32) -> Result<(), DriverError> {
-    let q = max_queues.max(1).to_string();
+    let q = max_queues.clamp(1, MAX_QUEUES).to_string();
     ctx.write_backend(&[
         ("feature-sg", "1"),
         ("feature-gso-tcpv4", "1"),
@@ -216,7 +218,10 @@ pub(crate) fn read_frontend(
     max_queues: u32,
 ) -> Result<FrontendChoice, DriverError> {
     let nq = ctx
-        .frontend_u32("multi-queue-num-queues", 1..=max_queues.max(1))?
+        .frontend_u32(
+            "multi-queue-num-queues",
+            1..=max_queues.clamp(1, MAX_QUEUES),
+        )?
         .unwrap_or(1);
     if ctx.frontend_u32("request-rx-copy", 0..=1)? != Some(1) {
         return Err(failed(
