@@ -8,9 +8,10 @@
 //! * [`platform`]: the Xen platform device's unplug handshake and log port.
 //! * [`uart`]: a 16550A driver (polled output, interrupt-driven input).
 //! * [`virtio`]: the virtio-pci modern transport (status handshake, feature negotiation,
-//!   split virtqueues in guest RAM, MSI-X) and the [`blk`] driver on top.
+//!   split virtqueues in guest RAM, MSI-X) and the [`blk`] and [`net`] drivers on top.
 
 pub mod blk;
+pub mod net;
 pub mod pci;
 pub mod platform;
 pub mod uart;
