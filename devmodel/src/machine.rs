@@ -143,7 +143,7 @@ fn open_vif(
         mac,
         mtu.min(65535) as u16,
         engines,
-        Some(Arc::new(TapControl(tap))),
+        Some(Arc::new(TapControl::new(tap))),
         &describe,
     );
     Ok((nic, host))

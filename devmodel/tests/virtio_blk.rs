@@ -402,3 +402,78 @@ fn xsa_211_bad_queue_sizes_and_rings_are_refused() {
     assert_eq!(drv.write(&bus, 0, DATA, 4096).unwrap(), 0);
     assert_eq!(std::fs::read(&img).unwrap()[..4096], [7u8; 4096]);
 }
+
+/// Without MSI-X the device interrupts on INTA# (XEN_DMOP_set_pci_intx_level) with the ISR
+/// saying why; reading the ISR lowers the line. IOREQ_TYPE_INVALIDATE remaps guest RAM and
+/// I/O goes on.
+#[test]
+fn intx_without_msix_and_invalidate_remaps_guest_ram() {
+    use ioreq::IoHandler;
+    use xensim::guestos::virtio::Buf;
+    use xensim::hvm::Irq;
+
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.raw");
+    std::fs::write(&img, vec![0x5au8; 1 << 20]).unwrap();
+    let bus = DirectBus::new(&config(&format!(
+        "disk = [ '{},raw,xvda,rw' ]",
+        img.display()
+    )));
+    let mut fns = pci::enumerate(&bus).unwrap();
+    pci::assign_bars(&bus, &mut fns, &mut BarWindow::default()).unwrap();
+    let f = fns[3].clone();
+    let dev = VirtioPciDev::new(&bus, &f, 0).unwrap();
+    dev.negotiate(&bus, 0).unwrap();
+    let ram = RamAlloc::new(8 << 20, bus.ram_size());
+    let mut q = dev.setup_queue(&bus, 0, 16, 0xffff, &ram).unwrap();
+    dev.driver_ok(&bus).unwrap();
+    bus.machine.lock().unwrap().invalidate();
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&T_IN.to_le_bytes());
+    bus.ram_write(HDR, &h).unwrap();
+    bus.take_irqs();
+    q.add(
+        &bus,
+        &[
+            Buf {
+                gpa: HDR,
+                len: 16,
+                write: false,
+            },
+            Buf {
+                gpa: BUF,
+                len: 512,
+                write: true,
+            },
+            Buf {
+                gpa: STATUS,
+                len: 1,
+                write: true,
+            },
+        ],
+    )
+    .unwrap();
+    q.publish(&bus).unwrap();
+    assert!(bus.wait_for(Duration::from_secs(10), |i| matches!(
+        i,
+        Irq::PciIntx {
+            bus: 0,
+            dev: 3,
+            intx: 0,
+            level: true
+        }
+    )));
+    assert_eq!(
+        bus.mmio_read(dev.isr, 1).unwrap(),
+        1,
+        "ISR: queue interrupt"
+    );
+    assert!(bus.wait_for(Duration::from_secs(1), |i| matches!(
+        i,
+        Irq::PciIntx { level: false, .. }
+    )));
+    assert_eq!(q.pop_used(&bus).unwrap().map(|u| u.1), Some(513));
+    let mut b = [0u8; 512];
+    bus.ram_read(BUF, &mut b).unwrap();
+    assert_eq!(b, [0x5au8; 512]);
+}

@@ -68,13 +68,28 @@ pub trait NetHostControl: Send + Sync {
     fn set_active_queues(&self, n: u16) -> std::io::Result<()>;
 }
 
-/// A [`NetHostControl`] for a tap.
+/// A [`NetHostControl`] for a tap. Every queue starts attached; the kernel refuses to attach
+/// an attached queue (or detach a detached one), so the count in force is tracked.
 #[derive(Debug)]
-pub struct TapControl(pub Arc<backends::net::tap::Tap>);
+pub struct TapControl {
+    tap: Arc<backends::net::tap::Tap>,
+    attached: std::sync::Mutex<usize>,
+}
+
+impl TapControl {
+    /// Control of `tap`.
+    pub fn new(tap: Arc<backends::net::tap::Tap>) -> TapControl {
+        let n = tap.queues().len();
+        TapControl {
+            tap,
+            attached: std::sync::Mutex::new(n),
+        }
+    }
+}
 
 impl NetHostControl for TapControl {
     fn set_offloads(&self, csum: bool, tso4: bool, tso6: bool) -> std::io::Result<()> {
-        self.0
+        self.tap
             .set_offloads(backends::net::tap::Offloads {
                 csum,
                 tso4,
@@ -84,12 +99,19 @@ impl NetHostControl for TapControl {
             .map_err(std::io::Error::other)
     }
     fn set_active_queues(&self, n: u16) -> std::io::Result<()> {
-        if self.0.queues().len() < 2 {
+        let qs = self.tap.queues();
+        if qs.len() < 2 {
             return Ok(());
         }
-        for (i, q) in self.0.queues().iter().enumerate() {
-            q.set_attached(i < usize::from(n))?;
+        let mut cur = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+        let want = usize::from(n).clamp(1, qs.len());
+        for (i, q) in qs.iter().enumerate() {
+            let (was, will) = (i < *cur, i < want);
+            if was != will {
+                q.set_attached(will)?;
+            }
         }
+        *cur = want;
         Ok(())
     }
 }
