@@ -74,6 +74,11 @@ impl Rate {
             .trim()
             .parse()
             .map_err(|_| format!("rate interval {u:?} is not a number"))?;
+        if usec > u64::from(u32::MAX) {
+            return Err(format!(
+                "rate interval {usec} us is longer than libxl allows"
+            ));
+        }
         if bytes == 0 || usec == 0 {
             return Ok(None);
         }

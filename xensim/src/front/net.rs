@@ -516,18 +516,14 @@ impl NetQueue {
         } else if meta.data_validated {
             flags |= NETTXF_DATA_VALIDATED;
         }
-        let chunks: Vec<&[u8]> = frame.chunks(PAGE_SIZE).collect();
-        for (i, chunk) in chunks.iter().enumerate() {
+        let nchunks = frame.len().div_ceil(PAGE_SIZE);
+        for (i, chunk) in frame.chunks(PAGE_SIZE).enumerate() {
             let Some(id) = self.take_tx_id() else {
                 return Err(self.break_queue("TX id pool exhausted".into()));
             };
             let page = self.tx_pages[usize::from(id)];
             self.guest.write_page(page.gfn, 0, chunk)?;
-            let more = if i + 1 < chunks.len() {
-                NETTXF_MORE_DATA
-            } else {
-                0
-            };
+            let more = if i + 1 < nchunks { NETTXF_MORE_DATA } else { 0 };
             let req = if i == 0 {
                 NetifTxRequest {
                     gref: page.gref,
@@ -743,13 +739,16 @@ impl NetQueue {
         }
         let ms = PollTimeout::try_from(timeout.as_millis().min(i32::MAX as u128) as i32)
             .unwrap_or(PollTimeout::MAX);
-        let mut fds = vec![PollFd::new(
-            self.tx_port.event_fd().as_fd(),
-            PollFlags::POLLIN,
-        )];
-        if let Some(p) = &self.rx_port {
-            fds.push(PollFd::new(p.event_fd().as_fd(), PollFlags::POLLIN));
-        }
+        let rx_fd = self
+            .rx_port
+            .as_ref()
+            .unwrap_or(&self.tx_port)
+            .event_fd()
+            .as_fd();
+        let mut fds = [
+            PollFd::new(self.tx_port.event_fd().as_fd(), PollFlags::POLLIN),
+            PollFd::new(rx_fd, PollFlags::POLLIN),
+        ];
         let _ = poll(&mut fds, ms);
         let _ = self.tx_port.try_take();
         if let Some(p) = &self.rx_port {
