@@ -140,14 +140,17 @@ pub struct NetStats {
     pub tx_ring_full: u64,
 }
 
-/// A running checksum of a byte stream (64-bit FNV-1a over every byte, in order), the same at
-/// both ends of a transfer when every byte arrived once and in order.
+/// A running checksum of a byte stream: FNV-1a style over little-endian 64-bit words (a
+/// multiply per 8 bytes), with the bytes of an unfinished word kept, so the state after a
+/// given byte sequence is the same however it was split into chunks. Equal at both ends of a
+/// transfer when every byte arrived once and in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamSum {
-    /// The hash so far.
+    /// The hash of the whole words so far.
     pub hash: u64,
     /// Bytes hashed.
     pub bytes: u64,
+    tail: [u8; 8],
 }
 
 impl Default for StreamSum {
@@ -155,20 +158,43 @@ impl Default for StreamSum {
         StreamSum {
             hash: 0xcbf2_9ce4_8422_2325,
             bytes: 0,
+            tail: [0; 8],
         }
     }
 }
 
 impl StreamSum {
+    const PRIME: u64 = 0x0100_0000_01b3;
+
+    fn word(h: u64, w: [u8; 8]) -> u64 {
+        (h ^ u64::from_le_bytes(w)).wrapping_mul(Self::PRIME)
+    }
+
     /// Adds `data`.
-    pub fn update(&mut self, data: &[u8]) {
+    pub fn update(&mut self, mut data: &[u8]) {
         let mut h = self.hash;
-        for &b in data {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        self.hash = h;
+        let mut fill = (self.bytes % 8) as usize;
         self.bytes += data.len() as u64;
+        if fill > 0 {
+            let n = (8 - fill).min(data.len());
+            self.tail[fill..fill + n].copy_from_slice(&data[..n]);
+            data = &data[n..];
+            fill += n;
+            if fill < 8 {
+                return;
+            }
+            h = Self::word(h, self.tail);
+        }
+        let mut words = data.chunks_exact(8);
+        for w in &mut words {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(w);
+            h = Self::word(h, a);
+        }
+        let rest = words.remainder();
+        self.tail = [0; 8];
+        self.tail[..rest.len()].copy_from_slice(rest);
+        self.hash = h;
     }
 }
 
@@ -1059,6 +1085,24 @@ mod tests {
         let mut g = tcp_frame(10, None);
         let o = l4_offsets(&g).unwrap();
         assert_eq!(raise_syn_mss(&mut g, &o, 65000), None);
+    }
+
+    #[test]
+    fn test_stream_sum_is_independent_of_chunking() {
+        let mut data = vec![0u8; 1000];
+        fill_pattern(3, &mut data);
+        let mut whole = StreamSum::default();
+        whole.update(&data);
+        for split in [1usize, 3, 7, 8, 9, 63, 500] {
+            let mut s = StreamSum::default();
+            for c in data.chunks(split) {
+                s.update(c);
+            }
+            assert_eq!(s, whole, "chunks of {split}");
+        }
+        let mut short = StreamSum::default();
+        short.update(&data[..999]);
+        assert_ne!(short, whole);
     }
 
     #[test]
