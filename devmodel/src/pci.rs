@@ -773,6 +773,30 @@ impl PciDevice for IsaBridge {
     fn bar_write(&mut self, _bar: usize, _off: u64, _size: u8, _value: u64) {}
 }
 
+/// The MSI capability (one vector, 64-bit address): adds it to `cfg`, returning its offset.
+pub fn add_msi_capability(cfg: &mut PciConfig) -> Option<usize> {
+    // Message control: bit 0 enable and bits 4..6 (multiple message enable) writable;
+    // 64-bit capable (bit 7); one message (multiple message capable 0).
+    let body = [0x80u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let wmask = [
+        0x71u8, 0, 0xfc, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    ];
+    cfg.add_capability(CAP_ID_MSI, &body, &wmask)
+}
+
+/// The message an enabled MSI capability at `cap` sends, if it is enabled.
+pub fn msi_message(cfg: &PciConfig, cap: usize) -> Option<MsiMessage> {
+    let ctrl = cfg.read(cap + 2, 2);
+    if ctrl & 1 == 0 {
+        return None;
+    }
+    let addr = u64::from(cfg.read(cap + 4, 4)) | (u64::from(cfg.read(cap + 8, 4)) << 32);
+    Some(MsiMessage {
+        addr,
+        data: cfg.read(cap + 12, 2),
+    })
+}
+
 /// MSI-X state of one function: the table and pending bits live in a BAR.
 #[derive(Debug, Clone)]
 pub struct Msix {

@@ -49,11 +49,11 @@ fn enumerate_bus_ids_bars_and_capabilities() {
     let b1 = p.bars[1].unwrap();
     assert!(b0.io && b0.size == 256);
     assert!(!b1.io && b1.prefetchable && b1.size == 16 << 20);
-    // virtio-blk: one 32 KiB memory BAR, four virtio vendor caps then MSI-X.
+    // virtio-blk: one 32 KiB memory BAR, four virtio vendor caps, MSI, then MSI-X.
     let v = &fns[3];
     assert_eq!(v.bars[0].map(|b| (b.io, b.size)), Some((false, 0x8000)));
     let cap_ids: Vec<u8> = v.caps.iter().map(|c| c.id).collect();
-    assert_eq!(cap_ids, vec![0x09, 0x09, 0x09, 0x09, 0x11]);
+    assert_eq!(cap_ids, vec![0x09, 0x09, 0x09, 0x09, 0x05, 0x11]);
     // The PIIX3 is multi-function-capable and its PIRQ routes start disabled.
     assert_eq!(fns[1].header_type & 0x80, 0x80);
     assert_eq!(fns[1].read(&bus, 0x60, 4).unwrap(), 0x8080_8080);

@@ -477,3 +477,75 @@ fn intx_without_msix_and_invalidate_remaps_guest_ram() {
     bus.ram_read(BUF, &mut b).unwrap();
     assert_eq!(b, [0x5au8; 512]);
 }
+
+/// With MSI enabled and MSI-X off, completions arrive as the MSI message the guest
+/// programmed (XEN_DMOP_inject_msi), not on INTx.
+#[test]
+fn msi_without_msix_delivers_the_programmed_message() {
+    use xensim::guestos::virtio::Buf;
+    use xensim::hvm::Irq;
+
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let bus = DirectBus::new(&config(&format!(
+        "disk = [ '{},raw,xvda,rw' ]",
+        img.display()
+    )));
+    let mut fns = pci::enumerate(&bus).unwrap();
+    pci::assign_bars(&bus, &mut fns, &mut BarWindow::default()).unwrap();
+    let f = fns[3].clone();
+    let mc = u16::from(f.cap(0x05).expect("an MSI capability"));
+    assert_eq!(
+        f.read(&bus, mc + 2, 2).unwrap() & 0x80,
+        0x80,
+        "64-bit capable"
+    );
+    f.write(&bus, mc + 4, 4, 0xfee0_1000).unwrap();
+    f.write(&bus, mc + 8, 4, 0).unwrap();
+    f.write(&bus, mc + 12, 2, 0x4321).unwrap();
+    f.write(&bus, mc + 2, 2, 1).unwrap();
+    let dev = VirtioPciDev::new(&bus, &f, 0).unwrap();
+    dev.negotiate(&bus, 0).unwrap();
+    let ram = RamAlloc::new(8 << 20, bus.ram_size());
+    let mut q = dev.setup_queue(&bus, 0, 16, 0xffff, &ram).unwrap();
+    dev.driver_ok(&bus).unwrap();
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&T_IN.to_le_bytes());
+    bus.ram_write(HDR, &h).unwrap();
+    bus.take_irqs();
+    q.add(
+        &bus,
+        &[
+            Buf {
+                gpa: HDR,
+                len: 16,
+                write: false,
+            },
+            Buf {
+                gpa: BUF,
+                len: 512,
+                write: true,
+            },
+            Buf {
+                gpa: STATUS,
+                len: 1,
+                write: true,
+            },
+        ],
+    )
+    .unwrap();
+    q.publish(&bus).unwrap();
+    assert!(bus.wait_for(Duration::from_secs(10), |i| *i
+        == Irq::Msi {
+            addr: 0xfee0_1000,
+            data: 0x4321
+        }));
+    assert!(!bus
+        .take_irqs()
+        .iter()
+        .any(|i| matches!(i, Irq::PciIntx { .. })));
+}

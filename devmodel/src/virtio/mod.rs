@@ -1,6 +1,6 @@
 //! virtio-pci, modern (virtio 1.x) transport: the common, notify, ISR and device-specific
 //! configuration structures in BAR0, announced by vendor capabilities, with MSI-X (table and
-//! PBA also in BAR0) or INTx.
+//! PBA also in BAR0), MSI (one vector for everything), or INTx with the ISR.
 //!
 //! BAR0 layout (32 KiB, 32-bit memory): common config at 0x0000, ISR at 0x1000, device config
 //! at 0x2000, notify at 0x3000 (4 bytes per queue), MSI-X table at 0x4000, PBA at 0x5000.
@@ -22,8 +22,8 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use crate::irq::IrqSink;
 use crate::mem::GuestRam;
 use crate::pci::{
-    ones, BarDef, BarKind, MsiMessage, Msix, PciConfig, PciDevice, PciId, CAP_ID_VNDR,
-    CMD_INTX_DISABLE,
+    add_msi_capability, msi_message, ones, BarDef, BarKind, MsiMessage, Msix, PciConfig, PciDevice,
+    PciId, CAP_ID_VNDR, CMD_INTX_DISABLE,
 };
 use crate::RateLog;
 
@@ -95,6 +95,8 @@ struct NotifierInner {
     isr: AtomicU8,
     intx_disabled: AtomicBool,
     intx_level: Mutex<bool>,
+    /// The MSI message while MSI (not MSI-X) is enabled.
+    msi: Mutex<Option<MsiMessage>>,
 }
 
 impl std::fmt::Debug for Notifier {
@@ -118,6 +120,7 @@ impl Notifier {
                 isr: AtomicU8::new(0),
                 intx_disabled: AtomicBool::new(false),
                 intx_level: Mutex::new(false),
+                msi: Mutex::new(None),
             }),
         }
     }
@@ -138,7 +141,7 @@ impl Notifier {
                     None => return,
                 }
             } else {
-                None
+                *self.inner.msi.lock().unwrap_or_else(|e| e.into_inner())
             }
         };
         match msg {
@@ -230,6 +233,7 @@ pub trait VirtioBackend: Send {
 /// A virtio-pci function.
 pub struct VirtioPci {
     cfg: PciConfig,
+    msi_cap: usize,
     msix_cap: usize,
     backend: Box<dyn VirtioBackend>,
     notifier: Notifier,
@@ -338,6 +342,7 @@ impl VirtioPci {
         }
         let vectors = nq + 1;
         let notifier = Notifier::new(irq, bus, dev, nq, vectors);
+        let msi_cap = add_msi_capability(&mut cfg).ok_or_else(|| err("no room for MSI".into()))?;
         let msix_cap = notifier
             .msix()
             .add_capability(&mut cfg, 0, MSIX_TABLE_OFF as u32, MSIX_PBA_OFF as u32)
@@ -365,6 +370,7 @@ impl VirtioPci {
         );
         Ok(VirtioPci {
             cfg,
+            msi_cap,
             msix_cap,
             queues: vec![q0; nq],
             backend,
@@ -660,6 +666,15 @@ impl PciDevice for VirtioPci {
         &mut self.cfg
     }
     fn config_written(&mut self, off: usize, size: usize) {
+        let mc = self.msi_cap;
+        if off < mc + 14 && off + size > mc + 2 {
+            *self
+                .notifier
+                .inner
+                .msi
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = msi_message(&self.cfg, mc);
+        }
         let cap = self.msix_cap;
         if off < cap + 4 && off + size > cap + 2 {
             self.notifier.msix().sync_from_config(&self.cfg, cap);
