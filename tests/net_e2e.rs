@@ -298,12 +298,12 @@ fn test_netback_multicast_control_delivers_only_subscribed_groups() {
         let mut rig = netback_rig(Some(&lan.bridge), None, opts);
         let mut q = rig.queue();
         let group_a = [0x01, 0x00, 0x5e, 0x01, 0x01, 0x01];
+        let before = rig.stats();
         let end = Instant::now() + T;
         while !q.mcast(true, group_a).expect("multicast add") {
             assert!(Instant::now() < end, "TX ring never had room for the add");
             q.wait(Duration::from_millis(100)).expect("wait");
         }
-        let before = rig.stats();
         let end = Instant::now() + T;
         while rig.stats().mcast_ops == before.mcast_ops {
             assert!(Instant::now() < end, "netback never applied the add");
