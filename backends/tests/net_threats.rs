@@ -649,3 +649,44 @@ fn hostile_rx_ring_overflow_disables_the_vif() {
     assert!(e.contains("rx ring"), "{e}");
     t.other_vif_works();
 }
+
+#[test]
+fn xsa349_flooding_a_watched_frontend_key_settles_on_the_last_value() {
+    let mut t = two();
+    let key = format!("{}/request-multicast-control", t.hostile.link().path());
+    for i in 0..5000u32 {
+        let v = if i % 2 == 0 { "1" } else { "0" };
+        xenbus::XsOps::write(t.hostile.link().xs(), &key, v.as_bytes()).unwrap();
+    }
+    xenbus::XsOps::write(t.hostile.link().xs(), &key, b"1").unwrap();
+    // Coalesced events, current value re-read: the last write wins.
+    t.rig
+        .wait_stats(0, "filtering on", |s| s.mcast_filtering == 1);
+    assert_eq!(t.rig.stats(0).fatal_errors, 0);
+    t.other_vif_works();
+}
+
+#[test]
+fn xsa350_random_frontend_state_sequences_then_a_clean_reconnect() {
+    let mut t = two();
+    let mut x: u32 = 0x2545_f491;
+    for _ in 0..300 {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        let s = XenbusState::parse((1 + x % 6).to_string().as_bytes()).unwrap();
+        t.hostile.link().switch_state(s).unwrap();
+    }
+    t.hostile.link().switch_state(XenbusState::Closed).unwrap();
+    t.rig.wait_connected(0, false);
+    // The guest's driver comes back: a fresh frontend on the same device connects and works.
+    let mut f = NetFront::connect(&t.rig.guest, 0, NetFrontOptions::default()).unwrap();
+    let frame = udp_frame(mac_of(0), [2; 6], 64, 0x77);
+    let q = f.queue(0).unwrap();
+    assert!(q.send_frame(&frame, FrameMeta::default()).unwrap());
+    t.rig.net.wait_frames("frame after the storm", |fs| {
+        fs.iter().any(|x| x.frame == frame)
+    });
+    assert_eq!(t.rig.stats(0).fatal_errors, 0);
+    t.other_vif_works();
+}
