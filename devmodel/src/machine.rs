@@ -206,12 +206,7 @@ impl Machine {
             u64::from(PORT_BASE),
             u64::from(PORT_LAST),
         )?;
-        fixed(
-            "COM1 0x3f8-0x3ff",
-            u64::from(COM1_BASE),
-            u64::from(COM1_BASE) + 7,
-        )?;
-        let mut bus = PciBus::new(domid, registry);
+        let mut bus = PciBus::new(domid, registry.clone());
         bus.reserve_ports(u64::from(PORT_BASE), u64::from(PORT_LAST));
         bus.reserve_ports(u64::from(COM1_BASE), u64::from(COM1_BASE) + 7);
         bus.reserve_ports(0xcf8, 0xcff);
@@ -310,6 +305,15 @@ impl Machine {
             crate::uart::SerialSpec::None => None,
             ref s => Some(Uart::new(s, irq.clone(), COM1_IRQ)?),
         };
+        // With no console there is no UART: probes of 0x3f8 find nothing, as on a PC
+        // without COM1.
+        if uart.is_some() {
+            fixed(
+                "COM1 0x3f8-0x3ff",
+                u64::from(COM1_BASE),
+                u64::from(COM1_BASE) + 7,
+            )?;
+        }
         let mut devices = bus.describe();
         if let Some(u) = &uart {
             devices.push(format!(
