@@ -506,7 +506,12 @@ fn xsa332_notify_flood_with_no_work_leaves_the_other_vif_responsive() {
     let start = Instant::now();
     t.other_vif_works();
     assert!(start.elapsed() < Duration::from_secs(5));
-    assert_eq!(t.rig.stats(0).fatal_errors, 0);
+    let s = t
+        .rig
+        .wait_stats(0, "spurious events counted", |s| s.spurious_events > 0);
+    assert_eq!(s.fatal_errors, 0);
+    // Coalesced: far fewer passes than notifications.
+    assert!(s.events < 20_000, "{s:?}");
 }
 
 #[test]

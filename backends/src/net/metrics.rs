@@ -80,6 +80,8 @@ counters! {
     ctrl_requests,
     /// Event-channel wakeups.
     events,
+    /// Event wakeups that found no work (a notify flood shows here, XSA-332).
+    spurious_events,
     /// Notifications sent to the frontend.
     notifications,
     /// Times the vif was disabled because the frontend broke the protocol.

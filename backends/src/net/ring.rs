@@ -274,6 +274,8 @@ struct Vif {
     rx_segs: Vec<CopySegment<'static>>,
     /// Ports to notify after a pass (deduplicated: one notification per port per pass).
     notify: Vec<Port>,
+    /// Requests answered, frames moved and control requests served (to tell spurious events).
+    work: u64,
     dead: bool,
     log_bucket: TokenBucket,
 }
@@ -405,6 +407,7 @@ pub(crate) fn start(p: VifStart) -> Result<VifHandle, NetError> {
         rx_plan: Vec::with_capacity(256),
         rx_segs: Vec::with_capacity(256),
         notify: Vec::with_capacity(8),
+        work: 0,
         dead: false,
         log_bucket: TokenBucket::new(5.0, 20.0),
     };
@@ -486,12 +489,18 @@ impl Vif {
                     }
                 }
             }
+            let before = self.work;
             self.pass();
             if !delivered.is_empty() {
+                // Unmask only after the rings are drained, then look once more: a flood of
+                // events costs one pass each (XSA-332).
                 for p in &delivered {
                     let _ = self.evtchn.unmask(*p);
                 }
                 self.pass();
+                if self.work == before {
+                    add(&self.shared.metrics.spurious_events, 1);
+                }
             }
         }
     }
@@ -591,6 +600,7 @@ impl Vif {
                 }
             };
             add(&self.shared.metrics.ctrl_requests, 1);
+            self.work += 1;
             let (status, data) = self.ctrl_request(&req);
             let rsp = XenNetifCtrlResponse {
                 id: req.id,
@@ -982,6 +992,7 @@ impl Vif {
                         break;
                     }
                 };
+                self.work += 1;
                 self.rx_accept(ei, got.0, got.1);
             }
         }
@@ -1285,6 +1296,7 @@ impl Vif {
         if errors > 0 {
             add(&self.shared.metrics.rx_grant_errors, errors);
         }
+        self.work += frames as u64;
         for _ in 0..frames {
             let Some(f) = self.queues[qi].rx.backlog.pop_front() else {
                 break;
