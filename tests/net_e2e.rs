@@ -417,14 +417,13 @@ fn test_netback_drops_spoofed_source_macs_and_counts_them() {
 }
 
 #[test]
-fn test_netback_rate_limit_holds_tcp_within_10_percent() {
+fn test_netback_rate_limit_holds_within_10_percent() {
     in_netns(|| {
-        // Arrange: rate = 1 MB per 200 ms (5 MB/s = 40 Mbit/s, well below what the path
-        // carries unlimited even in a debug build). The credit is many 64 KiB super-frames,
-        // so the credit a frame cannot use at the end of an interval (lost, as in Linux's
-        // netback, whose burst is at most one interval's credit) stays under 7%.
-        let rate_bytes = 1_000_000u64;
-        let rate_usec = 200_000u32;
+        // Arrange: rate = 200 kB per 50 ms (4 MB/s). The guest keeps its TX ring full of
+        // full-size UDP frames (1514 bytes: the credit a frame cannot use at the end of an
+        // interval is under 0.1%), so the limiter is the only bottleneck.
+        let rate_bytes = 200_000u64;
+        let rate_usec = 50_000u32;
         let limit = rate_bytes as f64 / (f64::from(rate_usec) / 1e6);
         let lan = Lan::new(1500);
         let mut rig = netback_rig(
@@ -432,26 +431,37 @@ fn test_netback_rate_limit_holds_tcp_within_10_percent() {
             Some((rate_bytes, rate_usec)),
             NetFrontOptions::default(),
         );
-        let mut g = guest_stack(rig.queue(), &lan);
-        let n = (limit * 4.0) as u64; // about four seconds at the limit
+        let mut q = rig.queue();
+        let mut f = Vec::with_capacity(1514);
+        f.extend_from_slice(&net_common::PEER_MAC);
+        f.extend_from_slice(&GUEST_MAC);
+        f.extend_from_slice(&[0x08, 0x00, 0x45, 0, 0x05, 0xdc, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+        f.extend_from_slice(&lan.guest_ip.octets());
+        f.extend_from_slice(&lan.peer_ip.octets());
+        f.extend_from_slice(&[0x0f, 0xa0, 0x00, 0x09, 0x05, 0xc8, 0, 0]);
+        f.resize(1514, 0x5a);
+        let mut send_for = |q: &mut NetQueue, d: Duration| {
+            let end = Instant::now() + d;
+            while Instant::now() < end {
+                while q.send(&f, FrameMeta::default()).expect("send") {}
+                q.wait(Duration::from_millis(5)).expect("wait");
+            }
+        };
 
-        // Act
-        let (addr, server) = lan.tcp_server(5003, 0);
-        let h = g.tcp_connect(addr, T).expect("connect");
-        let up = g.tcp_send_pattern(h, n, T).expect("send");
-        let _ = g.tcp_recv_all(h, T);
-        let got = server.join().expect("receiver");
+        // Act: half a second to spend the initial burst, then three measured seconds.
+        send_for(&mut q, Duration::from_millis(500));
+        let (s0, t0) = (rig.stats(), Instant::now());
+        send_for(&mut q, Duration::from_secs(3));
+        let (s1, t1) = (rig.stats(), Instant::now());
 
-        // Assert: the checksum holds, and the wire rate (payload plus headers, which the
-        // credit counts) is within 10% of the configured rate, never above it by more.
-        assert_eq!(got, up.sum);
-        let st = rig.stats();
-        let wire = st.tx_bytes as f64 / up.elapsed.as_secs_f64();
-        eprintln!("rate limit {limit:.0} B/s, measured {wire:.0} B/s on the wire, {st:?}");
-        assert!(st.tx_throttled > 0, "{st:?}");
+        // Assert: what netback wrote to the tap in the measured span is within 10% of the
+        // configured rate (one 50 ms window of slack at either end is under 2%).
+        let rate = (s1.tx_bytes - s0.tx_bytes) as f64 / (t1 - t0).as_secs_f64();
+        eprintln!("rate limit {limit:.0} B/s, measured {rate:.0} B/s, {s1:?}");
+        assert!(s1.tx_throttled > s0.tx_throttled, "{s1:?}");
         assert!(
-            (wire - limit).abs() <= 0.10 * limit,
-            "measured {wire:.0} B/s against a limit of {limit:.0} B/s"
+            (rate - limit).abs() <= 0.10 * limit,
+            "measured {rate:.0} B/s against a limit of {limit:.0} B/s"
         );
     });
 }
