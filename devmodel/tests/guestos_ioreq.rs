@@ -201,3 +201,46 @@ fn virtio_blk_64mib_raw_through_ioreqs() {
 fn virtio_blk_64mib_qcow2_through_ioreqs() {
     blk_64mib("qcow2");
 }
+
+/// 4 KiB random reads at queue depth 32 through the whole stack (doorbells and MSIs as
+/// ioreqs and DMOPs through the xensim daemon). Prints the IOPS; run with
+/// `cargo test --release -p devmodel --test guestos_ioreq -- --ignored --nocapture`.
+#[test]
+#[ignore = "measurement; run explicitly"]
+fn measure_virtio_blk_4k_randread_iops() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.raw");
+    let size: u64 = 256 << 20;
+    std::fs::write(&img, pattern(7, size as usize)).unwrap();
+    let r = rig(dir, &format!("disk = [ '{},raw,xvda,rw' ]", img.display()));
+    let g = &r.guest;
+    let mut fns = pci::enumerate(g).unwrap();
+    pci::assign_bars(g, &mut fns, &mut BarWindow::default()).unwrap();
+    let f = fns.iter().find(|f| f.device == 0x1042).unwrap().clone();
+    let ram = RamAlloc::new(1 << 20, MEMORY_MIB << 20);
+    let mut drv = VirtioBlkDriver::new(g, &f, &ram, 0x50, 1, 32).unwrap();
+    let bufs = 0x200_0000u64;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let n = 100_000usize;
+    let ops: Vec<Op> = (0..n)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            Op {
+                ty: T_IN,
+                sector: (x % (size / 4096)) * 8,
+                gpa: bufs + 4096 * (i as u64 % 32),
+                len: 4096,
+            }
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let st = drv.run(g, &ops, Duration::from_secs(600)).unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    assert!(st.iter().all(|s| *s == 0));
+    println!(
+        "virtio-blk 4 KiB random read QD32 through ioreqs: {:.0} IOPS ({n} reads in {secs:.2} s)",
+        n as f64 / secs
+    );
+}
