@@ -444,7 +444,16 @@ impl Worker {
 
     /// Waits for the engine's in-flight requests and drops their results (device reset).
     fn drain(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while self.engine.in_flight() > 0 {
+            if std::time::Instant::now() > deadline {
+                self.log.warn(format_args!(
+                    "virtio-blk {}: {} requests still in flight 30 s after reset; leaving them",
+                    self.name,
+                    self.engine.in_flight()
+                ));
+                break;
+            }
             let mut fds = [PollFd::new(self.engine.completion_fd(), PollFlags::POLLIN)];
             if poll(&mut fds, PollTimeout::from(1000u16)).is_err() {
                 break;

@@ -394,10 +394,9 @@ impl VirtioPci {
     }
 
     fn reset(&mut self) {
-        if self.active {
-            self.backend.reset();
-            self.active = false;
-        }
+        // Also after a failed activation, which may have started some queue threads.
+        self.backend.reset();
+        self.active = false;
         let max = self.backend.max_queue_size();
         for q in &mut self.queues {
             *q = QueueConfig {

@@ -261,12 +261,16 @@ impl VirtioBackend for VirtioNet {
                 EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                     .map_err(|e| format!("eventfd: {e}"))?,
             );
-            let (Some(rxk), Some(txk)) = (act.kicks.get(2 * p), act.kicks.get(2 * p + 1)) else {
+            let (Some(rxk), Some(txk), Some(engine)) = (
+                act.kicks.get(2 * p),
+                act.kicks.get(2 * p + 1),
+                self.engines.get(p),
+            ) else {
                 break;
             };
             let mut w = PairWorker {
                 name: format!("{}.{p}", self.name),
-                engine: self.engines[p].clone(),
+                engine: engine.clone(),
                 host: self.host.clone(),
                 pairs: self.pairs(),
                 rx,
