@@ -420,48 +420,52 @@ fn test_rate_limit_holds_within_ten_percent_and_follows_the_key_live() {
     n.rate = Some((100_000, 50_000));
     let rig = rig_with(vec![n], NetConfig::default());
     let mut f = NetFront::connect(&rig.guest, 0, NetFrontOptions::default()).unwrap();
-    let frame = udp_frame(mac_of(0), [2; 6], 1400, 1);
+    // 8 KB frames (three slots each): few enough per second that even a loaded debug build
+    // keeps the limiter, not the sender, the bottleneck.
+    let frame = udp_frame(mac_of(0), [2; 6], 8000, 1);
     let flen = frame.len();
-    let total = 1_200_000 / flen;
     let q = f.queue(0).unwrap();
-    // Credit arrives in bursts at the start of each window, the first one at once. Over the
-    // run, the bytes after the first burst divided by the time from the first frame to the
-    // last is the long-run rate.
-    let measure = |frames: &[net_common::HostFrame], start: usize, burst: usize| {
-        let secs = frames
-            .last()
-            .unwrap()
-            .at
-            .duration_since(frames[start].at)
-            .as_secs_f64();
-        let bytes: usize = frames[start + burst..].iter().map(|f| f.frame.len()).sum();
-        bytes as f64 / secs
+    // Credit arrives in a burst at the start of each 50 ms window (frames of one burst reach
+    // the host within a few ms; bursts are ~50 ms apart). Between the start of the second
+    // burst and the start of the last one, the bytes of the whole bursts in between over that
+    // time is the rate, whatever the size of the first burst.
+    let measure = |frames: &[net_common::HostFrame]| {
+        let starts: Vec<usize> = (1..frames.len())
+            .filter(|&i| frames[i].at.duration_since(frames[i - 1].at) > Duration::from_millis(20))
+            .collect();
+        assert!(starts.len() >= 4, "too few bursts: {starts:?}");
+        let (k, m) = (starts[0], starts[starts.len() - 1]);
+        let bytes: usize = frames[k..m].iter().map(|f| f.frame.len()).sum();
+        bytes as f64 / frames[m].at.duration_since(frames[k].at).as_secs_f64()
     };
+    let total = 1_500_000 / flen;
     for _ in 0..total {
         send(q, &frame, FrameMeta::default());
     }
     let got = rig.net.wait_frames("all frames", |f| f.len() >= total);
-    let rate = measure(&got, 0, 100_000 / flen);
+    let rate = measure(&got);
+    eprintln!("rate limit 2 MB/s: measured {rate:.0} B/s");
     assert!(
         (1_800_000.0..=2_200_000.0).contains(&rate),
         "measured {rate:.0} B/s for 2 MB/s"
     );
     assert!(rig.stats(0).tx_throttled > 0);
-    // Live change to 4 MB/s.
-    rig.write_backend(0, "rate", "200000,50000");
+    // Live change to 1 MB/s.
+    rig.write_backend(0, "rate", "50000,50000");
     rig.wait_stats(0, "the new rate applied", |s| s.rate_updates == 1);
     let before = got.len();
-    let more = 2_400_000 / flen;
+    let more = 750_000 / flen;
     for _ in 0..more {
         send(q, &frame, FrameMeta::default());
     }
     let got = rig
         .net
         .wait_frames("second batch", |f| f.len() >= before + more);
-    let rate = measure(&got, before, 200_000 / flen);
+    let rate = measure(&got[before..]);
+    eprintln!("rate limit 1 MB/s (changed live): measured {rate:.0} B/s");
     assert!(
-        (3_600_000.0..=4_400_000.0).contains(&rate),
-        "measured {rate:.0} B/s for 4 MB/s"
+        (900_000.0..=1_100_000.0).contains(&rate),
+        "measured {rate:.0} B/s for 1 MB/s"
     );
 }
 
