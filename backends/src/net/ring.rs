@@ -483,7 +483,7 @@ impl Vif {
                     break;
                 }
                 add(&self.shared.metrics.events, n as u64);
-                for p in &ports[..n] {
+                for p in ports.iter().take(n) {
                     if !delivered.contains(p) {
                         delivered.push(*p);
                     }
