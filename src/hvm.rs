@@ -151,3 +151,59 @@ pub fn run(a: HvmArgs) -> anyhow::Result<ExitCode> {
     info!("domio hvm stopped cleanly");
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use xensim::guestos::pci::{self, BarWindow};
+    use xensim::guestos::platform::{self, Unplug};
+    use xensim::guestos::uart::Uart;
+    use xensim::hvm::HvmGuest;
+
+    #[test]
+    fn hvm_serves_a_guest_attached_through_the_sim_daemon_and_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = xensim::host::Host::new().unwrap();
+        let domid = host.create_hvm_domain("g", 32 << 8, 1).unwrap();
+        let server =
+            xensim::server::Server::start(host.clone(), &dir.path().join("x.sock")).unwrap();
+        let target: Target = format!("sim:{}", server.path().display()).parse().unwrap();
+        let sim = target.open(0).unwrap();
+        let log = dir.path().join("com1.log");
+        let disk = dir.path().join("d.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let cfg = MachineConfig::parse(&format!(
+            "name = 'g'\ntype = 'hvm'\nmemory = 32\nserial = 'file:{}'\ndisk = [ '{},raw,xvda,rw' ]\n",
+            log.display(),
+            disk.display()
+        ))
+        .unwrap();
+        let hvm = Hvm::start(sim.as_ref(), domid, &cfg).unwrap();
+        let info = hvm.info().clone();
+        assert_eq!(info.devices.len(), 5, "{:?}", info.devices);
+        assert!(info.devices_json()["devices"][3]
+            .as_str()
+            .unwrap()
+            .contains("virtio-blk xvda"));
+        let mut g = HvmGuest::new(host.clone(), domid, 0).unwrap();
+        g.set_timeout(Duration::from_secs(20));
+        let mut fns = pci::enumerate(&g).unwrap();
+        assert_eq!(fns.len(), 4);
+        pci::assign_bars(&g, &mut fns, &mut BarWindow::default()).unwrap();
+        assert_eq!(
+            platform::unplug(&g, 1, 1, 3).unwrap(),
+            Unplug::Done { version: 1 }
+        );
+        Uart::COM1.init(&g).unwrap();
+        Uart::COM1.write(&g, b"hello from domio hvm\n").unwrap();
+        assert_eq!(std::fs::read(&log).unwrap(), b"hello from domio hvm\n");
+        assert!(info.stats_json()["ioreq"]["sync"].as_u64().unwrap() > 0);
+        hvm.stop();
+        // The server is gone: the guest's accesses are unclaimed now.
+        assert_eq!(pci::cfg_read(&g, 0, 0, 0, 0, 4).unwrap(), 0xffff_ffff);
+    }
+}
