@@ -61,13 +61,11 @@ struct NoErr;
 impl FakeBus {
     fn target(&self) -> Option<(u8, u8, usize)> {
         let a = *self.cf8.lock().unwrap();
-        (a & 0x8000_0000 != 0 && (a >> 16) & 0xff == 0).then(|| {
-            (
-                ((a >> 11) & 0x1f) as u8,
-                ((a >> 8) & 7) as u8,
-                (a & 0xfc) as usize,
-            )
-        })
+        (a & 0x8000_0000 != 0 && (a >> 16) & 0xff == 0).then_some((
+            ((a >> 11) & 0x1f) as u8,
+            ((a >> 8) & 7) as u8,
+            (a & 0xfc) as usize,
+        ))
     }
 }
 
