@@ -7,6 +7,7 @@
 //! guest's netfront, connected.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use backends::net::tap::tap_engine_factory;
 use backends::net::{NetDriver, NetStats};
@@ -14,6 +15,7 @@ use xen::XenHost;
 use xenbus::backend::BackendWatcher;
 use xenbus::XsClient;
 use xensim::client::SimHost;
+use xensim::front::frame::{FrameDevice, FrameMeta};
 use xensim::front::net::{NetFront, NetFrontOptions, NetQueue};
 use xensim::guest::Guest;
 use xensim::host::Host;
@@ -59,6 +61,16 @@ pub fn netback_rig(
     bridge: Option<&str>,
     rate: Option<(u64, u32)>,
     opts: NetFrontOptions,
+) -> NetbackRig {
+    netback_rig_with(bridge, rate, opts, backends::net::NetConfig::default())
+}
+
+/// [`netback_rig`] with netback's settings.
+pub fn netback_rig_with(
+    bridge: Option<&str>,
+    rate: Option<(u64, u32)>,
+    opts: NetFrontOptions,
+    config: backends::net::NetConfig,
 ) -> NetbackRig {
     let dir = SockDir::new();
     let host = Host::new().expect("xensim host");
@@ -113,5 +125,86 @@ impl NetbackRig {
     /// Takes the first netfront queue.
     pub fn queue(&mut self) -> NetQueue {
         self.front.take_queues().remove(0)
+    }
+}
+
+/// Several netfront queues as one guest NIC: frames go out on a queue chosen by their flow
+/// (as a guest's transmit steering does), and come in from whichever queue has one.
+pub struct MultiQueue {
+    queues: Vec<NetQueue>,
+    next_rx: usize,
+}
+
+impl MultiQueue {
+    /// Over `queues` (at least one).
+    pub fn new(queues: Vec<NetQueue>) -> MultiQueue {
+        assert!(!queues.is_empty(), "a NIC needs a queue");
+        MultiQueue { queues, next_rx: 0 }
+    }
+
+    /// The queues.
+    pub fn queues(&self) -> &[NetQueue] {
+        &self.queues
+    }
+
+    fn tx_queue(&self, frame: &[u8]) -> usize {
+        let h = xensim::front::netstack::l4_offsets(frame)
+            .and_then(|o| frame.get(o.l4_start..o.l4_start + 4))
+            .map_or(0, |p| {
+                p.iter().fold(0usize, |a, b| a * 31 + usize::from(*b))
+            });
+        h % self.queues.len()
+    }
+}
+
+impl FrameDevice for MultiQueue {
+    type Error = xensim::front::net::NetFrontError;
+
+    fn max_frame(&self) -> usize {
+        self.queues[0].max_frame()
+    }
+
+    fn offloads(&self) -> bool {
+        self.queues[0].offloads()
+    }
+
+    fn send(&mut self, frame: &[u8], meta: FrameMeta) -> Result<bool, Self::Error> {
+        let i = self.tx_queue(frame);
+        self.queues[i].send(frame, meta)
+    }
+
+    fn recv(&mut self, buf: &mut Vec<u8>) -> Result<Option<FrameMeta>, Self::Error> {
+        let n = self.queues.len();
+        for k in 0..n {
+            let i = (self.next_rx + k) % n;
+            if let Some(m) = self.queues[i].recv(buf)? {
+                self.next_rx = (i + 1) % n;
+                return Ok(Some(m));
+            }
+        }
+        Ok(None)
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Result<(), Self::Error> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        // A zero wait on each queue reaps TX, re-arms its rings' event indices and takes
+        // pending events; then block on every queue's channels at once.
+        for q in &mut self.queues {
+            q.wait(Duration::ZERO)?;
+        }
+        let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(self.queues.len() * 2);
+        for q in &self.queues {
+            fds.push(PollFd::new(
+                q.tx_port().event_fd().as_fd(),
+                PollFlags::POLLIN,
+            ));
+            if let Some(p) = q.rx_port() {
+                fds.push(PollFd::new(p.event_fd().as_fd(), PollFlags::POLLIN));
+            }
+        }
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let _ = poll(&mut fds, PollTimeout::from(ms));
+        Ok(())
     }
 }
