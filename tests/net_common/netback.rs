@@ -91,12 +91,7 @@ pub fn netback_rig_with(
             .expect("xenstore"),
     )
     .expect("xs client");
-    let driver = NetDriver::new(
-        sim,
-        "vif",
-        backends::net::NetConfig::default(),
-        tap_engine_factory(),
-    );
+    let driver = NetDriver::new(sim, "vif", config, tap_engine_factory());
     let watcher = BackendWatcher::start(xs, driver.clone(), 0, u32::from(domid)).expect("watcher");
     let guest = Guest::new(host.clone(), domid).expect("guest");
     let front = NetFront::connect(&guest, 0, opts).expect("netfront connects to domio's netback");
