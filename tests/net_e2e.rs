@@ -440,7 +440,7 @@ fn test_netback_rate_limit_holds_within_10_percent() {
         f.extend_from_slice(&lan.peer_ip.octets());
         f.extend_from_slice(&[0x0f, 0xa0, 0x00, 0x09, 0x05, 0xc8, 0, 0]);
         f.resize(1514, 0x5a);
-        let mut send_for = |q: &mut NetQueue, d: Duration| {
+        let send_for = |q: &mut NetQueue, d: Duration| {
             let end = Instant::now() + d;
             while Instant::now() < end {
                 while q.send(&f, FrameMeta::default()).expect("send") {}
