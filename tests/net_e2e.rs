@@ -515,3 +515,56 @@ fn test_netback_two_queues_on_a_multi_queue_tap_carry_tcp_both_ways() {
         }
     });
 }
+
+#[test]
+fn test_netback_tcp_over_ipv6_with_gso_checksums_match() {
+    in_netns(|| {
+        // Arrange: the guest also has fd00:77::1/64; Linux has fd00:77::2.
+        let lan = Lan::new(1500);
+        let mut rig = netback_rig(Some(&lan.bridge), None, NetFrontOptions::default());
+        let mut cfg = NetConfig::ipv4(GUEST_MAC, lan.guest_ip, 24);
+        cfg.ipv6 = Some((lan.guest_ip6, 64));
+        let mut g = NetStack::new(rig.queue(), &cfg).expect("stack");
+        let n = transfer_bytes() / 4;
+        let peer6 = lan.peer_ip6;
+        let serve = |port: u16, send: u64| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let h = lan.peer.spawn(move || {
+                let l = std::net::TcpListener::bind((peer6, port)).expect("bind v6");
+                tx.send(()).unwrap();
+                let (s, _) = l.accept().expect("accept");
+                if send > 0 {
+                    net_common::linux_send(s, send)
+                } else {
+                    net_common::linux_recv(s)
+                }
+            });
+            rx.recv().unwrap();
+            h
+        };
+
+        // Act: NDP, then TCP each way over IPv6.
+        let server = serve(5601, 0);
+        let addr = std::net::SocketAddr::from((peer6, 5601));
+        let h = g.tcp_connect(addr, T).expect("connect over IPv6");
+        let up = g.tcp_send_pattern(h, n, T).expect("send");
+        let _ = g.tcp_recv_all(h, T);
+        let got_up = server.join().expect("receiver");
+        let server = serve(5602, n);
+        let h = g
+            .tcp_connect(std::net::SocketAddr::from((peer6, 5602)), T)
+            .expect("connect over IPv6");
+        let down = g.tcp_recv_all(h, T).expect("recv");
+        g.tcp_close(h, T).expect("close");
+        let sent_down = server.join().expect("sender");
+
+        // Assert
+        assert_eq!(got_up, up.sum);
+        assert_eq!(down.sum, sent_down);
+        let st = rig.stats();
+        assert!(
+            st.tx_gso_packets > 0 && st.rx_gso_packets > 0,
+            "TCPv6 GSO both ways: {st:?}"
+        );
+    });
+}
