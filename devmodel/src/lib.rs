@@ -39,18 +39,39 @@ impl RateLog {
         }
     }
 
+    /// Takes a token: `Some(lines suppressed since the last one)` if the line may go out.
+    fn admit(&self) -> Option<u64> {
+        let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        b.take(1.0).then(|| b.take_denied())
+    }
+
     /// Logs at warn level unless over the rate.
     pub fn warn(&self, args: std::fmt::Arguments<'_>) {
-        let Ok(mut b) = self.bucket.lock() else {
+        match self.admit() {
+            Some(0) => tracing::warn!("{args}"),
+            Some(n) => tracing::warn!("{args} ({n} similar lines suppressed)"),
+            None => {}
+        }
+    }
+
+    /// Logs at info level unless over the rate (shares the bucket with the other levels).
+    pub fn info(&self, args: std::fmt::Arguments<'_>) {
+        match self.admit() {
+            Some(0) => tracing::info!("{args}"),
+            Some(n) => tracing::info!("{args} ({n} similar lines suppressed)"),
+            None => {}
+        }
+    }
+
+    /// Logs at debug level unless over the rate.
+    pub fn debug(&self, args: std::fmt::Arguments<'_>) {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
             return;
-        };
-        if b.take(1.0) {
-            let suppressed = b.take_denied();
-            if suppressed > 0 {
-                tracing::warn!("{args} ({suppressed} similar lines suppressed)");
-            } else {
-                tracing::warn!("{args}");
-            }
+        }
+        match self.admit() {
+            Some(0) => tracing::debug!("{args}"),
+            Some(n) => tracing::debug!("{args} ({n} similar lines suppressed)"),
+            None => {}
         }
     }
 }

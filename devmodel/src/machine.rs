@@ -450,9 +450,9 @@ impl IoHandler for Machine {
     }
 
     fn time_offset(&mut self, offset: i64) {
-        tracing::debug!(
-            domid = self.domid,
-            "guest RTC offset {offset} s (no RTC here: Xen emulates it)"
-        );
+        self.log.debug(format_args!(
+            "dom{}: guest RTC offset {offset} s (no RTC here: Xen emulates it)",
+            self.domid
+        ));
     }
 }

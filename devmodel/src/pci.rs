@@ -585,13 +585,13 @@ impl PciBus {
             if let Some(new) = want {
                 match self.registry.map(new.range()) {
                     Ok(()) => {
-                        tracing::debug!(
-                            domid = self.domid,
-                            "{} BAR{bar} -> {:#x}..={:#x}",
+                        self.log.debug(format_args!(
+                            "dom{}: {} BAR{bar} -> {:#x}..={:#x}",
+                            self.domid,
                             self.slots[idx].dev.name(),
                             new.start,
                             new.end
-                        );
+                        ));
                         self.slots[idx].mapped[bar] = Some(new);
                     }
                     Err(e) => self
@@ -710,6 +710,7 @@ impl PciDevice for HostBridge {
 pub struct IsaBridge {
     cfg: PciConfig,
     domid: xen::DomId,
+    log: RateLog,
 }
 
 /// PIRQ route register offset.
@@ -732,7 +733,11 @@ impl IsaBridge {
             cfg.data[PIIX_PIRQC + i] = 0x80;
             cfg.wmask[PIIX_PIRQC + i] = 0x8f;
         }
-        IsaBridge { cfg, domid }
+        IsaBridge {
+            cfg,
+            domid,
+            log: RateLog::new(),
+        }
     }
 
     /// The ISA IRQ PIRQ `link` (0..4) routes to, if enabled.
@@ -758,12 +763,12 @@ impl PciDevice for IsaBridge {
                 let link = reg - PIIX_PIRQC;
                 // Real Xen needs XEN_DMOP_set_pci_link_route here; the xen crate's
                 // DeviceModel does not expose it yet, so the route is recorded only.
-                tracing::debug!(
-                    domid = self.domid,
-                    "PIRQ{} -> {:?}",
+                self.log.debug(format_args!(
+                    "dom{}: PIRQ{} -> {:?}",
+                    self.domid,
                     (b'A' + link as u8) as char,
                     self.pirq_route(link)
-                );
+                ));
             }
         }
     }

@@ -132,14 +132,14 @@ impl Platform {
         self.state.unplugged |= mask;
         // This machine has no emulated IDE, SCSI, NVMe disks or NICs: every disk and NIC is
         // already a PV or virtio device, so there is nothing to take off the bus.
-        tracing::info!(
-            domid = self.domid,
-            "unplug request {mask:#x} (disks={} nics={} aux-ide={} nvme={}); no emulated devices to remove",
+        self.log.info(format_args!(
+            "dom{}: unplug request {mask:#x} (disks={} nics={} aux-ide={} nvme={}); no emulated devices to remove",
+            self.domid,
             mask & UNPLUG_ALL_DISKS != 0,
             mask & UNPLUG_ALL_NICS != 0,
             mask & UNPLUG_AUX_IDE_DISKS != 0,
             mask & UNPLUG_NVME_DISKS != 0
-        );
+        ));
     }
 
     /// A read of the fixed ports (`port` in 0x10..=0x13).
@@ -162,18 +162,20 @@ impl Platform {
             (0, 2) => self.unplug(value as u16),
             (0, 4) => {
                 self.state.build = Some(value as u32);
-                tracing::info!(domid = self.domid, "PV driver build {:#x}", value as u32);
+                self.log.info(format_args!(
+                    "dom{}: PV driver build {:#x}",
+                    self.domid, value as u32
+                ));
             }
             (0, 1) => self.state.flags = value as u8 & 1,
             (2, 2) => {
                 let p = value as u16;
                 self.state.product = Some(p);
                 self.state.blacklisted = self.blacklist.contains(&p);
-                tracing::info!(
-                    domid = self.domid,
-                    "PV driver product {p} (blacklisted: {})",
-                    self.state.blacklisted
-                );
+                self.log.info(format_args!(
+                    "dom{}: PV driver product {p} (blacklisted: {})",
+                    self.domid, self.state.blacklisted
+                ));
             }
             (2, 1) => self.log_byte(value as u8),
             (off, s) => self.log.warn(format_args!(
