@@ -284,3 +284,24 @@ fn test_close_and_reconnect_serves_again() {
         fs.iter().any(|x| x.frame == frame)
     });
 }
+
+#[test]
+fn test_host_side_survives_frontend_reconnects_and_goes_with_the_device() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let rig = rig(&[0]);
+    let mut f = NetFront::connect(&rig.guest, 0, NetFrontOptions::default()).unwrap();
+    f.close().unwrap();
+    assert!(rig.wait_connected(0, false));
+    let mut f = NetFront::connect(&rig.guest, 0, NetFrontOptions::default()).unwrap();
+    // One tap for both connections, as Linux keeps its vif netdev.
+    assert_eq!(rig.net.hosts_created.load(SeqCst), 1);
+    assert_eq!(rig.net.hosts_dropped.load(SeqCst), 0);
+    assert_eq!(rig.net.opened.lock().unwrap().len(), 2);
+    f.close().unwrap();
+    // The toolstack removes the device: the host side is torn down.
+    let spec = DeviceSpec::vif(rig.guest.domid(), 0, &nic(0));
+    rig.toolstack.remove_device_nodes(&spec).unwrap();
+    wait_for("host side torn down", || {
+        (rig.net.hosts_dropped.load(SeqCst) == 1).then_some(())
+    });
+}

@@ -186,7 +186,13 @@ pub struct NetDriver {
     config: NetConfig,
     factory: NetEngineFactory,
     devices: Mutex<BTreeMap<(u32, u32), Arc<ring::VifShared>>>,
+    /// Host sides of devices dropped for a re-probe (the frontend restarted), kept so the tap
+    /// survives frontend reconnects as Linux's vif netdev does.
+    parked: Arc<Parked>,
 }
+
+/// Host sides waiting for their device's next probe: ((domid, devid), (params, host side)).
+type Parked = Mutex<BTreeMap<(u32, u32), (VifParams, Box<dyn VifHost>)>>;
 
 impl std::fmt::Debug for NetDriver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -212,6 +218,7 @@ impl NetDriver {
             config,
             factory,
             devices: Mutex::new(BTreeMap::new()),
+            parked: Arc::new(Mutex::new(BTreeMap::new())),
         })
     }
 
@@ -239,15 +246,22 @@ impl BackendDriver for NetDriver {
     }
 
     fn probe(&self, ctx: &DeviceCtx) -> Result<Box<dyn Device>, DriverError> {
+        let key = (ctx.frontend_domid(), ctx.devid());
+        // Taken first: if anything below fails, the parked host side is torn down with it.
+        let parked = lock(&self.parked).remove(&key);
         let params = xenbus::read_params(ctx)?;
-        let host_side = (self.factory)(&params).map_err(|source| {
-            DriverError::Other(Box::new(NetError::Engine {
-                domid: ctx.frontend_domid(),
-                devid: ctx.devid(),
-                what: "opening the host side",
-                source,
-            }))
-        })?;
+        let host_side = match parked {
+            // The same toolstack settings: keep the tap (and its bridge or script state).
+            Some((p, h)) if p == params => h,
+            _ => (self.factory)(&params).map_err(|source| {
+                DriverError::Other(Box::new(NetError::Engine {
+                    domid: ctx.frontend_domid(),
+                    devid: ctx.devid(),
+                    what: "opening the host side",
+                    source,
+                }))
+            })?,
+        };
         xenbus::advertise(ctx, self.config.max_queues)?;
         let shared = lock(&self.devices)
             .entry((ctx.frontend_domid(), ctx.devid()))
@@ -264,7 +278,9 @@ impl BackendDriver for NetDriver {
             host: self.host.clone(),
             config: self.config,
             params,
-            host_side,
+            host_side: Some(host_side),
+            ctx: ctx.clone(),
+            parked: self.parked.clone(),
             shared,
             running: None,
             key_watch: None,
@@ -366,7 +382,10 @@ struct NetDevice {
     host: Arc<dyn XenHost>,
     config: NetConfig,
     params: VifParams,
-    host_side: Box<dyn VifHost>,
+    /// Always `Some` until dropped.
+    host_side: Option<Box<dyn VifHost>>,
+    ctx: DeviceCtx,
+    parked: Arc<Parked>,
     shared: Arc<ring::VifShared>,
     running: Option<ring::VifHandle>,
     key_watch: Option<KeyWatch>,
@@ -396,8 +415,10 @@ impl Device for NetDevice {
             tso4: choice.csum && choice.sg && choice.gso_tcpv4,
             tso6: choice.csum && choice.sg && choice.gso_tcpv6 && choice.ipv6_csum,
         };
-        let engines = self
-            .host_side
+        let host_side = self.host_side.as_mut().ok_or_else(|| {
+            DriverError::Failed(format!("domain {domid} vif {}: no host side", ctx.devid()))
+        })?;
+        let engines = host_side
             .open_queues(choice.queues.len() as u32, offloads)
             .map_err(|source| {
                 DriverError::Other(Box::new(NetError::Engine {
@@ -446,5 +467,14 @@ impl Device for NetDevice {
 impl Drop for NetDevice {
     fn drop(&mut self) {
         self.stop();
+        // Dropped for a re-probe (the backend is still there and online): park the host side
+        // for the next probe. Removed or offline: let it go (script offline, tap removed).
+        let online = matches!(self.ctx.read_backend("online"), Ok(Some(v)) if v.trim() == "1");
+        if let Some(h) = self.host_side.take() {
+            if online {
+                let key = (self.ctx.frontend_domid(), self.ctx.devid());
+                lock(&self.parked).insert(key, (self.params.clone(), h));
+            }
+        }
     }
 }

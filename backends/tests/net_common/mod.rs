@@ -93,6 +93,9 @@ pub struct HostNet {
     pub sink: Arc<Sink>,
     pub opened: Mutex<Vec<(VifParams, u32, Offloads)>>,
     pub cond: Condvar,
+    /// Host sides the factory created, and those dropped (torn down).
+    pub hosts_created: std::sync::atomic::AtomicUsize,
+    pub hosts_dropped: std::sync::atomic::AtomicUsize,
 }
 
 impl HostNet {
@@ -244,8 +247,18 @@ fn collect(fd: Arc<OwnedFd>, queue: usize, sink: Arc<Sink>) {
     }
 }
 
+impl Drop for TestVifHost {
+    fn drop(&mut self) {
+        self.net
+            .hosts_dropped
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 pub fn factory(net: Arc<HostNet>) -> NetEngineFactory {
     Arc::new(move |p: &VifParams| {
+        net.hosts_created
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(Box::new(TestVifHost {
             net: net.clone(),
             params: p.clone(),
