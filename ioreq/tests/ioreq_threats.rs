@@ -14,6 +14,7 @@ use xen::abi::ioreq::*;
 use xen::{DomId, ForeignError, ForeignMemory, Gfn, IoRange, Resource, SharedMem};
 use xensim::hvm::HvmBus;
 
+#[allow(clippy::too_many_arguments)]
 fn raw(
     type_: u8,
     addr: u64,

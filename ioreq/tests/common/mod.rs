@@ -34,6 +34,9 @@ pub const PCI_DEV: Sbdf = Sbdf {
     func: 0,
 };
 
+/// A callback run on every access.
+pub type Hook = Box<dyn FnMut(&IoAccess) + Send>;
+
 /// What the scratch device saw and holds.
 pub struct ScratchState {
     pub ports: [u8; 8],
@@ -45,7 +48,7 @@ pub struct ScratchState {
     pub invalidates: u32,
     pub time_offsets: Vec<i64>,
     /// Called on every access before it is served (hostile tests mutate the slot here).
-    pub hook: Option<Box<dyn FnMut(&IoAccess) + Send>>,
+    pub hook: Option<Hook>,
 }
 
 /// A device of scratch registers behind the ioreq server.
