@@ -695,3 +695,44 @@ fn xsa350_random_frontend_state_sequences_then_a_clean_reconnect() {
     assert_eq!(t.rig.stats(0).fatal_errors, 0);
     t.other_vif_works();
 }
+
+#[test]
+fn xsa392_one_free_slot_while_frames_need_two_keeps_memory_capped() {
+    let cfg = NetConfig {
+        rx_backlog: RxBacklogLimits {
+            packets: 64,
+            bytes: 256 * 1024,
+        },
+        ..Default::default()
+    };
+    let mut t = two_with(cfg);
+    // Take back every posted buffer but one: the guest consumes what arrives and reposts
+    // only a single slot, while each frame (5000 bytes) needs two.
+    t.q().set_rx_target(1);
+    let mut buf = Vec::new();
+    let mut i = 0u8;
+    wait_for("the posted buffers used up", || {
+        i = i.wrapping_add(1);
+        let small = udp_frame([2; 6], mac_of(0), 100, i);
+        t.rig.net.inject(0, 0, &VirtioNetHdr::default(), &small);
+        while t.q().recv_frame(&mut buf).unwrap().is_some() {}
+        (t.q().rx_posted() <= 1).then_some(())
+    });
+    let before = t.rig.stats(0);
+    for i in 0..1000u32 {
+        let f = udp_frame([2; 6], mac_of(0), 5000, i as u8);
+        while !t.rig.net.try_inject(0, 0, &VirtioNetHdr::default(), &f) {
+            std::thread::yield_now();
+        }
+    }
+    // At most a backlog's worth of frames waits; the rest is dropped.
+    let s = t.rig.wait_stats(0, "the flood handled", |s| {
+        s.rx_backlog_drops - before.rx_backlog_drops >= 1000 - 64
+    });
+    assert!(s.rx_backlog <= 64, "{s:?}");
+    // At most one frame fits the single posted buffer; no 5000-byte frame ever does.
+    assert!(s.rx_packets - before.rx_packets <= 1, "{s:?}");
+    assert!(s.rx_bytes - before.rx_bytes < 5000, "{s:?}");
+    assert_eq!(s.fatal_errors, 0);
+    t.other_vif_works();
+}
