@@ -187,16 +187,27 @@ impl Lan {
     /// `send` bytes of the test pattern (then closes) or, with `send == 0`, reads until EOF.
     /// Returns the listening address and a handle giving the checksum of what it moved.
     pub fn tcp_server(&self, port: u16, send: u64) -> (SocketAddr, JoinHandle<StreamSum>) {
+        self.tcp_server_with(port, send, true)
+    }
+
+    /// [`Lan::tcp_server`]; with `hash == false` it only counts bytes (sending zeros).
+    pub fn tcp_server_with(
+        &self,
+        port: u16,
+        send: u64,
+        hash: bool,
+    ) -> (SocketAddr, JoinHandle<StreamSum>) {
         let addr = SocketAddr::from((self.peer_ip, port));
         let (tx, rx) = std::sync::mpsc::channel();
         let h = self.peer.spawn(move || {
             let l = TcpListener::bind(addr).expect("bind the peer's server");
             tx.send(()).expect("report listening");
             let (s, _) = l.accept().expect("accept");
-            if send > 0 {
-                linux_send(s, send)
-            } else {
-                linux_recv(s)
+            match (send > 0, hash) {
+                (true, true) => linux_send(s, send),
+                (false, true) => linux_recv(s),
+                (true, false) => linux_send_count(s, send),
+                (false, false) => linux_recv_count(s),
             }
         });
         rx.recv_timeout(Duration::from_secs(10))
@@ -259,6 +270,38 @@ pub fn linux_send(mut s: TcpStream, n: u64) -> StreamSum {
     s.shutdown(std::net::Shutdown::Write).expect("shutdown");
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
+    sum
+}
+
+/// Sends `n` zero bytes, counting only.
+pub fn linux_send_count(mut s: TcpStream, n: u64) -> StreamSum {
+    let buf = vec![0u8; 256 * 1024];
+    let mut off = 0u64;
+    while off < n {
+        let k = buf.len().min((n - off) as usize);
+        s.write_all(&buf[..k]).expect("send to the guest");
+        off += k as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let mut sum = StreamSum::default();
+    sum.bytes = n;
+    sum
+}
+
+/// Reads a Linux socket to EOF, counting only.
+pub fn linux_recv_count(mut s: TcpStream) -> StreamSum {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut sum = StreamSum::default();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => sum.bytes += k as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("receive from the guest: {e}"),
+        }
+    }
     sum
 }
 
