@@ -442,7 +442,8 @@ impl Core {
                     if self.scan(handler.as_mut()) {
                         break;
                     }
-                    std::hint::spin_loop();
+                    // Yield rather than burn the core: the vCPU may need it.
+                    std::thread::yield_now();
                 }
             }
             let timeout = if more {

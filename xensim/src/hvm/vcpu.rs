@@ -171,7 +171,7 @@ fn wait(
                 prev = state;
                 let waited = start.elapsed();
                 if waited < spin {
-                    std::hint::spin_loop();
+                    std::thread::yield_now();
                     continue;
                 }
                 if waited >= timeout {
