@@ -84,6 +84,8 @@ struct Worker {
     completions: Vec<Completion>,
     descs: Vec<Descriptor>,
     to_notify: Vec<bool>,
+    /// Doorbells are off on this queue (VRING_USED_F_NO_NOTIFY set).
+    quiet: Vec<bool>,
     serial: [u8; 20],
     capacity: u64,
     read_only: bool,
@@ -385,6 +387,7 @@ impl Worker {
             completions: Vec::with_capacity(usize::from(QUEUE_SIZE)),
             descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
             to_notify: vec![false; nq],
+            quiet: vec![false; nq],
             serial: disk.serial,
             capacity: disk.capacity,
             read_only: disk.read_only,
@@ -430,7 +433,18 @@ impl Worker {
             if done {
                 self.reap();
             }
-            // Process every queue on each wakeup: a kick may have been coalesced.
+            self.serve_available();
+            self.notify();
+        }
+    }
+
+    /// Takes every available chain on every queue (a kick may have been coalesced) and starts
+    /// it. While requests are in flight the driver is told not to ring the doorbell
+    /// (VRING_USED_F_NO_NOTIFY): the next completion wakes this thread, which looks at the
+    /// rings again. Once idle, doorbells are turned back on and the rings checked once more,
+    /// so a chain made available in between is not missed.
+    fn serve_available(&mut self) {
+        loop {
             for q in 0..self.queues.len() {
                 self.pop_queue(q);
             }
@@ -438,7 +452,28 @@ impl Worker {
                 self.log
                     .warn(format_args!("virtio-blk {}: engine kick: {e}", self.name));
             }
-            self.notify();
+            let busy = self.engine.in_flight() > 0;
+            let map = self.ram.get();
+            let mut more = false;
+            for (q, slot) in self.queues.iter_mut().enumerate() {
+                let Some(queue) = slot.as_mut() else { continue };
+                let quiet = self.quiet.get_mut(q);
+                match (busy, quiet) {
+                    (true, Some(quiet)) if !*quiet => {
+                        if queue.disable_notification(map.memory()).is_ok() {
+                            *quiet = true;
+                        }
+                    }
+                    (false, Some(quiet)) if *quiet => {
+                        *quiet = false;
+                        more |= queue.enable_notification(map.memory()).unwrap_or(true);
+                    }
+                    _ => {}
+                }
+            }
+            if !more {
+                return;
+            }
         }
     }
 

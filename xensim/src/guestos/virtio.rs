@@ -255,6 +255,8 @@ impl VirtioPciDev {
             avail_idx: 0,
             last_used: 0,
             vector,
+            doorbells: 0,
+            doorbells_skipped: 0,
         })
     }
 
@@ -301,6 +303,8 @@ pub struct Virtqueue {
     last_used: u16,
     /// MSI-X vector.
     pub vector: u16,
+    doorbells: u64,
+    doorbells_skipped: u64,
 }
 
 impl Virtqueue {
@@ -358,14 +362,26 @@ impl Virtqueue {
         Ok(())
     }
 
-    /// Makes added chains visible (driver ring index) and notifies the device.
+    /// Makes added chains visible (driver ring index) and notifies the device, unless the
+    /// device said it does not need the doorbell now (VRING_USED_F_NO_NOTIFY in the device
+    /// ring's flags, read after the index is published).
     pub fn publish<B: HvmBus>(&mut self, b: &B) -> Result<()> {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         b.ram_write(self.avail + 2, &self.avail_idx.to_le_bytes())
             .map_err(bus_err)?;
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        if ram_u16(b, self.used)? & 1 != 0 {
+            self.doorbells_skipped += 1;
+            return Ok(());
+        }
+        self.doorbells += 1;
         b.mmio_write(self.notify, 2, u64::from(self.idx))
             .map_err(bus_err)
+    }
+
+    /// Doorbells rung and skipped (the device asked for none) so far.
+    pub fn doorbell_counts(&self) -> (u64, u64) {
+        (self.doorbells, self.doorbells_skipped)
     }
 
     /// Takes one used entry (head, bytes written) and frees its descriptors.
