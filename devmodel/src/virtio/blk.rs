@@ -460,9 +460,7 @@ impl Worker {
                 let quiet = self.quiet.get_mut(q);
                 match (busy, quiet) {
                     (true, Some(quiet)) if !*quiet => {
-                        if queue.disable_notification(map.memory()).is_ok() {
-                            *quiet = true;
-                        }
+                        *quiet = queue.disable_notification(map.memory()).is_ok();
                     }
                     (false, Some(quiet)) if *quiet => {
                         *quiet = false;
