@@ -195,3 +195,19 @@ fn measure(
     drop(server);
     Ok((pio_ns, trips, ping_ns, pings))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_bench_ioreq_short_run_measures_both_paths() {
+        let dir = std::env::temp_dir().join(format!("domio-bench-ioreq-t{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let r = measure(&dir, Duration::from_millis(200), Duration::ZERO);
+        let _ = std::fs::remove_dir_all(&dir);
+        let (pio_ns, trips, ping_ns, pings) = r.unwrap();
+        assert!(trips >= 64 && pings > 0);
+        assert!(pio_ns > 0.0 && ping_ns > 0.0);
+    }
+}
