@@ -57,6 +57,8 @@ pub struct VirtioNetDriver<B: HvmBus> {
     /// The MTU the device gave.
     pub mtu: u16,
     scratch: Vec<u8>,
+    /// Receive buffers given back but not yet published.
+    rx_unposted: u32,
 }
 
 impl<B: HvmBus> std::fmt::Debug for VirtioNetDriver<B> {
@@ -138,6 +140,7 @@ impl<B: HvmBus> VirtioNetDriver<B> {
             mac,
             mtu,
             scratch: vec![0u8; HDR + MAX_FRAME],
+            rx_unposted: 0,
         })
     }
 
@@ -236,6 +239,11 @@ impl<B: HvmBus + 'static> FrameDevice for VirtioNetDriver<B> {
         out.clear();
         let b = self.bus.as_ref();
         let Some((head, len)) = self.rx.pop_used(b)? else {
+            // Nothing more for now: hand back the buffers taken so far in one doorbell.
+            if self.rx_unposted > 0 {
+                self.rx_unposted = 0;
+                self.rx.publish(b)?;
+            }
             return Ok(None);
         };
         let gpa = *self
@@ -260,7 +268,11 @@ impl<B: HvmBus + 'static> FrameDevice for VirtioNetDriver<B> {
                 write: true,
             }],
         )?;
-        self.rx.publish(b)?;
+        self.rx_unposted += 1;
+        if self.rx_unposted >= u32::from(self.rx.size / 4).max(1) {
+            self.rx_unposted = 0;
+            self.rx.publish(b)?;
+        }
         Ok(Some(meta))
     }
 
