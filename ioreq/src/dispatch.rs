@@ -32,6 +32,8 @@ pub struct IoreqStats {
     pub invalidates: AtomicU64,
     /// Log lines suppressed by the rate limit.
     pub suppressed_logs: AtomicU64,
+    /// Requests whose device panicked (answered with all ones; the server goes on).
+    pub handler_panics: AtomicU64,
 }
 
 fn mask(size: u8) -> u64 {
@@ -119,7 +121,22 @@ impl Dispatcher {
                 handler.time_offset(off);
                 req.data
             }
-            Ok(Request::Access(t)) => self.transfer(&t, req.data, handler),
+            Ok(Request::Access(t)) => {
+                // A device bug must not take the ioreq thread (and every vCPU) down with it.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.transfer(&t, req.data, handler)
+                }));
+                r.unwrap_or_else(|_| {
+                    self.stats.handler_panics.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        domid = self.domid,
+                        server = self.id,
+                        access = ?t,
+                        "the device panicked serving this access; answered with all ones"
+                    );
+                    u64::MAX
+                })
+            }
         }
     }
 

@@ -547,3 +547,17 @@ fn xsa180_million_bad_ioreqs_log_bounded_and_suppressions_counted() {
     );
     assert!(lines < 1000, "{lines} lines logged");
 }
+
+#[test]
+fn test_device_panic_is_answered_and_server_goes_on() {
+    let r = rig();
+    r.dev.st().hook = Some(Box::new(|a: &IoAccess| {
+        if a.addr == u64::from(SCRATCH_PORT) + 7 {
+            panic!("device bug (expected by this test)");
+        }
+    }));
+    assert_eq!(r.guest.pio_read(SCRATCH_PORT + 7, 1).unwrap(), 0xff);
+    assert_eq!(r.ioreq.stats().handler_panics.load(Ordering::Relaxed), 1);
+    r.guest.pio_write(SCRATCH_PORT, 1, 3).unwrap();
+    assert_eq!(r.guest.pio_read(SCRATCH_PORT, 1).unwrap(), 3);
+}
