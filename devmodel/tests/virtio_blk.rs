@@ -549,3 +549,64 @@ fn msi_without_msix_delivers_the_programmed_message() {
         .iter()
         .any(|i| matches!(i, Irq::PciIntx { .. })));
 }
+
+/// XSA-211: a driver ring index far ahead of the device stalls that queue only; the other
+/// queue of the disk keeps serving, and a reset brings the device back.
+#[test]
+fn xsa_211_runaway_driver_ring_index_stalls_only_its_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.raw");
+    std::fs::write(&img, vec![0x33u8; 1 << 20]).unwrap();
+    let (bus, mut drv) = up(
+        &format!(
+            "virtio_queues = 2\ndisk = [ '{},raw,xvda,rw' ]",
+            img.display()
+        ),
+        2,
+        8,
+    );
+    assert_eq!(drv.queues.len(), 2);
+    let q1 = &drv.queues[1];
+    bus.ram_write(q1.avail + 2, &1000u16.to_le_bytes()).unwrap();
+    bus.mmio_write(drv.dev.notify + 4, 2, 1).unwrap();
+    // Queue 0 still works (the same thread serves both queues, queue 1 first on this kick).
+    let st = drv
+        .run(
+            &bus,
+            &[Op {
+                ty: T_IN,
+                sector: 0,
+                gpa: DATA,
+                len: 4096,
+            }],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert_eq!(st, vec![0]);
+    let mut b = [0u8; 4096];
+    bus.ram_read(DATA, &mut b).unwrap();
+    assert_eq!(b, [0x33u8; 4096]);
+    let mut used = [0u8; 2];
+    bus.ram_read(drv.queues[1].used + 2, &mut used).unwrap();
+    assert_eq!(
+        u16::from_le_bytes(used),
+        0,
+        "nothing taken from the runaway queue"
+    );
+    // Reset and bring it up again.
+    let f = drv.dev.pci.clone();
+    let ram = RamAlloc::new(DATA + MIB64 + (8 << 20), bus.ram_size());
+    let mut drv = VirtioBlkDriver::new(&bus, &f, &ram, 0x40, 2, 8).unwrap();
+    let ops: Vec<Op> = (0..8)
+        .map(|i| Op {
+            ty: T_IN,
+            sector: i * 8,
+            gpa: DATA + i * 4096,
+            len: 4096,
+        })
+        .collect();
+    assert_eq!(
+        drv.run(&bus, &ops, Duration::from_secs(10)).unwrap(),
+        vec![0; 8]
+    );
+}

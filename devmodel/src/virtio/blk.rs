@@ -526,7 +526,7 @@ impl Worker {
             map.write(gpa, &[status]);
         }
         if let Some(Some(queue)) = self.queues.get_mut(q) {
-            if let Err(e) = queue.add_used(map.memory(), head, used_len) {
+            if let Err(e) = super::put_used(queue, map.memory(), head, used_len) {
                 self.log.warn(format_args!(
                     "virtio-blk {}: queue {q}: add_used: {e}",
                     self.name
@@ -578,10 +578,20 @@ impl Worker {
         let map = self.ram.get();
         loop {
             let chain = match self.queues.get_mut(q) {
-                Some(Some(queue)) => queue.pop_descriptor_chain(map.memory()),
+                Some(Some(queue)) => super::pop_chain(queue, map.memory()),
                 _ => return,
             };
-            let Some(chain) = chain else { return };
+            let chain = match chain {
+                Ok(Some(c)) => c,
+                Ok(None) => return,
+                Err(why) => {
+                    self.log.warn(format_args!(
+                        "virtio-blk {}: queue {q}: {why}; queue stalled until reset",
+                        self.name
+                    ));
+                    return;
+                }
+            };
             let head = chain.head_index();
             self.descs.clear();
             let mut count = 0usize;

@@ -64,6 +64,43 @@ pub const MSIX_PBA_OFF: u64 = 0x5000;
 /// BAR0 size.
 pub const BAR0_SIZE: u64 = 0x8000;
 
+/// Pops the next available chain. The driver's ring index is checked here first: an index
+/// more than the queue size ahead (or an unreadable ring) is an error for the caller's
+/// rate-limited log, instead of a line from virtio-queue's own, unthrottled one.
+pub(crate) fn pop_chain<'a>(
+    q: &mut virtio_queue::Queue,
+    mem: &'a vm_memory::GuestMemoryMmap,
+) -> Result<Option<virtio_queue::DescriptorChain<&'a vm_memory::GuestMemoryMmap>>, &'static str> {
+    use virtio_queue::QueueT;
+    let idx = q
+        .avail_idx(mem, Ordering::Acquire)
+        .map_err(|_| "driver ring unreadable")?;
+    let ahead = (idx - std::num::Wrapping(q.next_avail())).0;
+    if ahead == 0 {
+        return Ok(None);
+    }
+    if ahead > q.size() {
+        return Err("driver ring index is more than the queue size ahead");
+    }
+    Ok(q.pop_descriptor_chain(mem))
+}
+
+/// Puts `head` on the device ring, refusing a head outside the queue before virtio-queue
+/// would log it.
+pub(crate) fn put_used(
+    q: &mut virtio_queue::Queue,
+    mem: &vm_memory::GuestMemoryMmap,
+    head: u16,
+    len: u32,
+) -> Result<(), &'static str> {
+    use virtio_queue::QueueT;
+    if head >= q.size() {
+        return Err("chain head outside the queue");
+    }
+    q.add_used(mem, head, len)
+        .map_err(|_| "device ring unwritable")
+}
+
 /// What a queue thread gets for one queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueConfig {

@@ -430,6 +430,20 @@ impl PairWorker {
         }
     }
 
+    /// The chain, or None (logged at a rate limit if the ring is broken).
+    fn checked<T>(&self, c: Result<Option<T>, &'static str>) -> Option<T> {
+        match c {
+            Ok(c) => c,
+            Err(why) => {
+                self.log.warn(format_args!(
+                    "virtio-net {}: {why}; queue stalled until reset",
+                    self.name
+                ));
+                None
+            }
+        }
+    }
+
     fn rx_has_room(&self) -> bool {
         let Some(q) = &self.rx else { return false };
         if self.pending.is_some() {
@@ -447,7 +461,7 @@ impl PairWorker {
             _ => self.ctrl.as_mut().and_then(|c| c.0.as_mut()),
         };
         if let Some(q) = q {
-            if let Err(e) = q.add_used(map.memory(), head, len) {
+            if let Err(e) = super::put_used(q, map.memory(), head, len) {
                 self.log
                     .warn(format_args!("virtio-net {}: add_used: {e}", self.name));
             }
@@ -480,10 +494,12 @@ impl PairWorker {
         let mut any = false;
         loop {
             let chain = match self.tx.as_mut() {
-                Some(q) => q.pop_descriptor_chain(map.memory()),
+                Some(q) => super::pop_chain(q, map.memory()),
                 None => return,
             };
-            let Some(chain) = chain else { break };
+            let Some(chain) = self.checked(chain) else {
+                break;
+            };
             let head = chain.head_index();
             any = true;
             let ok = read_chain(chain, &mut self.descs);
@@ -607,10 +623,12 @@ impl PairWorker {
             }
             h.num_buffers = 1;
             let chain = match self.rx.as_mut() {
-                Some(q) => q.pop_descriptor_chain(map.memory()),
+                Some(q) => super::pop_chain(q, map.memory()),
                 None => break,
             };
-            let Some(chain) = chain else { break };
+            let Some(chain) = self.checked(chain) else {
+                break;
+            };
             let head = chain.head_index();
             self.pending = None;
             any = true;
@@ -663,10 +681,12 @@ impl PairWorker {
         let mut any = false;
         loop {
             let chain = match self.ctrl.as_mut().and_then(|c| c.0.as_mut()) {
-                Some(q) => q.pop_descriptor_chain(map.memory()),
+                Some(q) => super::pop_chain(q, map.memory()),
                 None => return,
             };
-            let Some(chain) = chain else { break };
+            let Some(chain) = self.checked(chain) else {
+                break;
+            };
             let head = chain.head_index();
             any = true;
             if !read_chain(chain, &mut self.descs) {
