@@ -692,7 +692,12 @@ mod tests {
             std::thread::yield_now();
         }
 
-        for i in 0..20_000u64 {
+        // Run until the flipper has made many writes while we consume (not a fixed number of
+        // our own iterations: under load the flipper may not run for a while), with a cap.
+        let start = flips.load(Ordering::Acquire);
+        let mut i = 0u64;
+        while (i < 20_000 || flips.load(Ordering::Acquire) < start + 2_000) && i < 200_000_000 {
+            i += 1;
             match back.copy_request() {
                 Ok(Some(_)) => consumed += 1,
                 Ok(None) => {}
