@@ -1,9 +1,10 @@
 //! HVM devices on a PCI bus: the i440FX host bridge and PIIX3 ISA bridge, the Xen platform
-//! device, a 16550A UART and virtio-pci (modern) block devices, assembled into a
-//! [`machine::Machine`] that serves an ioreq server through [`ioreq::IoHandler`].
+//! device, a 16550A UART and virtio-pci (modern) block and network devices, assembled into
+//! a [`machine::Machine`] that serves an ioreq server through [`ioreq::IoHandler`]. See
+//! docs/DEVMODEL.md.
 //!
 //! Unchecked code lives only in [`mem`] (building vm-memory regions over guest RAM
-//! mappings); everything else denies it.
+//! mappings) and the private `sys` module (opening a pty); everything else denies it.
 #![deny(unsafe_code)]
 
 pub mod config;
