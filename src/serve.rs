@@ -20,8 +20,6 @@ use crate::target::Target;
 
 /// Backend types this build serves.
 pub const AVAILABLE_TYPES: &[&str] = &["console", "qdisk", "vbd", "vif", "qnic"];
-/// Backend types that are planned but not in this build yet, with where they come from.
-const PLANNED_TYPES: &[(&str, &str)] = &[];
 
 /// Arguments of `domio serve`.
 #[derive(Debug, Args)]
@@ -81,11 +79,6 @@ pub fn check_types(types: &[String]) -> anyhow::Result<Vec<String>> {
             if !out.iter().any(|o: &String| o == t) {
                 out.push(t.to_string());
             }
-        } else if let Some((_, who)) = PLANNED_TYPES.iter().find(|(p, _)| *p == t) {
-            bail!(
-                "backend type {t:?} needs {who}, which is not in this build yet (available: {})",
-                AVAILABLE_TYPES.join(",")
-            );
         } else {
             bail!(
                 "unknown backend type {t:?} (available: {})",
