@@ -261,9 +261,20 @@ impl HostSide {
         std::thread::Builder::new()
             .name(format!("hotplug-{}", self.tap))
             .spawn(move || {
+                // Read to the end (a script must never block on a full pipe), keeping the
+                // last 4 KiB for the error message.
                 let mut err = Vec::new();
                 if let Some(s) = stderr.as_mut() {
-                    let _ = s.take(64 * 1024).read_to_end(&mut err);
+                    let mut chunk = [0u8; 4096];
+                    while let Ok(n) = s.read(&mut chunk) {
+                        if n == 0 {
+                            break;
+                        }
+                        err.extend_from_slice(&chunk[..n]);
+                        if err.len() > 8192 {
+                            err.drain(..err.len() - 4096);
+                        }
+                    }
                 }
                 let status = child.wait();
                 let _ = tx.send((status, err));
