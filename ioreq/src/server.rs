@@ -434,12 +434,12 @@ impl Core {
     fn run(mut self, mut handler: Box<dyn IoHandler>, stop: &EventFd) {
         let mut ports = [0 as Port; 64];
         tracing::debug!(domid = self.domid, server = self.id, vcpu_ports = ?self.vcpu_ports, buf_port = ?self.buf_port, "ioreq thread started");
-        let mut more = self.scan(handler.as_mut());
+        let mut more = self.scan(handler.as_mut()).1;
         loop {
             if !more && !self.spin.is_zero() {
                 let start = Instant::now();
                 while start.elapsed() < self.spin {
-                    if self.scan(handler.as_mut()) {
+                    if self.scan(handler.as_mut()).0 {
                         break;
                     }
                     // Yield rather than burn the core: the vCPU may need it.
@@ -486,24 +486,29 @@ impl Core {
                     }
                 }
             }
-            more = self.scan(handler.as_mut());
+            // Each new request comes with its own event, so only a buffered ring left
+            // unfinished (budget spent) calls for another pass without sleeping.
+            more = self.scan(handler.as_mut()).1;
         }
         tracing::debug!(domid = self.domid, server = self.id, "ioreq thread stopped");
     }
 
     /// Drains the buffered ring (bounded) and serves every vCPU slot that is READY. Returns
-    /// true if work was done (or remains).
-    fn scan(&mut self, handler: &mut dyn IoHandler) -> bool {
+    /// whether work was done, and whether buffered work remains.
+    fn scan(&mut self, handler: &mut dyn IoHandler) -> (bool, bool) {
         let mut worked = false;
+        let mut more = false;
         // Buffered writes first (as QEMU does): a synchronous request a vCPU posted after
         // buffered ones must see them done. The budget covers a full ring.
         if self.buf_off.is_some() {
-            worked |= self.drain_buffered(handler);
+            let (w, m) = self.drain_buffered(handler);
+            worked |= w;
+            more |= m;
         }
         for v in 0..self.vcpus {
             worked |= self.serve_slot(v, handler);
         }
-        worked
+        (worked, more)
     }
 
     fn serve_slot(&mut self, vcpu: u32, handler: &mut dyn IoHandler) -> bool {
@@ -568,9 +573,9 @@ impl Core {
         }
     }
 
-    fn drain_buffered(&mut self, handler: &mut dyn IoHandler) -> bool {
+    fn drain_buffered(&mut self, handler: &mut dyn IoHandler) -> (bool, bool) {
         let Some(b) = self.buf_off else {
-            return false;
+            return (false, false);
         };
         let mut worked = false;
         let mut budget = IOREQ_BUFFER_SLOT_NUM;
@@ -581,11 +586,11 @@ impl Core {
                 self.pages
                     .load_u32(b + BUFIOREQ_WRITE_POINTER_OFFSET, Ordering::Acquire),
             ) else {
-                return worked;
+                return (worked, false);
             };
             let avail = wp.wrapping_sub(rp);
             if avail == 0 {
-                return worked;
+                return (worked, false);
             }
             if avail > IOREQ_BUFFER_SLOT_NUM {
                 if !self.bad_ring_logged {
@@ -602,18 +607,18 @@ impl Core {
                 let _ = self
                     .pages
                     .cmpxchg_u32(b + BUFIOREQ_READ_POINTER_OFFSET, rp, wp);
-                return true;
+                return (true, true);
             }
             let Ok(lo) = self
                 .pages
                 .read_obj::<BufIoreq>(b + buf_ioreq_slot_offset(rp))
             else {
-                return worked;
+                return (worked, false);
             };
             let qw = lo.size() == 3;
             if qw && avail < 2 {
                 // Xen publishes both halves before moving the write pointer; wait for them.
-                return worked;
+                return (worked, false);
             }
             let mut data = u64::from(lo.data);
             if qw {
@@ -621,7 +626,7 @@ impl Core {
                     .pages
                     .read_obj::<BufIoreq>(b + buf_ioreq_slot_offset(rp.wrapping_add(1)))
                 else {
-                    return worked;
+                    return (worked, false);
                 };
                 data |= u64::from(hi.data) << 32;
             }
@@ -647,6 +652,7 @@ impl Core {
             worked = true;
             budget = budget.saturating_sub(n);
         }
-        true
+        // Budget spent with entries left.
+        (worked, true)
     }
 }
