@@ -414,3 +414,30 @@ fn test_two_servers_split_the_guest_and_both_get_invalidate() {
     assert_eq!(r.dev.st().invalidates, 1);
     assert_eq!(dev2.st().invalidates, 1);
 }
+
+#[test]
+fn test_rep_movs_mmio_with_df_runs_downwards_inside_the_window() {
+    let r = rig();
+    let data: Vec<u8> = (1..=16u8).collect();
+    r.guest.ram_write(0x60_0000, &data).unwrap();
+    // movsd with DF=1: from RAM 0x60000c down to 0x600000, into MMIO +0x20c down to +0x200.
+    r.guest
+        .rep_movs_mmio(
+            MMIO_BASE + 0x20c,
+            4,
+            4,
+            0x60_000c,
+            true,
+            xen::abi::ioreq::IOREQ_WRITE,
+        )
+        .unwrap();
+    assert_eq!(&r.dev.st().mmio[0x200..0x210], &data[..]);
+    // At the top of the window: claimed only because Xen checks the range downwards from
+    // `addr` (upwards it would run 12 bytes past the window).
+    let top = MMIO_BASE + MMIO_LEN - 4;
+    r.guest
+        .rep_movs_mmio(top, 4, 4, 0x60_000c, true, xen::abi::ioreq::IOREQ_WRITE)
+        .unwrap();
+    let len = MMIO_LEN as usize;
+    assert_eq!(&r.dev.st().mmio[len - 16..], &data[..]);
+}

@@ -689,7 +689,8 @@ impl HvmDomain {
     /// Selects the server for an access (`hvm_select_ioreq_server`): turns a config-data
     /// access at 0xcfc..0xcff with CF8 enabled into IOREQ_TYPE_PCI_CONFIG (SBDF in the high
     /// 32 bits of `addr`), then picks the first enabled server, highest id first, whose
-    /// ranges contain the whole access.
+    /// ranges contain the whole access (for memory, all `count` elements in the DF
+    /// direction).
     pub(crate) fn select(&self, p: &mut Ioreq) -> Option<Arc<XenIoreqServer>> {
         let servers = lock(&self.servers);
         if servers.is_empty() {
@@ -718,9 +719,20 @@ impl HvmDomain {
                     st.ranges[0].contains(addr, end)
                 }
                 XEN_DMOP_IO_RANGE_MEMORY => {
-                    let span = u64::from(p.size).wrapping_mul(u64::from(p.count));
-                    let end = addr.wrapping_add(span).wrapping_sub(1);
-                    st.ranges[1].contains(addr, end)
+                    // ioreq_mmio_first_byte / ioreq_mmio_last_byte: a rep with DF set runs
+                    // downwards from `addr`.
+                    let size = u64::from(p.size);
+                    let back = u64::from(p.count.saturating_sub(1)).wrapping_mul(size);
+                    let (first, last) = if p.df() {
+                        (
+                            addr.wrapping_sub(back),
+                            addr.wrapping_add(size).wrapping_sub(1),
+                        )
+                    } else {
+                        let span = size.wrapping_mul(u64::from(p.count));
+                        (addr, addr.wrapping_add(span).wrapping_sub(1))
+                    };
+                    first <= last && st.ranges[1].contains(first, last)
                 }
                 _ => {
                     let sbdf = addr >> 32;
