@@ -10,8 +10,11 @@
 # Checks: netback absent; both ends Connected; the tap is on the bridge; ping both ways; 10 MiB
 # each way over HTTP (busybox httpd + wget) with sha256 compared at both ends; `xl shutdown`
 # powers the guest off; domio removes the tap and exits 0 by itself.
+# With NET_SCRIPT set (scenarios/net-script.sh), the backend also gets libxl's `script` key and
+# domio runs that hotplug script (Xen's own vif-bridge) instead of enslaving the tap itself.
 source /xenlab/lib.sh
-NAME=netbr DOM0_IP=169.254.77.1 GUEST_IP=169.254.77.2 MAC=00:16:3e:77:00:02 DEVID=0
+NET_SCRIPT=${NET_SCRIPT:-}
+NAME=${NET_NAME:-netbr} DOM0_IP=169.254.77.1 GUEST_IP=169.254.77.2 MAC=00:16:3e:77:00:02 DEVID=0
 WWW=/root/www
 net_no_kernel_netback() {
   if [ -d /sys/module/xen_netback ]; then rmmod xen_netback || return 1; fi
@@ -24,6 +27,7 @@ net_write_nodes() { # DOMID: the nodes libxl writes for a vif, with its permissi
     "$be/mac" "$MAC" "$be/bridge" xenbr0 "$be/handle" "$DEVID" "$be/type" vif &&
   xenstore-write "$fe/backend" "$be" "$fe/backend-id" 0 "$fe/handle" "$DEVID" "$fe/mac" "$MAC" \
     "$fe/trusted" 1 "$fe/state" 1 &&
+  { [ -z "$NET_SCRIPT" ] || xenstore-write "$be/script" "$NET_SCRIPT"; } &&
   xenstore-chmod -r "/local/domain/0/backend/vif/$d" n0 &&
   xenstore-chmod -r "$be" n0 "r$d" &&
   xenstore-chmod "/local/domain/$d/device/vif" n0 "r$d" &&
@@ -65,6 +69,10 @@ check backend-connected wait_for "backend state 4" 60 net_connected "$D" backend
 check frontend-connected wait_for "frontend state 4" 30 net_connected "$D" frontend
 log "both ends Connected $(awk "BEGIN{print $(up)-$T0}")s after unpause"
 check tap-on-bridge wait_for "vif$D.$DEVID on xenbr0" 10 tap_on_bridge
+if [ -n "$NET_SCRIPT" ]; then
+  hotplug_connected() { [ "$(xenstore-read "/local/domain/0/backend/vif/$D/$DEVID/hotplug-status" 2>/dev/null)" = connected ]; }
+  check script-wrote-hotplug-status wait_for "hotplug-status = connected" 10 hotplug_connected
+fi
 check guest-configured wait_for "the guest's eth0 (DOMU-NET: configured)" 60 guest_line "configured"
 check guest-pings-dom0 wait_for "the guest's ping (DOMU-NET: ping dom0: ok)" 60 guest_line "ping dom0: ok"
 check dom0-pings-guest ping -c 3 -W 5 "$GUEST_IP"
@@ -94,6 +102,9 @@ else fail domio-exits-0 "still running 15 s after the domain went"; kill -KILL "
 PID=""
 tap_gone() { [ ! -e "/sys/class/net/vif$D.$DEVID" ]; }
 check tap-removed wait_for "vif$D.$DEVID to go" 10 tap_gone
+if [ -n "$NET_SCRIPT" ]; then
+  echo "--- xen-hotplug.log"; cat /var/log/xen/xen-hotplug.log 2>/dev/null || echo "(none)"
+fi
 echo "--- domio serve log"; sed 's/^/    | /' "$XENLAB_ARTIFACTS/serve.txt"
 echo "--- guest console"; cat "/var/log/xen/console/guest-$NAME.log" || true
 echo "--- xenstore (while connected)"; cat "$XENLAB_ARTIFACTS/xenstore.txt" 2>/dev/null || true
