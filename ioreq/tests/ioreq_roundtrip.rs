@@ -441,3 +441,14 @@ fn test_rep_movs_mmio_with_df_runs_downwards_inside_the_window() {
     let len = MMIO_LEN as usize;
     assert_eq!(&r.dev.st().mmio[len - 16..], &data[..]);
 }
+
+#[test]
+fn test_guest_destroyed_under_a_running_server_then_shutdown_is_clean() {
+    let mut r = rig();
+    r.guest.pio_write(SCRATCH_PORT, 1, 1).unwrap();
+    r.host.destroy_domain(r.domid).unwrap();
+    assert!(r.host.hvm_domain(r.domid).is_none());
+    // The server's DMOPs now fail (no such domain); shutdown logs that and returns.
+    r.ioreq.shutdown();
+    assert_eq!(r.ioreq.stats().sync.load(Ordering::Relaxed), 1);
+}
