@@ -292,6 +292,20 @@ impl IoreqServer {
             .map_err(|source| IoreqError::Map { domid, id, source })?;
         let sync_off = if buffered { PAGE_SIZE } else { 0 };
         let buf_off = buffered.then_some(0);
+        // Xen fills `vp_eport` for every vCPU the guest has: a port in the slot after the
+        // last one we serve means vCPUs we would never answer.
+        let next = sync_off + cfg.vcpus as usize * IOREQ_SIZE + 24;
+        if let Ok(port) = pages.load_u32(next, Ordering::Acquire) {
+            if cfg.vcpus < (PAGE_SIZE / IOREQ_SIZE) as u32 && port != 0 {
+                return Err(IoreqError::Config {
+                    domid,
+                    why: format!(
+                        "the guest has more than the {} vCPUs configured (vcpu{} has port {port})",
+                        cfg.vcpus, cfg.vcpus
+                    ),
+                });
+            }
+        }
         let evtchn = host.open_evtchn().map_err(hosterr)?;
         let mut vcpu_ports = Vec::with_capacity(cfg.vcpus as usize);
         for v in 0..cfg.vcpus {

@@ -452,3 +452,18 @@ fn test_guest_destroyed_under_a_running_server_then_shutdown_is_clean() {
     r.ioreq.shutdown();
     assert_eq!(r.ioreq.stats().sync.load(Ordering::Relaxed), 1);
 }
+
+#[test]
+fn test_server_configured_for_fewer_vcpus_than_the_guest_is_refused() {
+    let dir = TempDir::new();
+    let host = xensim::host::Host::new().unwrap();
+    let domid = host.create_hvm_domain("hvm", RAM_PAGES, 3).unwrap();
+    let server = xensim::server::Server::start(host.clone(), &dir.0.join("s")).unwrap();
+    let sim = xensim::client::SimHost::connect(server.path(), 0).unwrap();
+    let cfg = ioreq::IoreqConfig::new(domid, 2, RAM_PAGES * 4096);
+    let e = ioreq::IoreqServer::create(&sim as &dyn xen::XenHost, cfg).unwrap_err();
+    assert!(matches!(e, ioreq::IoreqError::Config { .. }), "{e}");
+    // The failed setup destroyed the server it had created.
+    let h = host.hvm_domain(domid).unwrap();
+    assert!((0..8).all(|id| h.server(id).is_none()));
+}
