@@ -515,3 +515,45 @@ fn test_hotplug_script_with_a_lot_of_stderr_never_blocks() {
         assert!(start.elapsed() < Duration::from_secs(20));
     });
 }
+
+#[test]
+fn test_tap_recv_of_a_frame_cut_to_a_small_buffer_is_an_error() {
+    in_netns(|| {
+        // Arrange: two taps on a bridge; A sends a 1000-byte broadcast frame to B.
+        let lan = Lan::new(1500);
+        let a = open_tap(1, Offloads::default());
+        let b = Tap::open(VifId { domid: 8, devid: 0 }, &TapOptions::default()).unwrap();
+        let _ha = HostSide::online(VIF, a.name(), HostSetup::Bridge(lan.bridge.clone())).unwrap();
+        let _hb =
+            HostSide::online(b.vif(), b.name(), HostSetup::Bridge(lan.bridge.clone())).unwrap();
+        let mut f = eth([0xff; 6], GUEST_MAC, 0x88b5); // IEEE local experimental ethertype
+        f.resize(1000, 0x42);
+        let qb = b.queues()[0].clone();
+
+        // Act: read B's frames into a 100-byte buffer until ours shows up as an error.
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut small = [0u8; 100];
+        let mut resend = Instant::now();
+        let err = loop {
+            if Instant::now() >= resend {
+                a.queues()[0]
+                    .send(&VirtioNetHdr::default(), &[IoSlice::new(&f)])
+                    .unwrap();
+                resend = Instant::now() + Duration::from_secs(1);
+            }
+            match qb.recv(&mut small) {
+                Err(e) => break e,
+                Ok(Some((_, n))) => assert!(n < small.len()),
+                Ok(None) => {
+                    assert!(Instant::now() < end, "the frame never reached B");
+                    let mut fds = [PollFd::new(qb.fd(), PollFlags::POLLIN)];
+                    poll(&mut fds, PollTimeout::from(100u16)).unwrap();
+                }
+            }
+        };
+
+        // Assert
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains("may have been truncated"), "{err}");
+    });
+}

@@ -44,6 +44,10 @@ use super::engine::{NetQueueIo, VirtioNetHdr};
 /// The most queues one tap gets (Linux's MAX_TAP_QUEUES is 256).
 pub const MAX_QUEUES: u16 = 256;
 
+/// The largest frame a tap carries: 64 KiB of IP (the IPv4 total length and the GSO limit of
+/// a tap) plus the Ethernet header. A `recv` buffer this large never truncates.
+pub const MAX_FRAME: usize = 65_535 + 14;
+
 /// The most slices `send` gathers without allocating (netif allows 18 slots per packet).
 const STACK_SLICES: usize = 64;
 
@@ -288,7 +292,20 @@ impl NetQueueIo for TapQueue {
                 format!("tap read of {n} bytes is shorter than its vnet header"),
             ));
         }
-        Ok(Some((VirtioNetHdr::from_bytes(&hb), n - VirtioNetHdr::LEN)))
+        let len = n - VirtioNetHdr::LEN;
+        if len >= buf.len() && buf.len() < MAX_FRAME {
+            // The kernel cuts a frame to the buffer and reports only what it copied, so a
+            // full buffer smaller than the largest frame may hold a truncated one.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "a frame filled the whole {}-byte buffer (smaller than the largest frame, \
+                     {MAX_FRAME} bytes) and may have been truncated",
+                    buf.len()
+                ),
+            ));
+        }
+        Ok(Some((VirtioNetHdr::from_bytes(&hb), len)))
     }
 
     fn fd(&self) -> BorrowedFd<'_> {
