@@ -568,3 +568,97 @@ fn test_netback_tcp_over_ipv6_with_gso_checksums_match() {
         );
     });
 }
+
+/// A `domio serve` child process, killed if the test ends early.
+struct Serve(Option<std::process::Child>);
+
+impl Serve {
+    /// SIGTERM, then its exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.0.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM domio");
+        c.wait().expect("wait for domio")
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn test_netback_in_a_domio_serve_process_ping_and_tcp_then_sigterm_removes_the_tap() {
+    in_netns(|| {
+        // Arrange: a xensim daemon, the guest's vif on the bridge, and a separate `domio
+        // serve --backend-types vif` attached through the daemon's socket (it inherits the
+        // test's network namespace).
+        let lan = Lan::new(1500);
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("xensim.sock");
+        let host = xensim::host::Host::new().unwrap();
+        let _server = xensim::server::Server::start(host.clone(), &sock).unwrap();
+        let domid = host.create_domain("served", 16384).unwrap();
+        let nic = xensim::toolstack::VifNic {
+            mac: GUEST_MAC,
+            bridge: Some(lan.bridge.clone()),
+            ..xensim::toolstack::VifNic::default()
+        };
+        host.toolstack()
+            .unwrap()
+            .add_device(&xensim::toolstack::DeviceSpec::vif(domid, 0, &nic))
+            .unwrap();
+        let mut serve = Serve(Some(
+            std::process::Command::new(env!("CARGO_BIN_EXE_domio"))
+                .args(["--log", "warn", "serve", "--domid", &domid.to_string()])
+                .args(["--backend-types", "vif", "--xen"])
+                .arg(format!("sim:{}", sock.display()))
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn domio serve"),
+        ));
+        let guest = xensim::guest::Guest::new(host.clone(), domid).unwrap();
+        let mut front =
+            xensim::front::net::NetFront::connect(&guest, 0, NetFrontOptions::default())
+                .expect("netfront connects to the domio process");
+        let mut g = guest_stack(front.take_queues().remove(0), &lan);
+        let tap = format!("vif{domid}.0");
+
+        // Act
+        let rtts = g
+            .ping(lan.peer_ip, 2, Duration::from_secs(10))
+            .expect("ping Linux");
+        let peer = lan.peer_ping(lan.guest_ip, 2, Duration::from_secs(10));
+        g.run_until("Linux's pings", T, |_| Ok(peer.is_finished().then_some(())))
+            .unwrap();
+        let replies = peer.join().unwrap();
+        let n = transfer_bytes() / 5;
+        let (addr, server) = lan.tcp_server(5701, 0);
+        let h = g.tcp_connect(addr, T).expect("connect");
+        let up = g.tcp_send_pattern(h, n, T).expect("send");
+        let _ = g.tcp_recv_all(h, T);
+        let got_up = server.join().unwrap();
+        let (addr, server) = lan.tcp_server(5702, n);
+        let h = g.tcp_connect(addr, T).expect("connect");
+        let down = g.tcp_recv_all(h, T).expect("recv");
+        g.tcp_close(h, T).expect("close");
+        let sent_down = server.join().unwrap();
+        let tap_was_there = backends::net::tap::interface_exists(&tap);
+        let status = serve.stop();
+
+        // Assert
+        assert_eq!((rtts.len(), replies), (2, 2));
+        assert_eq!(got_up, up.sum);
+        assert_eq!(down.sum, sent_down);
+        assert!(tap_was_there, "{tap} existed while served");
+        assert!(status.success(), "domio serve exited with {status}");
+        assert!(
+            !backends::net::tap::interface_exists(&tap),
+            "{tap} is gone once domio has exited"
+        );
+    });
+}
