@@ -17,7 +17,7 @@ if wait_until 300 test -e /sys/class/net/eth0; then say "eth0 is there at uptime
 else say "no eth0 after 30s"; exit 1; fi
 ip link set lo up
 ip link set eth0 up && ip addr add $ME/24 dev eth0 && say "configured $ME" || say "configuring eth0 FAILED"
-say "features: $(for f in /sys/class/net/eth0/queues/*; do basename "$f"; done | tr '\n' ' ')"
+say "queues: $(for f in /sys/class/net/eth0/queues/*; do basename "$f"; done | tr '\n' ' ')"
 
 if ping -c 3 -W 5 $DOM0 > /tmp/ping.txt 2>&1; then say "ping dom0: ok ($(tail -n1 /tmp/ping.txt))"
 else say "ping dom0: FAILED ($(tail -n2 /tmp/ping.txt | tr '\n' ' '))"; fi

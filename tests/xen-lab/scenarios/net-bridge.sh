@@ -10,6 +10,8 @@
 # Checks: netback absent; both ends Connected; the tap is on the bridge; ping both ways; 10 MiB
 # each way over HTTP (busybox httpd + wget) with sha256 compared at both ends; `xl shutdown`
 # powers the guest off; domio removes the tap and exits 0 by itself.
+# With NET_VCPUS set (scenarios/net-mq.sh) the guest has that many vCPUs, so xen-netfront asks
+# for that many queues: checked in xenstore and on the multi-queue tap.
 # With NET_SCRIPT set (scenarios/net-script.sh), the backend also gets libxl's `script` key and
 # domio runs that hotplug script (Xen's own vif-bridge) instead of enslaving the tap itself.
 source /xenlab/lib.sh
@@ -55,7 +57,10 @@ check dom0-address ip addr add "$DOM0_IP/24" dev xenbr0
 mkdir -p "$WWW"; head -c 10485760 /dev/urandom > "$WWW/down.bin"
 DOWN_SUM=$(sha256sum "$WWW/down.bin" | cut -d' ' -f1)
 httpd -f -p "$DOM0_IP:8080" -h "$WWW" & HTTPD_PID=$!
-XENLAB_GUEST=net pv_guest_cfg "$NAME"
+if [ -n "${NET_VCPUS:-}" ]; then
+  XENLAB_GUEST=net pv_guest_cfg "$NAME"
+  sed -i "s/^vcpus=.*/vcpus=$NET_VCPUS/" "/root/$NAME.cfg"
+else XENLAB_GUEST=net pv_guest_cfg "$NAME"; fi
 check xl-create-paused sh -c "xl create -p /root/$NAME.cfg > $XENLAB_ARTIFACTS/xl-create.log 2>&1"
 D=$(xl domid "$NAME")
 trap cleanup EXIT
@@ -74,6 +79,13 @@ if [ -n "$NET_SCRIPT" ]; then
   check script-wrote-hotplug-status wait_for "hotplug-status = connected" 10 hotplug_connected
 fi
 check guest-configured wait_for "the guest's eth0 (DOMU-NET: configured)" 60 guest_line "configured"
+if [ -n "${NET_VCPUS:-}" ]; then
+  queues_ok() { local q; q=$(xenstore-read "/local/domain/$D/device/vif/$DEVID/multi-queue-num-queues" 2>/dev/null)
+    [ "$q" = "$NET_VCPUS" ] || { echo "multi-queue-num-queues = '$q', wanted $NET_VCPUS"; return 1; }
+    local n; n=$(ls "/sys/class/net/vif$D.$DEVID/queues" | grep -c '^tx-')
+    echo "tap vif$D.$DEVID has $n TX queues; guest: $(guest_line "queues: " || true)"; [ "$n" -ge "$NET_VCPUS" ]; }
+  check frontend-uses-all-queues queues_ok
+fi
 check guest-pings-dom0 wait_for "the guest's ping (DOMU-NET: ping dom0: ok)" 60 guest_line "ping dom0: ok"
 check dom0-pings-guest ping -c 3 -W 5 "$GUEST_IP"
 check guest-serving wait_for "the guest's httpd (DOMU-NET: serving)" 120 guest_line "serving"
