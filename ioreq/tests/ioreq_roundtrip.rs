@@ -467,3 +467,22 @@ fn test_server_configured_for_fewer_vcpus_than_the_guest_is_refused() {
     let h = host.hvm_domain(domid).unwrap();
     assert!((0..8).all(|id| h.server(id).is_none()));
 }
+
+#[test]
+fn test_long_rep_is_split_per_page_as_xen_does() {
+    let r = rig();
+    // 5000 bytes starting 100 bytes before a page boundary: Xen sends 100, 4096, 804.
+    let gpa = 0x10_0000 - 100;
+    let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+    r.guest.ram_write(gpa, &data).unwrap();
+    let before = r.ioreq.stats().sync.load(Ordering::Relaxed);
+    r.guest.rep_outs(FIFO_PORT, 1, 5000, gpa, false).unwrap();
+    assert_eq!(r.ioreq.stats().sync.load(Ordering::Relaxed) - before, 3);
+    let st = r.dev.st();
+    assert_eq!(st.fifo_out.len(), 5000);
+    assert!(st
+        .fifo_out
+        .iter()
+        .zip(&data)
+        .all(|(a, b)| *a == u64::from(*b)));
+}

@@ -595,17 +595,53 @@ impl HvmGuest {
         df: bool,
         dir: u8,
     ) -> Result<(), HvmError> {
-        self.issue(VcpuIo {
-            type_,
-            addr,
-            data: gpa,
-            count,
-            size: u32::from(size),
-            dir,
-            df,
-            data_is_ptr: true,
-        })
-        .map(drop)
+        // As Xen's emulator: each ioreq carries at most 4096 repetitions and stays within one
+        // page of the guest buffer (hvmemul_linear_to_phys); the instruction is resumed for
+        // the rest.
+        let step = u64::from(size);
+        if step == 0 {
+            return Err(HvmError::Op {
+                domid: self.dom.domid(),
+                op: "rep",
+                why: "size 0".into(),
+                errno: libc::EINVAL,
+            });
+        }
+        let (mut addr, mut gpa, mut left) = (addr, gpa, count);
+        while left > 0 {
+            let off = gpa & (PAGE_SIZE as u64 - 1);
+            let in_page = if df {
+                off / step + 1
+            } else {
+                ((PAGE_SIZE as u64 - off) / step).max(1)
+            };
+            let n = in_page.min(u64::from(left)).min(4096) as u32;
+            self.issue(VcpuIo {
+                type_,
+                addr,
+                data: gpa,
+                count: n,
+                size: u32::from(size),
+                dir,
+                df,
+                data_is_ptr: true,
+            })?;
+            let moved = u64::from(n) * step;
+            gpa = if df {
+                gpa.wrapping_sub(moved)
+            } else {
+                gpa.wrapping_add(moved)
+            };
+            if type_ == IOREQ_TYPE_COPY {
+                addr = if df {
+                    addr.wrapping_sub(moved)
+                } else {
+                    addr.wrapping_add(moved)
+                };
+            }
+            left -= n;
+        }
+        Ok(())
     }
 }
 
