@@ -705,7 +705,7 @@ mod tests {
                 Err(e) => panic!("unexpected {e}"),
             }
             assert!(back.in_flight() <= back.size());
-            if i % 3 == 0 && back.in_flight() > 0 {
+            if i.is_multiple_of(3) && back.in_flight() > 0 {
                 back.push_response(&i).unwrap();
                 let _ = back.push_responses_and_check_notify().unwrap();
             }

@@ -49,7 +49,8 @@ pub struct Ioreq {
     pub count: u32,
     /// Access size in bytes.
     pub size: u32,
-    /// Event channel (in the device model's domain) for this vCPU.
+    /// This vCPU's event channel: a port of the guest domain, unbound for the device model,
+    /// which binds it interdomain.
     pub vp_eport: u32,
     /// Padding.
     pub _pad0: u16,

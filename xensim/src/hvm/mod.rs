@@ -7,8 +7,6 @@
 
 use std::time::Duration;
 
-#[allow(unsafe_code)]
-mod atomic;
 pub mod domain;
 pub mod vcpu;
 

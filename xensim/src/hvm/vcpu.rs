@@ -9,7 +9,6 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use xen::abi::ioreq::*;
 use xen::{BufIoreq as BufMode, DomId, IoServId, SharedMem, PAGE_SIZE};
 
-use super::atomic::cmpxchg_u64;
 use super::domain::{lock, HvmDomain, HvmError, XenIoreqServer, SYNC_PAGE_OFFSET};
 use super::{HvmBus, Irq};
 use crate::host::Host;
@@ -275,7 +274,7 @@ fn post_buffered(
             let n = r / IOREQ_BUFFER_SLOT_NUM;
             let new = u64::from(r - n * IOREQ_BUFFER_SLOT_NUM)
                 | (u64::from(w.wrapping_sub(n * IOREQ_BUFFER_SLOT_NUM)) << 32);
-            let _ = cmpxchg_u64(pg, 0, full, new);
+            let _ = pg.cmpxchg_u64(0, full, new);
         }
     }
     if let Some(port) = s.buf_port {
