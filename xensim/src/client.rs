@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -22,7 +23,9 @@ use xen::{
 
 use crate::efd::EventFd;
 use crate::mem;
-use crate::proto::{decode, encode, CopySeg, DmOp, Request, Response, MAX_MSG};
+use crate::proto::{
+    decode, encode, CopyIov, CopySeg, DmOp, Request, Response, MAX_COPY_IOV, MAX_MSG,
+};
 use crate::sys;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -63,8 +66,13 @@ impl Conn {
     }
 
     fn call(&self, req: &Request) -> io::Result<(Response, Vec<OwnedFd>)> {
+        self.call_raw(&encode(req))
+    }
+
+    /// Sends an encoded request and waits for its reply.
+    fn call_raw(&self, req: &[u8]) -> io::Result<(Response, Vec<OwnedFd>)> {
         let mut buf = lock(&self.buf);
-        sys::send_with_fds(self.fd.as_fd(), &encode(req), &[])?;
+        sys::send_with_fds(self.fd.as_fd(), req, &[])?;
         let (n, fds) = sys::recv_with_fds(self.fd.as_fd(), &mut buf)?;
         if n == 0 {
             return Err(io::Error::new(
@@ -150,6 +158,8 @@ impl XenHost for SimHost {
         Ok(Box::new(SimGnttab {
             conn: self.conn("gnttab")?,
             ram: RamCache::default(),
+            copy_iov: AtomicBool::new(true),
+            scratch: Mutex::new(CopyScratch::default()),
         }))
     }
     fn open_foreign(&self) -> Result<Box<dyn ForeignMemory>, HostError> {
@@ -450,6 +460,82 @@ impl Drop for GrantUnmap {
 struct SimGnttab {
     conn: Arc<Conn>,
     ram: RamCache,
+    /// Whether the host copies straight to and from our buffers (`GntCopyIov`); cleared for
+    /// good when it says it cannot reach this process, after which copies carry the bytes.
+    copy_iov: AtomicBool,
+    scratch: Mutex<CopyScratch>,
+}
+
+/// A grant-table handle that copies through the socket from the start, as one does after
+/// the host refused to reach this process (for tests of that path).
+#[cfg(test)]
+pub(crate) fn test_gnttab_without_copy_iov(h: &SimHost) -> Result<Box<dyn GrantTables>, HostError> {
+    Ok(Box::new(SimGnttab {
+        conn: h.conn("gnttab")?,
+        ram: RamCache::default(),
+        copy_iov: AtomicBool::new(false),
+        scratch: Mutex::new(CopyScratch::default()),
+    }))
+}
+
+/// Reused buffers of the copy path (no allocation per copy).
+#[derive(Debug, Default)]
+struct CopyScratch {
+    segs: Vec<CopyIov>,
+    msg: Vec<u8>,
+}
+
+impl SimGnttab {
+    /// GNTTABOP_copy by address: Ok(false) if the host refused to reach our memory (nothing
+    /// was copied and no status was set).
+    fn copy_iov(&self, segs: &mut [CopySegment<'_>]) -> io::Result<bool> {
+        let mut scratch = lock(&self.scratch);
+        let CopyScratch { segs: wire, msg } = &mut *scratch;
+        wire.clear();
+        for s in segs.iter_mut() {
+            let (addr, len, to_guest) = match &mut s.local {
+                CopyDir::FromGuest(b) => (b.as_mut_ptr() as usize, b.len(), false),
+                CopyDir::ToGuest(b) => (b.as_ptr() as usize, b.len(), true),
+            };
+            wire.push(CopyIov {
+                domid: s.domid,
+                gref: s.gref,
+                offset: s.offset,
+                // Checked by the caller: at most a page.
+                len: len as u16,
+                to_guest,
+                addr: addr as u64,
+            });
+        }
+        let req = Request::GntCopyIov {
+            segs: std::mem::take(wire),
+        };
+        msg.clear();
+        let encoded = postcard::to_io(&req, &mut *msg);
+        if let Request::GntCopyIov { segs: w } = req {
+            *wire = w;
+        }
+        encoded.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        // The host writes our FromGuest buffers (borrowed mutably by `segs` until we return)
+        // while this call waits for its reply.
+        match self.conn.call_raw(msg)? {
+            (Response::CopyStatus(status), _) if status.len() == segs.len() => {
+                for (s, st) in segs.iter_mut().zip(status) {
+                    s.status = st;
+                }
+                Ok(true)
+            }
+            (Response::CopyRefused { errno }, _) => {
+                tracing::debug!(
+                    errno,
+                    "xensim host cannot copy to this process; copying through the socket"
+                );
+                Ok(false)
+            }
+            (Response::Err { errno, msg }, _) => Err(rsp_err(errno, &msg)),
+            (other, _) => Err(unexpected(&other)),
+        }
+    }
 }
 
 impl GrantTables for SimGnttab {
@@ -527,6 +613,26 @@ impl GrantTables for SimGnttab {
             domid,
             source,
         };
+        if segs.iter().any(|s| match &s.local {
+            CopyDir::FromGuest(b) => b.len() > PAGE_SIZE,
+            CopyDir::ToGuest(b) => b.len() > PAGE_SIZE,
+        }) {
+            return Err(GrantError::Invalid("grant copy segment longer than a page"));
+        }
+        if segs.is_empty() {
+            return Ok(());
+        }
+        if self.copy_iov.load(Ordering::Relaxed) {
+            for chunk in segs.chunks_mut(MAX_COPY_IOV) {
+                if !self.copy_iov(chunk).map_err(os)? {
+                    self.copy_iov.store(false, Ordering::Relaxed);
+                    break;
+                }
+            }
+            if self.copy_iov.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+        }
         let mut wire = Vec::with_capacity(segs.len());
         for s in segs.iter() {
             let (len, to_guest) = match &s.local {

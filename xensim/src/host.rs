@@ -749,33 +749,65 @@ impl Host {
         offset: u16,
         local: CopyBuf<'_>,
     ) -> i16 {
-        let len = local.len();
-        if usize::from(offset) + len > PAGE_SIZE {
-            return GNTST_BAD_COPY_ARG;
-        }
-        let writable = matches!(local, CopyBuf::ToGuest(_));
-        let mut st = self.lock();
-        let frame = match Self::pin(&mut st, granter, gref, mapper, writable) {
-            Ok(f) => f,
-            Err(s) => return s,
-        };
-        let status = match st.domains.get(&granter).and_then(|d| d.ram.as_ref()) {
-            Some(ram) => {
-                let at = frame as usize * PAGE_SIZE + usize::from(offset);
-                let r = match local {
-                    CopyBuf::FromGuest(buf) => ram.mem().read(at, buf),
-                    CopyBuf::ToGuest(buf) => ram.mem().write(at, buf),
-                };
-                if r.is_ok() {
-                    GNTST_OKAY
-                } else {
-                    GNTST_BAD_PAGE
-                }
+        let mut seg = [CopyPin::new(
+            granter,
+            gref,
+            offset,
+            local.len(),
+            matches!(local, CopyBuf::ToGuest(_)),
+        )];
+        let copied = self.grant_copy_pinned(mapper, &mut seg, |segs, ram| {
+            let s = &segs[0];
+            if s.status != GNTST_OKAY {
+                return true;
             }
-            None => GNTST_BAD_DOMAIN,
-        };
-        Self::unpin(&mut st, granter, gref, writable);
-        status
+            let r = match (ram.mem(s.granter), local) {
+                (Some(m), CopyBuf::FromGuest(buf)) => m.read(s.ram_offset, buf),
+                (Some(m), CopyBuf::ToGuest(buf)) => m.write(s.ram_offset, buf),
+                (None, _) => return false,
+            };
+            r.is_ok()
+        });
+        if copied {
+            seg[0].status
+        } else {
+            GNTST_BAD_PAGE
+        }
+    }
+
+    /// A batched GNTTABOP_copy whose local side is elsewhere (another process's buffers):
+    /// checks and pins each segment's grant as Xen's acquire_grant_for_copy does (setting
+    /// `status`; a segment that fails is skipped), runs `copy` with the pinned segments and a
+    /// view of the granters' RAM (segments with status GNTST_okay may be copied at
+    /// `ram_offset` for `len` bytes), then releases every pin it took. The host lock is held
+    /// throughout, so no domain's RAM goes away during `copy`.
+    pub fn grant_copy_pinned<T>(
+        &self,
+        mapper: DomId,
+        segs: &mut [CopyPin],
+        copy: impl FnOnce(&[CopyPin], &RamView<'_>) -> T,
+    ) -> T {
+        let mut st = self.lock();
+        for s in segs.iter_mut() {
+            s.status = if usize::from(s.offset) + s.len > PAGE_SIZE {
+                GNTST_BAD_COPY_ARG
+            } else {
+                match Self::pin(&mut st, s.granter, s.gref, mapper, s.to_guest) {
+                    Ok(frame) => {
+                        s.ram_offset = frame as usize * PAGE_SIZE + usize::from(s.offset);
+                        GNTST_OKAY
+                    }
+                    Err(status) => status,
+                }
+            };
+        }
+        let out = copy(segs, &RamView { st: &st });
+        for s in segs.iter() {
+            if s.status == GNTST_OKAY {
+                Self::unpin(&mut st, s.granter, s.gref, s.to_guest);
+            }
+        }
+        out
     }
 
     /// Checks that `gfns` are RAM of `domid` (what privcmd mmapbatch asks Xen); returns the
@@ -830,6 +862,56 @@ pub enum CopyBuf<'a> {
     FromGuest(&'a mut [u8]),
     /// From this buffer into the granted page.
     ToGuest(&'a [u8]),
+}
+
+/// One segment of [`Host::grant_copy_pinned`].
+#[derive(Debug, Clone, Copy)]
+pub struct CopyPin {
+    /// Granting domain.
+    pub granter: DomId,
+    /// Grant reference.
+    pub gref: GrantRef,
+    /// Offset in the granted page.
+    pub offset: u16,
+    /// Bytes to copy.
+    pub len: usize,
+    /// Direction: into the granted page (the grant must be writable).
+    pub to_guest: bool,
+    /// GNTST_* status, set by the host.
+    pub status: i16,
+    /// Where the bytes are in the granter's RAM (valid when `status` is GNTST_okay).
+    pub ram_offset: usize,
+}
+
+impl CopyPin {
+    /// A segment not yet checked.
+    pub fn new(granter: DomId, gref: GrantRef, offset: u16, len: usize, to_guest: bool) -> Self {
+        CopyPin {
+            granter,
+            gref,
+            offset,
+            len,
+            to_guest,
+            status: GNTST_GENERAL_ERROR,
+            ram_offset: 0,
+        }
+    }
+}
+
+/// The granters' RAM during [`Host::grant_copy_pinned`].
+pub struct RamView<'a> {
+    st: &'a State,
+}
+
+impl RamView<'_> {
+    /// The host's mapping of a domain's RAM.
+    pub fn mem(&self, domid: DomId) -> Option<&SharedMem> {
+        self.st
+            .domains
+            .get(&domid)
+            .and_then(|d| d.ram.as_ref())
+            .map(MemFile::mem)
+    }
 }
 
 impl CopyBuf<'_> {

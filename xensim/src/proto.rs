@@ -77,6 +77,14 @@ pub enum Request {
         /// Segments.
         segs: Vec<CopySeg>,
     },
+    /// GNTTABOP_copy with the client's buffers named by address (reply: `CopyStatus`, or
+    /// `CopyRefused` when the host may not reach the sender's memory): the host copies
+    /// straight between the granted pages and the sending process (process_vm_readv/writev,
+    /// the pid taken from the message's SCM_CREDENTIALS); no data crosses the socket.
+    GntCopyIov {
+        /// Segments, in order.
+        segs: Vec<CopyIov>,
+    },
     /// Foreign map check (privcmd mmapbatch): reply `Ok`/`ForeignFailed`, then map from RAM.
     ForeignMap {
         /// Domain.
@@ -202,6 +210,26 @@ pub struct CopySeg {
     pub to_guest: Option<Vec<u8>>,
 }
 
+/// Most segments in one [`Request::GntCopyIov`] (the kernel's IOV_MAX).
+pub const MAX_COPY_IOV: usize = 1024;
+
+/// One grant-copy segment whose local side is a buffer in the sending process.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct CopyIov {
+    /// Granting domain.
+    pub domid: u16,
+    /// Grant reference.
+    pub gref: u32,
+    /// Offset in the granted page.
+    pub offset: u16,
+    /// Bytes to copy (at most a page; `offset + len` must stay inside the page).
+    pub len: u16,
+    /// Direction: from the buffer into the granted page.
+    pub to_guest: bool,
+    /// The buffer's address in the sending process.
+    pub addr: u64,
+}
+
 /// A reply.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Response {
@@ -233,6 +261,15 @@ pub enum Response {
         status: Vec<i16>,
         /// Data per segment (empty for ToGuest).
         data: Vec<Vec<u8>>,
+    },
+    /// `GntCopyIov` done: GNTST_* status per segment.
+    CopyStatus(Vec<i16>),
+    /// `GntCopyIov` not possible (nothing was pinned or copied): the host may not reach the
+    /// sender's memory (errno of process_vm_readv/writev, or ENOTSUP without credentials);
+    /// the client falls back to `GntCopy`.
+    CopyRefused {
+        /// errno.
+        errno: i32,
     },
     /// Foreign frame failed.
     ForeignFailed {

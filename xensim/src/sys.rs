@@ -33,7 +33,23 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) 
 /// Receives one datagram into `buf`; returns its length (0 = peer closed) and the descriptors
 /// that came with it. A truncated datagram is an error.
 pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_FDS]);
+    recv_with_creds(sock, buf).map(|(n, fds, _)| (n, fds))
+}
+
+/// Makes the kernel attach the sender's credentials (SCM_CREDENTIALS) to every datagram
+/// received on `sock`, so that [`recv_with_creds`] learns which process sent each one.
+pub fn pass_credentials(sock: BorrowedFd<'_>) -> io::Result<()> {
+    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::PassCred, &true)?;
+    Ok(())
+}
+
+/// Like [`recv_with_fds`], also returning the sending process's pid as the kernel vouches
+/// for it (SCM_CREDENTIALS, when [`pass_credentials`] is on for `sock`).
+pub fn recv_with_creds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<OwnedFd>, Option<libc::pid_t>)> {
+    let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_FDS], libc::ucred);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),
@@ -42,13 +58,19 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize,
         MsgFlags::MSG_CMSG_CLOEXEC,
     )?;
     let mut fds = Vec::new();
+    let mut pid = None;
     for c in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            for fd in raw {
-                // SAFETY: the kernel installed `fd` in our descriptor table for this message
-                // (SCM_RIGHTS); nothing else refers to it, so we take ownership exactly once.
-                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+        match c {
+            ControlMessageOwned::ScmRights(raw) => {
+                for fd in raw {
+                    // SAFETY: the kernel installed `fd` in our descriptor table for this
+                    // message (SCM_RIGHTS); nothing else refers to it, so we take ownership
+                    // exactly once.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
             }
+            ControlMessageOwned::ScmCredentials(c) => pid = Some(c.pid()),
+            _ => {}
         }
     }
     if msg
@@ -60,7 +82,7 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize,
             "datagram or its descriptors were truncated",
         ));
     }
-    Ok((msg.bytes, fds))
+    Ok((msg.bytes, fds, pid))
 }
 
 /// A listening SOCK_SEQPACKET unix socket at `path`.
@@ -111,4 +133,58 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
         None,
         SockFlag::SOCK_CLOEXEC,
     )?)
+}
+
+/// One side of a cross-process copy: an address and a length (an `iovec`).
+pub type Iov = libc::iovec;
+
+/// Copies between this process and process `pid` with one `process_vm_readv` (`into_local`:
+/// from `remote` in `pid` into `local` here) or `process_vm_writev` (from `local` into
+/// `remote`). Returns the bytes moved, which the caller compares with what it asked for (the
+/// kernel stops at the first address that faults). At most `IOV_MAX` (1024) entries a side.
+///
+/// Each `local` entry must lie in memory of this process that stays mapped for the call and
+/// that no Rust reference covers while the kernel writes it (guest RAM mapped by [`crate::mem`],
+/// accessed elsewhere only through volatile and atomic operations).
+pub fn process_vm_copy(
+    pid: libc::pid_t,
+    into_local: bool,
+    local: &[Iov],
+    remote: &[Iov],
+) -> io::Result<usize> {
+    if local.len() > 1024 || remote.len() > 1024 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let n = if into_local {
+        // SAFETY: the kernel reads the iovec arrays (valid for their lengths, bounded above)
+        // and writes only the local ranges, which the caller guarantees are mapped memory of
+        // ours that no Rust reference aliases; faults are reported, not taken.
+        unsafe {
+            libc::process_vm_readv(
+                pid,
+                local.as_ptr(),
+                local.len() as libc::c_ulong,
+                remote.as_ptr(),
+                remote.len() as libc::c_ulong,
+                0,
+            )
+        }
+    } else {
+        // SAFETY: as above, but the kernel only reads the local ranges and writes memory of
+        // the other process.
+        unsafe {
+            libc::process_vm_writev(
+                pid,
+                local.as_ptr(),
+                local.len() as libc::c_ulong,
+                remote.as_ptr(),
+                remote.len() as libc::c_ulong,
+                0,
+            )
+        }
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
