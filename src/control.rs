@@ -3,8 +3,10 @@
 //! `{"return": ...}` or `{"error": {"class": ..., "desc": ...}}`. A client that sends garbage
 //! gets an error answer and can go on; nothing it sends can stop the service.
 //!
-//! Commands: `stats` (per-device counters of the console, blk and net backends), `devices`
-//! (XenBus states), `resize` (`{"devid": N}`: online resize of a disk after its image grew).
+//! `domio serve` answers `stats` (per-device counters of the console, blk and net backends),
+//! `devices` (XenBus states) and `resize` (`{"devid": N}`: online resize of a disk after its
+//! image grew). `domio hvm` answers `stats` (the ioreq server's counters) and `devices` (the
+//! machine's devices and its serial console).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
@@ -20,6 +22,14 @@ use tracing::{debug, warn};
 
 use crate::serve::Service;
 
+/// What a control socket serves: a `domio serve` or a `domio hvm`.
+pub trait ControlTarget: Send + Sync + 'static {
+    /// The guest.
+    fn domid(&self) -> u32;
+    /// Answers one command; `None` if there is no such command.
+    fn execute(&self, cmd: &str, args: &Value) -> Option<Value>;
+}
+
 /// Longest request line.
 const MAX_LINE: u64 = 64 * 1024;
 /// Most clients at once.
@@ -34,7 +44,7 @@ pub struct Control {
 
 impl Control {
     /// Listens on `path` (a stale socket file is replaced).
-    pub fn start(path: &Path, svc: Arc<Service>) -> anyhow::Result<Control> {
+    pub fn start(path: &Path, svc: Arc<dyn ControlTarget>) -> anyhow::Result<Control> {
         if path.exists() {
             std::fs::remove_file(path)
                 .with_context(|| format!("removing the stale {}", path.display()))?;
@@ -59,7 +69,7 @@ impl Control {
                     let spawned = std::thread::Builder::new()
                         .name("control-client".into())
                         .spawn(move || {
-                            serve_client(conn, &svc);
+                            serve_client(conn, svc.as_ref());
                             clients.fetch_sub(1, Ordering::SeqCst);
                         });
                     if spawned.is_err() {
@@ -98,7 +108,7 @@ fn error(class: &str, desc: &str) -> Value {
     json!({"error": {"class": class, "desc": desc}})
 }
 
-fn serve_client(conn: UnixStream, svc: &Service) {
+fn serve_client(conn: UnixStream, svc: &dyn ControlTarget) {
     let _ = reply(
         &conn,
         &json!({"domio": {"version": env!("CARGO_PKG_VERSION"), "domid": svc.domid()}}),
@@ -131,12 +141,31 @@ fn serve_client(conn: UnixStream, svc: &Service) {
     }
 }
 
-fn execute(svc: &Service, req: &Value) -> Value {
+fn execute(svc: &dyn ControlTarget, req: &Value) -> Value {
     let Some(cmd) = req.get("execute").and_then(Value::as_str) else {
         return error("GenericError", "expected an object with \"execute\"");
     };
     let args = req.get("arguments").cloned().unwrap_or(Value::Null);
     debug!(cmd, "control request");
+    svc.execute(cmd, &args).unwrap_or_else(|| {
+        error(
+            "CommandNotFound",
+            &format!("the command {cmd} has not been found"),
+        )
+    })
+}
+
+impl ControlTarget for Service {
+    fn domid(&self) -> u32 {
+        u32::from(Service::domid(self))
+    }
+
+    fn execute(&self, cmd: &str, args: &Value) -> Option<Value> {
+        Some(execute_serve(self, cmd, args))
+    }
+}
+
+fn execute_serve(svc: &Service, cmd: &str, args: &Value) -> Value {
     match cmd {
         "stats" => {
             let console: Vec<Value> = svc
