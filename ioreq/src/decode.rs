@@ -8,6 +8,7 @@ use xen::abi::ioreq::{
 };
 
 use crate::handler::{IoSpace, Sbdf};
+use crate::layout::RamLayout;
 
 /// Most repetitions Xen puts in one ioreq (`hvmemul_linear_to_phys` clips rep counts to
 /// 4096 so that one trap does bounded work).
@@ -149,6 +150,12 @@ pub enum BadIoreq {
 /// Validates a snapshot of an ioreq against a guest with `ram_bytes` of RAM starting at
 /// guest-physical 0. `state` is not looked at (the caller checked READY).
 pub fn decode(req: &Ioreq, ram_bytes: u64) -> Result<Request, BadIoreq> {
+    decode_in(req, &RamLayout::flat(ram_bytes))
+}
+
+/// Validates a snapshot of an ioreq against a guest whose RAM is `ram`: a `data_is_ptr`
+/// buffer must lie inside one RAM region.
+pub fn decode_in(req: &Ioreq, ram: &RamLayout) -> Result<Request, BadIoreq> {
     let type_ = req.type_;
     let space = match type_ {
         IOREQ_TYPE_PIO => IoSpace::Port,
@@ -220,15 +227,13 @@ pub fn decode(req: &Ioreq, ram_bytes: u64) -> Result<Request, BadIoreq> {
         } else {
             (Some(gpa), "")
         };
-        let inside = lo
-            .and_then(|lo| lo.checked_add(span))
-            .is_some_and(|end| end <= ram_bytes);
+        let inside = lo.is_some_and(|lo| ram.contains(lo, span));
         if !inside {
             return Err(BadIoreq::Buffer {
                 gpa,
                 len: span,
                 dir,
-                ram: ram_bytes,
+                ram: ram.total(),
             });
         }
         Data::Ptr(gpa)
@@ -308,5 +313,30 @@ mod tests {
         assert!(decode(&req(IOREQ_TYPE_PIO, 0x60, 4, 1025, true, true), 1 << 30).is_ok());
         assert!(decode(&req(IOREQ_TYPE_PIO, 0x60, 4, 1025, true, false), 1 << 30).is_ok());
         assert!(decode(&req(IOREQ_TYPE_PIO, 0x60, 4, 1024, true, false), 0x2000).is_ok());
+    }
+
+    #[test]
+    fn test_decode_buffers_follow_the_hvm_ram_layout_above_4g_and_not_in_the_hole() {
+        // An 8 GiB guest: RAM below 0xF000_0000 and from 4 GiB.
+        let ram = RamLayout::hvm(8 << 30);
+        let at = |gpa: u64| Ioreq {
+            data: gpa,
+            ..req(IOREQ_TYPE_PIO, 0x60, 4, 16, true, false)
+        };
+        assert!(decode_in(&at(5 << 30), &ram).is_ok(), "relocated RAM");
+        assert!(decode_in(&at(0x1000), &ram).is_ok());
+        assert!(matches!(
+            decode_in(&at(0xF000_0000), &ram),
+            Err(BadIoreq::Buffer { .. })
+        ));
+        // Straddling the start of the hole.
+        assert!(matches!(
+            decode_in(&at(0xF000_0000 - 32), &ram),
+            Err(BadIoreq::Buffer { .. })
+        ));
+        // Past the end of relocated RAM.
+        let end = (1u64 << 32) + (8 << 30) - 0xF000_0000;
+        assert!(decode_in(&at(end - 64), &ram).is_ok());
+        assert!(decode_in(&at(end - 32), &ram).is_err());
     }
 }

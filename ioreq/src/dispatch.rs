@@ -8,7 +8,7 @@ use std::sync::Arc;
 use xen::abi::ioreq::{Ioreq, IOREQ_READ};
 use xen::{DomId, IoServId};
 
-use crate::decode::{decode, Data, Dir, Request, Transfer};
+use crate::decode::{decode_in, Data, Dir, Request, Transfer};
 use crate::guestmem::GuestMemory;
 use crate::handler::{IoAccess, IoHandler};
 use crate::ratelimit::RateLimit;
@@ -89,7 +89,7 @@ impl Dispatcher {
     /// Handles one snapshot of an ioreq and returns the `data` to write back. Never fails:
     /// a malformed request is logged (rate-limited) and answered (reads: all ones).
     pub fn handle(&mut self, req: &Ioreq, handler: &mut dyn IoHandler) -> u64 {
-        match decode(req, self.mem.ram_bytes()) {
+        match decode_in(req, self.mem.layout()) {
             Err(bad) => {
                 self.stats.bad.fetch_add(1, Ordering::Relaxed);
                 match self.bad_log.check() {

@@ -3,6 +3,8 @@
 
 use xen::{DomId, ForeignError, ForeignMemory, Gfn, MemError, SharedMem, PAGE_SHIFT};
 
+use crate::layout::RamLayout;
+
 /// log2 of the bucket size (2 MiB).
 pub const BUCKET_SHIFT: u32 = 21;
 /// Buckets kept mapped at once (128 MiB of guest RAM).
@@ -47,12 +49,20 @@ pub enum GuestMemError {
     },
 }
 
+/// One cached mapping: `len` bytes of guest RAM from `gpa`.
+struct Mapped {
+    gpa: u64,
+    mem: SharedMem,
+}
+
 /// Cached foreign mappings of one guest's RAM.
 pub struct GuestMemory {
     foreign: Box<dyn ForeignMemory>,
     domid: DomId,
-    ram_bytes: u64,
-    slots: Vec<Option<(u64, SharedMem)>>,
+    layout: RamLayout,
+    slots: Vec<Option<Mapped>>,
+    /// Frame list for a bucket map, reused (no allocation per miss).
+    gfns: Vec<Gfn>,
     last: usize,
     victim: usize,
     maps: u64,
@@ -62,7 +72,7 @@ impl std::fmt::Debug for GuestMemory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GuestMemory")
             .field("domid", &self.domid)
-            .field("ram_bytes", &self.ram_bytes)
+            .field("layout", &self.layout)
             .field("mapped", &self.slots.iter().flatten().count())
             .finish()
     }
@@ -71,11 +81,17 @@ impl std::fmt::Debug for GuestMemory {
 impl GuestMemory {
     /// RAM of `domid`: `ram_bytes` starting at guest-physical 0.
     pub fn new(foreign: Box<dyn ForeignMemory>, domid: DomId, ram_bytes: u64) -> Self {
+        Self::with_layout(foreign, domid, RamLayout::flat(ram_bytes))
+    }
+
+    /// RAM of `domid` where `layout` says it is.
+    pub fn with_layout(foreign: Box<dyn ForeignMemory>, domid: DomId, layout: RamLayout) -> Self {
         GuestMemory {
             foreign,
             domid,
-            ram_bytes,
+            layout,
             slots: (0..CACHE_BUCKETS).map(|_| None).collect(),
+            gfns: Vec::with_capacity(1 << (BUCKET_SHIFT - PAGE_SHIFT)),
             last: 0,
             victim: 0,
             maps: 0,
@@ -84,7 +100,12 @@ impl GuestMemory {
 
     /// Guest RAM size.
     pub fn ram_bytes(&self) -> u64 {
-        self.ram_bytes
+        self.layout.total()
+    }
+
+    /// Where guest RAM is.
+    pub fn layout(&self) -> &RamLayout {
+        &self.layout
     }
 
     /// Mappings made so far (cache misses).
@@ -104,52 +125,72 @@ impl GuestMemory {
         }
     }
 
-    fn check(&self, gpa: u64, len: usize) -> Result<(), GuestMemError> {
-        match gpa.checked_add(len as u64) {
-            Some(end) if end <= self.ram_bytes => Ok(()),
-            _ => Err(GuestMemError::OutOfRam {
-                domid: self.domid,
-                gpa,
-                len,
-                ram: self.ram_bytes,
-            }),
+    fn out_of_ram(&self, gpa: u64, len: usize) -> GuestMemError {
+        GuestMemError::OutOfRam {
+            domid: self.domid,
+            gpa,
+            len,
+            ram: self.layout.total(),
         }
     }
 
-    fn slot(&mut self, bucket: u64) -> Result<usize, GuestMemError> {
-        if let Some(Some((b, _))) = self.slots.get(self.last) {
-            if *b == bucket {
+    fn covers(m: &Mapped, gpa: u64) -> bool {
+        gpa >= m.gpa && gpa - m.gpa < m.mem.len() as u64
+    }
+
+    /// The slot of a mapping that holds `gpa`, mapping one if needed: the 2 MiB bucket
+    /// around `gpa` (clipped to its RAM region), or, if some frame of the bucket cannot be
+    /// mapped (a ballooned-out page, a hole), just the page of `gpa`.
+    fn slot(&mut self, gpa: u64) -> Result<usize, GuestMemError> {
+        if let Some(Some(m)) = self.slots.get(self.last) {
+            if Self::covers(m, gpa) {
                 return Ok(self.last);
             }
         }
         if let Some(i) = self
             .slots
             .iter()
-            .position(|s| s.as_ref().is_some_and(|(b, _)| *b == bucket))
+            .position(|s| s.as_ref().is_some_and(|m| Self::covers(m, gpa)))
         {
             self.last = i;
             return Ok(i);
         }
-        let first: Gfn = bucket << (BUCKET_SHIFT - PAGE_SHIFT);
-        let ram_pages = self.ram_bytes >> PAGE_SHIFT;
-        let n = (1u64 << (BUCKET_SHIFT - PAGE_SHIFT)).min(ram_pages.saturating_sub(first));
-        let gfns: Vec<Gfn> = (first..first + n).collect();
-        let m = self
-            .foreign
-            .map(self.domid, &gfns, true)
-            .map_err(|source| GuestMemError::Map {
-                domid: self.domid,
-                gpa: bucket << BUCKET_SHIFT,
-                source,
-            })?;
+        let Some((rs, re)) = self.layout.region_of(gpa) else {
+            return Err(self.out_of_ram(gpa, 1));
+        };
+        let bucket_start = (gpa >> BUCKET_SHIFT) << BUCKET_SHIFT;
+        let first = bucket_start.max(rs);
+        let end = bucket_start.saturating_add(1 << BUCKET_SHIFT).min(re);
+        let mapped = match self.map_range(first, end) {
+            Ok(m) => Mapped { gpa: first, mem: m },
+            Err(_) => {
+                let page = (gpa >> PAGE_SHIFT) << PAGE_SHIFT;
+                let m = self
+                    .map_range(page, page + (1 << PAGE_SHIFT))
+                    .map_err(|source| GuestMemError::Map {
+                        domid: self.domid,
+                        gpa: page,
+                        source,
+                    })?;
+                Mapped { gpa: page, mem: m }
+            }
+        };
         self.maps += 1;
         let i = self.victim;
         self.victim = (self.victim + 1) % CACHE_BUCKETS;
         if let Some(s) = self.slots.get_mut(i) {
-            *s = Some((bucket, m));
+            *s = Some(mapped);
         }
         self.last = i;
         Ok(i)
+    }
+
+    fn map_range(&mut self, start: u64, end: u64) -> Result<SharedMem, ForeignError> {
+        self.gfns.clear();
+        self.gfns.extend(
+            (start >> PAGE_SHIFT)..(end.saturating_add((1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT),
+        );
+        self.foreign.map(self.domid, &self.gfns, true)
     }
 
     fn each_piece(
@@ -158,26 +199,22 @@ impl GuestMemory {
         len: usize,
         mut f: impl FnMut(&SharedMem, usize, usize, usize) -> Result<(), MemError>,
     ) -> Result<(), GuestMemError> {
-        self.check(gpa, len)?;
+        if !self.layout.contains(gpa, len as u64) {
+            return Err(self.out_of_ram(gpa, len));
+        }
         let mut done = 0usize;
         while done < len {
             let at = gpa + done as u64;
-            let bucket = at >> BUCKET_SHIFT;
-            let off = (at & ((1 << BUCKET_SHIFT) - 1)) as usize;
-            let i = self.slot(bucket)?;
-            let Some(Some((_, m))) = self.slots.get(i) else {
-                break;
+            let i = self.slot(at)?;
+            let Some(Some(m)) = self.slots.get(i) else {
+                return Err(self.out_of_ram(at, len - done));
             };
-            let n = (len - done).min(m.len().saturating_sub(off));
+            let off = (at - m.gpa) as usize;
+            let n = (len - done).min(m.mem.len().saturating_sub(off));
             if n == 0 {
-                return Err(GuestMemError::OutOfRam {
-                    domid: self.domid,
-                    gpa: at,
-                    len: len - done,
-                    ram: self.ram_bytes,
-                });
+                return Err(self.out_of_ram(at, len - done));
             }
-            f(m, off, done, n).map_err(|source| GuestMemError::Access {
+            f(&m.mem, off, done, n).map_err(|source| GuestMemError::Access {
                 domid: self.domid,
                 gpa: at,
                 source,
@@ -200,5 +237,86 @@ impl GuestMemory {
         self.each_piece(gpa, data.len(), |m, off, done, n| {
             m.write(off, &data[done..done + n])
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xen::{Resource, PAGE_SIZE};
+
+    /// Foreign mapping of a fake guest whose page `g` is filled with the byte `g as u8`, and
+    /// whose frame `bad` cannot be mapped (ballooned out): a map naming it fails whole, as
+    /// IOCTL_PRIVCMD_MMAPBATCH_V2 does.
+    struct Fake {
+        bad: Gfn,
+    }
+
+    impl ForeignMemory for Fake {
+        fn map(&self, domid: DomId, gfns: &[Gfn], _w: bool) -> Result<SharedMem, ForeignError> {
+            if gfns.contains(&self.bad) {
+                return Err(ForeignError::Frame {
+                    domid,
+                    gfn: self.bad,
+                    errno: libc::ENOENT,
+                });
+            }
+            let m = SharedMem::anonymous(gfns.len() * PAGE_SIZE).unwrap();
+            for (i, g) in gfns.iter().enumerate() {
+                m.fill(i * PAGE_SIZE, PAGE_SIZE, *g as u8).unwrap();
+            }
+            Ok(m)
+        }
+        fn map_resource(
+            &self,
+            domid: DomId,
+            _r: Resource,
+            _f: u64,
+            _n: u64,
+        ) -> Result<SharedMem, ForeignError> {
+            Err(ForeignError::Restricted {
+                restricted: domid,
+                requested: domid,
+            })
+        }
+        fn restrict(&self, _d: DomId) -> Result<(), ForeignError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_unmappable_frame_costs_only_its_own_page() {
+        let mut m = GuestMemory::new(Box::new(Fake { bad: 0x23 }), 5, 16 << 20);
+        let mut b = [0u8; 8];
+        // Page 0x22 shares its 2 MiB bucket with the bad frame: mapped alone.
+        m.read(0x22 * 4096 + 8, &mut b).unwrap();
+        assert_eq!(b, [0x22; 8]);
+        assert!(matches!(
+            m.read(0x23 * 4096, &mut b),
+            Err(GuestMemError::Map { gpa: 0x23000, .. })
+        ));
+        // A clean bucket is mapped whole: one map serves both reads.
+        let before = m.maps();
+        m.read(0x300 * 4096, &mut b).unwrap();
+        m.read(0x301 * 4096, &mut b).unwrap();
+        assert_eq!(b, [0x01; 8]);
+        assert_eq!(m.maps(), before + 1);
+        // A read spanning the last page of one mapping and the next page.
+        let mut two = [0u8; 2];
+        m.read(0x3ff * 4096 + 4095, &mut two).unwrap();
+        assert_eq!(two, [0xff, 0x00]);
+    }
+
+    #[test]
+    fn relocated_ram_is_reachable_and_the_hole_is_not() {
+        let mut m =
+            GuestMemory::with_layout(Box::new(Fake { bad: u64::MAX }), 5, RamLayout::hvm(5 << 30));
+        let mut b = [0u8; 4];
+        m.read((4 << 30) + 0x5000, &mut b).unwrap();
+        assert_eq!(b, [0x05; 4]);
+        assert!(matches!(
+            m.read(0xF000_1000, &mut b),
+            Err(GuestMemError::OutOfRam { .. })
+        ));
     }
 }

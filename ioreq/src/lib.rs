@@ -10,6 +10,7 @@
 //! * [`dispatch`]: one request to single accesses, guest RAM for `data_is_ptr`, rate-limited
 //!   logging, counters.
 //! * [`guestmem`]: the guest RAM mapping cache that INVALIDATE empties.
+//! * [`layout`]: where the guest's RAM is (below the MMIO hole, and from 4 GiB).
 //! * [`server`]: [`IoreqServer`], its setup, its thread and the synchronous and buffered
 //!   protocols.
 #![deny(unsafe_code)]
@@ -18,10 +19,12 @@ pub mod decode;
 pub mod dispatch;
 pub mod guestmem;
 pub mod handler;
+pub mod layout;
 pub mod ratelimit;
 pub mod server;
 
 pub use dispatch::{Dispatcher, IoreqStats};
 pub use guestmem::GuestMemory;
 pub use handler::{IoAccess, IoHandler, IoSpace, RangeError, RangeRegistry, Sbdf};
+pub use layout::RamLayout;
 pub use server::{IoreqConfig, IoreqError, IoreqServer, ServerRanges};

@@ -27,6 +27,7 @@ use xen::{
 use crate::dispatch::{Dispatcher, IoreqStats};
 use crate::guestmem::GuestMemory;
 use crate::handler::{IoHandler, RangeError, RangeRegistry};
+use crate::layout::RamLayout;
 
 /// Errors setting up or running an ioreq server.
 #[derive(Debug, thiserror::Error)]
@@ -101,14 +102,14 @@ pub enum IoreqError {
 }
 
 /// How to set up an ioreq server.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct IoreqConfig {
     /// The HVM guest.
     pub domid: DomId,
     /// Its vCPUs (slots in the synchronous page; at most 128).
     pub vcpus: u32,
-    /// Its RAM in bytes, from guest-physical 0 (bounds for `data_is_ptr` buffers).
-    pub ram_bytes: u64,
+    /// Where its RAM is (bounds for `data_is_ptr` buffers).
+    pub ram: RamLayout,
     /// Buffered ring handling.
     pub bufioreq: BufMode,
     /// After handling requests, keep polling the pages this long before sleeping on the
@@ -122,7 +123,7 @@ impl IoreqConfig {
         IoreqConfig {
             domid,
             vcpus,
-            ram_bytes,
+            ram: RamLayout::hvm(ram_bytes),
             bufioreq: BufMode::Atomic,
             spin: Duration::ZERO,
         }
@@ -262,9 +263,10 @@ impl IoreqServer {
             destroyed: false,
         };
         // On error from here on, dropping `server` destroys the Xen-side server.
+        let (vcpus, bufioreq) = (cfg.vcpus, cfg.bufioreq);
         let core = server.setup(host, cfg)?;
         server.core = Some(core);
-        tracing::info!(domid, server = id, vcpus = cfg.vcpus, bufioreq = ?cfg.bufioreq, "ioreq server created");
+        tracing::info!(domid, server = id, vcpus, bufioreq = ?bufioreq, "ioreq server created");
         Ok(server)
     }
 
@@ -340,7 +342,11 @@ impl IoreqServer {
         } else {
             None
         };
-        let mem = GuestMemory::new(host.open_foreign().map_err(hosterr)?, domid, cfg.ram_bytes);
+        let mem = GuestMemory::with_layout(
+            host.open_foreign().map_err(hosterr)?,
+            domid,
+            cfg.ram.clone(),
+        );
         let stats = self.stats.clone();
         Ok(Core {
             domid,
@@ -400,9 +406,18 @@ impl IoreqServer {
                 source,
             })?;
         let stop = self.stop.clone();
+        let dm = self.dm.clone();
         let t = std::thread::Builder::new()
             .name(format!("ioreq-d{domid}-s{id}"))
-            .spawn(move || core.run(handler, &stop))
+            .spawn(move || {
+                if !core.run(handler, &stop) {
+                    // The thread cannot go on: disable the server so that the guest's
+                    // accesses become unclaimed (all ones) instead of waiting forever.
+                    if let Err(e) = dm.set_ioreq_server_state(domid, id, false) {
+                        tracing::error!(domid, server = id, error = %e, "disabling the ioreq server after its thread failed also failed");
+                    }
+                }
+            })
             .map_err(|source| IoreqError::Os {
                 domid,
                 id,
@@ -445,7 +460,8 @@ impl Drop for IoreqServer {
 }
 
 impl Core {
-    fn run(mut self, mut handler: Box<dyn IoHandler>, stop: &EventFd) {
+    /// Serves until `stop` is signalled (true) or the thread cannot go on (false).
+    fn run(mut self, mut handler: Box<dyn IoHandler>, stop: &EventFd) -> bool {
         let mut ports = [0 as Port; 64];
         tracing::debug!(domid = self.domid, server = self.id, vcpu_ports = ?self.vcpu_ports, buf_port = ?self.buf_port, "ioreq thread started");
         let mut more = self.scan(handler.as_mut()).1;
@@ -472,7 +488,7 @@ impl Core {
             if let Err(e) = poll(&mut fds, timeout) {
                 if e != nix::errno::Errno::EINTR {
                     tracing::error!(domid = self.domid, server = self.id, error = %e, "ioreq thread: poll failed; stopping");
-                    break;
+                    return false;
                 }
             }
             if fds[1]
@@ -505,6 +521,7 @@ impl Core {
             more = self.scan(handler.as_mut()).1;
         }
         tracing::debug!(domid = self.domid, server = self.id, "ioreq thread stopped");
+        true
     }
 
     /// Drains the buffered ring (bounded) and serves every vCPU slot that is READY. Returns
