@@ -314,6 +314,12 @@ fn virtio_net_hostile_tx_chains_are_answered_and_the_nic_goes_on() {
             bus.take_irqs();
         }
         assert!(found, "an ARP reply from Linux");
+        // A transmit ring index far ahead: that queue stops, the thread does not spin, and
+        // a reset (which joins the queue thread) completes and clears the device.
+        bus.ram_write(tx.avail + 2, &5000u16.to_le_bytes()).unwrap();
+        bus.mmio_write(dev.notify + 4, 2, 1).unwrap();
+        dev.reset(&bus).unwrap();
+        assert_eq!(dev.status(&bus).unwrap(), 0);
     });
 }
 

@@ -86,6 +86,8 @@ struct Worker {
     to_notify: Vec<bool>,
     /// Doorbells are off on this queue (VRING_USED_F_NO_NOTIFY set).
     quiet: Vec<bool>,
+    /// The driver broke this queue's ring; it is not served until the device is reset.
+    broken: Vec<bool>,
     serial: [u8; 20],
     capacity: u64,
     read_only: bool,
@@ -258,26 +260,6 @@ struct DiskParams {
     name: String,
 }
 
-fn make_queue(i: usize, qc: &QueueConfig, map: &RamMap) -> Result<Option<Queue>, String> {
-    if !qc.enabled {
-        return Ok(None);
-    }
-    let mut q = Queue::new(QUEUE_SIZE).map_err(|e| format!("queue {i}: {e}"))?;
-    q.try_set_size(qc.size)
-        .map_err(|e| format!("queue {i} size {}: {e}", qc.size))?;
-    q.try_set_desc_table_address(vm_memory::GuestAddress(qc.desc))
-        .map_err(|e| format!("queue {i}: {e}"))?;
-    q.try_set_avail_ring_address(vm_memory::GuestAddress(qc.avail))
-        .map_err(|e| format!("queue {i}: {e}"))?;
-    q.try_set_used_ring_address(vm_memory::GuestAddress(qc.used))
-        .map_err(|e| format!("queue {i}: {e}"))?;
-    q.set_ready(true);
-    if !q.is_valid(map.memory()) {
-        return Err(format!("queue {i} rings outside guest RAM"));
-    }
-    Ok(Some(q))
-}
-
 /// Serves one queue synchronously on the calling thread with the same code as the queue
 /// thread: every chain the driver made available is popped, checked and run on `engine`
 /// until nothing is in flight. Returns the used entries (head, length) in order. For the
@@ -364,7 +346,7 @@ impl Worker {
         let map = act.ram.get();
         let mut queues = Vec::with_capacity(act.queues.len());
         for (i, qc) in act.queues.iter().enumerate() {
-            match make_queue(i, qc, &map) {
+            match super::make_queue(i, qc, &map, act.features & super::F_EVENT_IDX != 0) {
                 Ok(q) => queues.push(q),
                 Err(e) => return Err((engine, e)),
             }
@@ -388,6 +370,7 @@ impl Worker {
             descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
             to_notify: vec![false; nq],
             quiet: vec![false; nq],
+            broken: vec![false; nq],
             serial: disk.serial,
             capacity: disk.capacity,
             read_only: disk.read_only,
@@ -457,12 +440,17 @@ impl Worker {
             let mut more = false;
             for (q, slot) in self.queues.iter_mut().enumerate() {
                 let Some(queue) = slot.as_mut() else { continue };
+                if self.broken.get(q).copied().unwrap_or(true) {
+                    continue;
+                }
                 let quiet = self.quiet.get_mut(q);
                 match (busy, quiet) {
                     (true, Some(quiet)) if !*quiet => {
                         *quiet = queue.disable_notification(map.memory()).is_ok();
                     }
-                    (false, Some(quiet)) if *quiet => {
+                    // Idle: always re-arm, since with EVENT_IDX `avail_event` must move up to
+                    // where we stopped even if doorbells were never turned off.
+                    (false, Some(quiet)) => {
                         *quiet = false;
                         more |= queue.enable_notification(map.memory()).unwrap_or(true);
                     }
@@ -503,7 +491,7 @@ impl Worker {
         for q in 0..self.to_notify.len() {
             if std::mem::take(&mut self.to_notify[q]) {
                 let needs = match self.queues.get_mut(q).and_then(|o| o.as_mut()) {
-                    Some(queue) => queue.needs_notification(map.memory()).unwrap_or(true),
+                    Some(queue) => super::wants_interrupt(queue, map.memory()),
                     None => false,
                 };
                 if needs {
@@ -572,7 +560,7 @@ impl Worker {
     }
 
     fn pop_queue(&mut self, q: usize) {
-        if !self.backlog.is_empty() {
+        if !self.backlog.is_empty() || self.broken.get(q).copied().unwrap_or(true) {
             return;
         }
         let map = self.ram.get();
@@ -585,6 +573,9 @@ impl Worker {
                 Ok(Some(c)) => c,
                 Ok(None) => return,
                 Err(why) => {
+                    if let Some(b) = self.broken.get_mut(q) {
+                        *b = true;
+                    }
                     self.log.warn(format_args!(
                         "virtio-blk {}: queue {q}: {why}; queue stalled until reset",
                         self.name

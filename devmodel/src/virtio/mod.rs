@@ -31,6 +31,8 @@ use crate::RateLog;
 pub const F_VERSION_1: u64 = 1 << 32;
 /// VIRTIO_RING_F_INDIRECT_DESC.
 pub const F_INDIRECT_DESC: u64 = 1 << 28;
+/// VIRTIO_RING_F_EVENT_IDX.
+pub const F_EVENT_IDX: u64 = 1 << 29;
 /// No MSI-X vector.
 pub const NO_VECTOR: u16 = 0xffff;
 
@@ -83,6 +85,54 @@ pub(crate) fn pop_chain<'a>(
         return Err("driver ring index is more than the queue size ahead");
     }
     Ok(q.pop_descriptor_chain(mem))
+}
+
+/// Builds a queue the driver enabled, checked (size, alignment, rings inside guest RAM).
+pub(crate) fn make_queue(
+    i: usize,
+    qc: &QueueConfig,
+    map: &crate::mem::RamMap,
+    event_idx: bool,
+) -> Result<Option<virtio_queue::Queue>, String> {
+    use virtio_queue::QueueT;
+    if !qc.enabled {
+        return Ok(None);
+    }
+    let mut q = virtio_queue::Queue::new(256).map_err(|e| format!("queue {i}: {e}"))?;
+    q.try_set_size(qc.size)
+        .map_err(|e| format!("queue {i} size {}: {e}", qc.size))?;
+    q.try_set_desc_table_address(vm_memory::GuestAddress(qc.desc))
+        .map_err(|e| format!("queue {i}: {e}"))?;
+    q.try_set_avail_ring_address(vm_memory::GuestAddress(qc.avail))
+        .map_err(|e| format!("queue {i}: {e}"))?;
+    q.try_set_used_ring_address(vm_memory::GuestAddress(qc.used))
+        .map_err(|e| format!("queue {i}: {e}"))?;
+    q.set_event_idx(event_idx);
+    q.set_ready(true);
+    if !q.is_valid(map.memory()) {
+        return Err(format!("queue {i} rings outside guest RAM"));
+    }
+    Ok(Some(q))
+}
+
+/// Whether the driver wants an interrupt for what was just put on the device ring: with
+/// EVENT_IDX, its `used_event`; without, the VRING_AVAIL_F_NO_INTERRUPT flag (which
+/// virtio-queue does not look at).
+pub(crate) fn wants_interrupt(
+    q: &mut virtio_queue::Queue,
+    mem: &vm_memory::GuestMemoryMmap,
+) -> bool {
+    use virtio_queue::QueueT;
+    use vm_memory::Bytes;
+    let by_event = q.needs_notification(mem).unwrap_or(true);
+    if q.event_idx_enabled() {
+        return by_event;
+    }
+    let flags: u16 = mem
+        .load(vm_memory::GuestAddress(q.avail_ring()), Ordering::Acquire)
+        .map(u16::from_le)
+        .unwrap_or(0);
+    flags & 1 == 0
 }
 
 /// Puts `head` on the device ring, refusing a head outside the queue before virtio-queue
@@ -427,7 +477,7 @@ impl VirtioPci {
     }
 
     fn device_features(&self) -> u64 {
-        self.backend.features() | F_VERSION_1 | F_INDIRECT_DESC
+        self.backend.features() | F_VERSION_1 | F_INDIRECT_DESC | F_EVENT_IDX
     }
 
     fn reset(&mut self) {

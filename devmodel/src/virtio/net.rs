@@ -24,7 +24,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use virtio_queue::{Descriptor, Queue, QueueT};
 
-use super::{Activation, Notifier, QueueConfig, VirtioBackend};
+use super::{make_queue, Activation, Notifier, VirtioBackend};
 use crate::mem::{GuestRam, RamMap};
 use crate::RateLog;
 
@@ -235,6 +235,7 @@ impl VirtioBackend for VirtioNet {
                 .map_err(|e| format!("attaching the first queue: {e}"))?;
         }
         let map = act.ram.get();
+        let evi = f & super::F_EVENT_IDX != 0;
         let pairs = usize::from(self.pairs());
         let ctrl_q = if pairs > 1 && f & F_CTRL_VQ != 0 {
             act.queues.get(2 * pairs).copied()
@@ -248,11 +249,11 @@ impl VirtioBackend for VirtioNet {
             if !rxc.enabled && !txc.enabled {
                 continue;
             }
-            let rx = make_queue(2 * p, rxc, &map)?;
-            let tx = make_queue(2 * p + 1, txc, &map)?;
+            let rx = make_queue(2 * p, rxc, &map, evi)?;
+            let tx = make_queue(2 * p + 1, txc, &map, evi)?;
             let ctrl = match (p, ctrl_q) {
                 (0, Some(c)) if c.enabled => Some((
-                    make_queue(2 * pairs, &c, &map)?,
+                    make_queue(2 * pairs, &c, &map, evi)?,
                     act.kicks.get(2 * pairs).cloned(),
                 )),
                 _ => None,
@@ -315,26 +316,6 @@ impl VirtioBackend for VirtioNet {
     fn describe(&self) -> String {
         self.describe.clone()
     }
-}
-
-fn make_queue(i: usize, qc: &QueueConfig, map: &RamMap) -> Result<Option<Queue>, String> {
-    if !qc.enabled {
-        return Ok(None);
-    }
-    let mut q = Queue::new(QUEUE_SIZE).map_err(|e| format!("queue {i}: {e}"))?;
-    q.try_set_size(qc.size)
-        .map_err(|e| format!("queue {i} size {}: {e}", qc.size))?;
-    q.try_set_desc_table_address(vm_memory::GuestAddress(qc.desc))
-        .map_err(|e| format!("queue {i}: {e}"))?;
-    q.try_set_avail_ring_address(vm_memory::GuestAddress(qc.avail))
-        .map_err(|e| format!("queue {i}: {e}"))?;
-    q.try_set_used_ring_address(vm_memory::GuestAddress(qc.used))
-        .map_err(|e| format!("queue {i}: {e}"))?;
-    q.set_ready(true);
-    if !q.is_valid(map.memory()) {
-        return Err(format!("queue {i} rings outside guest RAM"));
-    }
-    Ok(Some(q))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -424,14 +405,39 @@ impl PairWorker {
             }
             let _ = self.tx_kick.read();
             let _ = self.rx_kick.read();
-            self.ctrl_work();
-            self.tx_work();
-            self.rx_work();
+            loop {
+                self.ctrl_work();
+                self.tx_work();
+                self.rx_work();
+                if !self.rearm() {
+                    break;
+                }
+            }
         }
     }
 
+    /// Asks for doorbells again (with EVENT_IDX: `avail_event` = where we stopped) on every
+    /// queue; true if the driver made more available meanwhile, to be served before sleeping.
+    fn rearm(&mut self) -> bool {
+        let map = self.ram.get();
+        let mem = map.memory();
+        let mut more = false;
+        let ctrl = self.ctrl.as_mut().and_then(|c| c.0.as_mut());
+        for q in [self.tx.as_mut(), ctrl].into_iter().flatten() {
+            more |= q.enable_notification(mem).unwrap_or(false);
+        }
+        // Receive buffers matter only when a frame waits for one or the engine is idle for
+        // lack of them; a doorbell then wakes us, and new buffers are looked at in rx_work.
+        if let Some(q) = self.rx.as_mut() {
+            let _ = q.enable_notification(mem);
+        }
+        more
+    }
+
     /// The chain, or None (logged at a rate limit if the ring is broken).
-    fn checked<T>(&self, c: Result<Option<T>, &'static str>) -> Option<T> {
+    /// The chain, or None; a broken ring (queue 0 rx, 1 tx, 2 control) is dropped, so the
+    /// queue is not served (nor spun on) until the driver resets the device.
+    fn checked<T>(&mut self, which: usize, c: Result<Option<T>, &'static str>) -> Option<T> {
         match c {
             Ok(c) => c,
             Err(why) => {
@@ -439,6 +445,15 @@ impl PairWorker {
                     "virtio-net {}: {why}; queue stalled until reset",
                     self.name
                 ));
+                match which {
+                    0 => self.rx = None,
+                    1 => self.tx = None,
+                    _ => {
+                        if let Some(c) = self.ctrl.as_mut() {
+                            c.0 = None;
+                        }
+                    }
+                }
                 None
             }
         }
@@ -475,7 +490,7 @@ impl PairWorker {
             _ => (self.ctrl.as_mut().and_then(|c| c.0.as_mut()), self.ctrl_idx),
         };
         if let Some(q) = q {
-            if q.needs_notification(map.memory()).unwrap_or(true) {
+            if super::wants_interrupt(q, map.memory()) {
                 self.notifier.queue(idx);
             }
         }
@@ -497,7 +512,7 @@ impl PairWorker {
                 Some(q) => super::pop_chain(q, map.memory()),
                 None => return,
             };
-            let Some(chain) = self.checked(chain) else {
+            let Some(chain) = self.checked(1, chain) else {
                 break;
             };
             let head = chain.head_index();
@@ -626,7 +641,7 @@ impl PairWorker {
                 Some(q) => super::pop_chain(q, map.memory()),
                 None => break,
             };
-            let Some(chain) = self.checked(chain) else {
+            let Some(chain) = self.checked(0, chain) else {
                 break;
             };
             let head = chain.head_index();
@@ -684,7 +699,7 @@ impl PairWorker {
                 Some(q) => super::pop_chain(q, map.memory()),
                 None => return,
             };
-            let Some(chain) = self.checked(chain) else {
+            let Some(chain) = self.checked(2, chain) else {
                 break;
             };
             let head = chain.head_index();

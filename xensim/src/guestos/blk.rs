@@ -92,7 +92,8 @@ impl VirtioBlkDriver {
                 | F_MQ
                 | F_DISCARD
                 | F_WRITE_ZEROES
-                | F_RO,
+                | F_RO
+                | super::virtio::F_EVENT_IDX,
         )?;
         let cfg = |off: u64, size: u8| b.mmio_read(dev.device + off, size).map_err(bus_err);
         let capacity = cfg(0, 8)?;
@@ -110,7 +111,9 @@ impl VirtioBlkDriver {
         dev.set_config_vector(b, 0)?;
         let mut queues = Vec::new();
         for q in 0..nq {
-            queues.push(dev.setup_queue(b, q, qsize, q + 1, ram)?);
+            let mut vq = dev.setup_queue(b, q, qsize, q + 1, ram)?;
+            vq.set_event_idx(features & super::virtio::F_EVENT_IDX != 0);
+            queues.push(vq);
         }
         let qs = queues.first().map_or(qsize, |q| q.size);
         let slot_size = 64u64;

@@ -82,7 +82,7 @@ impl<B: HvmBus> VirtioNetDriver<B> {
     ) -> Result<VirtioNetDriver<B>> {
         let b = bus.as_ref();
         let dev = VirtioPciDev::new(b, f, vector_base)?;
-        let mut want = F_MAC | F_MTU | F_STATUS;
+        let mut want = F_MAC | F_MTU | F_STATUS | super::virtio::F_EVENT_IDX;
         if offloads {
             want |= F_CSUM | F_GUEST_CSUM | F_HOST_TSO4 | F_HOST_TSO6 | F_GUEST_TSO4 | F_GUEST_TSO6;
         }
@@ -99,7 +99,10 @@ impl<B: HvmBus> VirtioNetDriver<B> {
         dev.enable_msix(b, 3)?;
         dev.set_config_vector(b, 0)?;
         let mut rx = dev.setup_queue(b, 0, qsize, 1, ram)?;
-        let tx = dev.setup_queue(b, 1, qsize, 2, ram)?;
+        let mut tx = dev.setup_queue(b, 1, qsize, 2, ram)?;
+        let evi = features & super::virtio::F_EVENT_IDX != 0;
+        rx.set_event_idx(evi);
+        tx.set_event_idx(evi);
         let big = features & (F_GUEST_TSO4 | F_GUEST_TSO6) != 0;
         let buf_len = (HDR
             + if big {

@@ -21,6 +21,8 @@ pub const S_DRIVER_OK: u8 = 4;
 pub const S_FEATURES_OK: u8 = 8;
 /// DEVICE_NEEDS_RESET.
 pub const S_NEEDS_RESET: u8 = 0x40;
+/// VIRTIO_RING_F_EVENT_IDX.
+pub const F_EVENT_IDX: u64 = 1 << 29;
 /// The MSI address the drivers program (the local APIC window, destination 0).
 pub const MSI_ADDR: u64 = 0xfee0_0000;
 
@@ -257,6 +259,8 @@ impl VirtioPciDev {
             vector,
             doorbells: 0,
             doorbells_skipped: 0,
+            event_idx: false,
+            published: 0,
         })
     }
 
@@ -305,9 +309,16 @@ pub struct Virtqueue {
     pub vector: u16,
     doorbells: u64,
     doorbells_skipped: u64,
+    event_idx: bool,
+    published: u16,
 }
 
 impl Virtqueue {
+    /// Uses `used_event`/`avail_event` (set when VIRTIO_RING_F_EVENT_IDX was negotiated).
+    pub fn set_event_idx(&mut self, on: bool) {
+        self.event_idx = on;
+    }
+
     /// Free descriptors.
     pub fn free(&self) -> usize {
         self.free.len()
@@ -365,12 +376,23 @@ impl Virtqueue {
     /// Makes added chains visible (driver ring index) and notifies the device, unless the
     /// device said it does not need the doorbell now (VRING_USED_F_NO_NOTIFY in the device
     /// ring's flags, read after the index is published).
+    /// With EVENT_IDX, the doorbell rings only if the new index passed the device's
+    /// `avail_event`.
     pub fn publish<B: HvmBus>(&mut self, b: &B) -> Result<()> {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         b.ram_write(self.avail + 2, &self.avail_idx.to_le_bytes())
             .map_err(bus_err)?;
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        if ram_u16(b, self.used)? & 1 != 0 {
+        let (old, new) = (self.published, self.avail_idx);
+        self.published = new;
+        let skip = if self.event_idx {
+            let event = ram_u16(b, self.used + 4 + 8 * u64::from(self.size))?;
+            // vring_need_event: ring if `event` lies in (old, new].
+            new.wrapping_sub(event).wrapping_sub(1) >= new.wrapping_sub(old)
+        } else {
+            ram_u16(b, self.used)? & 1 != 0
+        };
+        if skip {
             self.doorbells_skipped += 1;
             return Ok(());
         }
@@ -386,7 +408,18 @@ impl Virtqueue {
 
     /// Takes one used entry (head, bytes written) and frees its descriptors.
     pub fn pop_used<B: HvmBus>(&mut self, b: &B) -> Result<Option<(u16, u32)>> {
-        let idx = ram_u16(b, self.used + 2)?;
+        let mut idx = ram_u16(b, self.used + 2)?;
+        if idx == self.last_used && self.event_idx {
+            // Ask for an interrupt on the next used entry (used_event), then look again in
+            // case one arrived before the device could see the request.
+            b.ram_write(
+                self.avail + 4 + 2 * u64::from(self.size),
+                &self.last_used.to_le_bytes(),
+            )
+            .map_err(bus_err)?;
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            idx = ram_u16(b, self.used + 2)?;
+        }
         if idx == self.last_used {
             return Ok(None);
         }
