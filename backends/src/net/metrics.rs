@@ -66,6 +66,9 @@ counters! {
     /// Frames dropped because the RX backlog was full (the guest posts too few buffers:
     /// XSA-392).
     rx_backlog_drops,
+    /// Frames from the engine dropped because they were cut short (longer than the largest
+    /// frame) or malformed.
+    rx_truncated_drops,
     /// Multicast frames dropped by the frontend's filter.
     rx_mcast_drops,
     /// Frames the guest cannot take (too large without SG, GSO it did not ask for).
@@ -84,6 +87,9 @@ counters! {
     spurious_events,
     /// Notifications sent to the frontend.
     notifications,
+    /// Engine queues that failed for good (e.g. the tap deleted under the vif) and are no
+    /// longer served.
+    engine_failures,
     /// Times the vif was disabled because the frontend broke the protocol.
     fatal_errors,
 }

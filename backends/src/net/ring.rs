@@ -46,8 +46,9 @@ use crate::ratelimit::TokenBucket;
 const TX_ARENA: usize = 128 * 1024;
 /// Bytes of RX frames delivered per grant-copy batch (at least one frame).
 const RX_BATCH_BYTES: usize = 128 * 1024;
-/// Largest frame from the engine: 64 KiB of payload plus an Ethernet header.
-const RX_MAX_FRAME: usize = 65535 + 14;
+/// The engine's receive buffer: one byte more than the largest frame (64 KiB of payload
+/// plus an Ethernet header), so that a frame the kernel cut to fit fills it and is dropped.
+const RX_MAX_FRAME: usize = super::tap::MAX_FRAME + 1;
 /// Frames read from the engine per queue per pass (fairness between queues and TX).
 const RX_PULL_BUDGET: usize = 256;
 /// Engine queues the vif thread polls (at most `xenbus::MAX_QUEUES`).
@@ -272,12 +273,26 @@ struct Vif {
     rx_reqs: Vec<NetifRxRequest>,
     rx_plan: Vec<RxPlan>,
     rx_segs: Vec<CopySegment<'static>>,
+    /// Engine queues that may have frames to read (bit per queue): set when poll reports
+    /// one readable, cleared when a read finds nothing.
+    engine_ready: u64,
+    /// Engine queues that failed for good (bit per queue): neither polled nor used again.
+    engine_dead: u64,
     /// Ports to notify after a pass (deduplicated: one notification per port per pass).
     notify: Vec<Port>,
     /// Requests answered, frames moved and control requests served (to tell spurious events).
     work: u64,
     dead: bool,
     log_bucket: TokenBucket,
+}
+
+/// The bit of engine queue `i` in a per-queue mask (none past 64: such queues are never
+/// polled).
+fn bit(i: usize) -> u64 {
+    u32::try_from(i)
+        .ok()
+        .and_then(|i| 1u64.checked_shl(i))
+        .unwrap_or(0)
 }
 
 /// Reuses a vector's allocation for segments borrowing something else (an empty vector of
@@ -406,6 +421,8 @@ pub(crate) fn start(p: VifStart) -> Result<VifHandle, NetError> {
         rx_reqs: Vec::with_capacity(256),
         rx_plan: Vec::with_capacity(256),
         rx_segs: Vec::with_capacity(256),
+        engine_ready: u64::MAX,
+        engine_dead: 0,
         notify: Vec::with_capacity(8),
         work: 0,
         dead: false,
@@ -438,6 +455,7 @@ impl Vif {
         );
         let mut ports = [0 as Port; 16];
         let mut delivered: Vec<Port> = Vec::with_capacity(16);
+        let (mut evtchn_ready, mut waker_ready);
         // A first pass: the frontend may have queued work before we bound.
         self.pass();
         while !self.dead {
@@ -448,7 +466,12 @@ impl Vif {
                 let mut fds: [PollFd<'_>; 2 + POLL_ENGINES] = std::array::from_fn(|i| {
                     let fd = match i {
                         0 => self.evtchn.fd(),
-                        i if i >= 2 && i - 2 < self.engines.len() => self.engines[i - 2].fd(),
+                        i if i >= 2
+                            && i - 2 < self.engines.len()
+                            && self.engine_dead & bit(i - 2) == 0 =>
+                        {
+                            self.engines[i - 2].fd()
+                        }
                         _ => self.waker.fd.as_fd(),
                     };
                     PollFd::new(fd, PollFlags::POLLIN)
@@ -459,8 +482,19 @@ impl Vif {
                         break;
                     }
                 }
+                // Act only on what poll reported (no read that would find nothing).
+                let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+                evtchn_ready = ready(&fds[0]);
+                waker_ready = ready(&fds[1]);
+                for (i, f) in fds[2..n].iter().enumerate() {
+                    if ready(f) && self.engine_dead & bit(i) == 0 {
+                        self.engine_ready |= bit(i);
+                    }
+                }
             }
-            let _ = self.waker.fd.read();
+            if waker_ready {
+                let _ = self.waker.fd.read();
+            }
             if self.waker.stop.load(Ordering::SeqCst) {
                 break;
             }
@@ -478,14 +512,16 @@ impl Vif {
                 );
             }
             delivered.clear();
-            while let Ok(n) = self.evtchn.pending(&mut ports) {
-                if n == 0 {
-                    break;
-                }
-                add(&self.shared.metrics.events, n as u64);
-                for p in ports.iter().take(n) {
-                    if !delivered.contains(p) {
-                        delivered.push(*p);
+            if evtchn_ready {
+                while let Ok(n) = self.evtchn.pending(&mut ports) {
+                    if n == 0 {
+                        break;
+                    }
+                    add(&self.shared.metrics.events, n as u64);
+                    for p in ports.iter().take(n) {
+                        if !delivered.contains(p) {
+                            delivered.push(*p);
+                        }
                     }
                 }
             }
@@ -925,6 +961,8 @@ impl Vif {
         }
         self.tx_plan = plan;
         self.queues[qi].tx.pending.drain(..pos);
+        // Requests answered are work (an event that brought only TX is not spurious).
+        self.work += pos as u64;
         if let Some(f) = fatal {
             self.fatal(&f.to_string());
         }
@@ -960,6 +998,10 @@ impl Vif {
         let Some(engine) = self.engines.get(ei) else {
             return;
         };
+        if self.engine_dead & bit(ei) != 0 {
+            add(&self.shared.metrics.tx_engine_errors, 1);
+            return;
+        }
         match engine.send(&hdr, &[IoSlice::new(frame)]) {
             Ok(()) => {
                 add(&self.shared.metrics.tx_packets, 1);
@@ -981,20 +1023,53 @@ impl Vif {
 
     fn rx_pull(&mut self) {
         for ei in 0..self.engines.len() {
+            if self.engine_ready & bit(ei) == 0 {
+                continue;
+            }
             for _ in 0..RX_PULL_BUDGET {
                 let got = match self.engines[ei].recv(&mut self.rx_scratch) {
                     Ok(Some((hdr, n))) => (hdr, n.min(self.rx_scratch.len())),
-                    Ok(None) => break,
-                    Err(e) => {
+                    Ok(None) => {
+                        self.engine_ready &= !bit(ei);
+                        break;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        // One bad frame (cut short by the kernel, or shorter than its
+                        // header): drop it and go on.
+                        add(&self.shared.metrics.rx_truncated_drops, 1);
                         if self.log_bucket.take(1.0) {
-                            warn!(queue = ei, error = %e, "engine receive failed");
+                            let suppressed = self.log_bucket.take_denied();
+                            warn!(queue = ei, error = %e, suppressed, "dropping a frame from the engine");
                         }
+                        self.work += 1;
+                        continue;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        self.engine_failed(ei, &e);
                         break;
                     }
                 };
                 self.work += 1;
                 self.rx_accept(ei, got.0, got.1);
             }
+        }
+    }
+
+    /// An engine queue failed for good (its tap deleted under it: EBADFD, EIO...): stop
+    /// polling and using it, once, and say so on the device's `error` node. The vif's other
+    /// queues go on.
+    fn engine_failed(&mut self, ei: usize, e: &std::io::Error) {
+        if self.engine_dead & bit(ei) != 0 {
+            return;
+        }
+        self.engine_dead |= bit(ei);
+        self.engine_ready &= !bit(ei);
+        add(&self.shared.metrics.engine_failures, 1);
+        warn!(queue = ei, error = %e, "engine queue failed; no longer serving it");
+        let msg = format!("vif engine queue {ei} failed: {e}");
+        if let Err(err) = self.ctx.report_error(&msg) {
+            debug!(error = %err, "cannot write the error node");
         }
     }
 

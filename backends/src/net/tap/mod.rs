@@ -44,8 +44,10 @@ use super::engine::{NetQueueIo, VirtioNetHdr};
 /// The most queues one tap gets (Linux's MAX_TAP_QUEUES is 256).
 pub const MAX_QUEUES: u16 = 256;
 
-/// The largest frame a tap carries: 64 KiB of IP (the IPv4 total length and the GSO limit of
-/// a tap) plus the Ethernet header. A `recv` buffer this large never truncates.
+/// The largest frame netback accepts from a tap: 64 KiB of IP (the IPv4 total length and the
+/// GSO limit of a tap) plus the Ethernet header. A tap can carry longer ones (a VLAN tag on a
+/// 64 KiB packet); `recv` refuses any frame that fills its buffer, so read into one of
+/// `MAX_FRAME + 1` bytes.
 pub const MAX_FRAME: usize = 65_535 + 14;
 
 /// The most slices `send` gathers without allocating (netif allows 18 slots per packet).
@@ -293,14 +295,14 @@ impl NetQueueIo for TapQueue {
             ));
         }
         let len = n - VirtioNetHdr::LEN;
-        if len >= buf.len() && buf.len() < MAX_FRAME {
+        if len >= buf.len() {
             // The kernel cuts a frame to the buffer and reports only what it copied, so a
-            // full buffer smaller than the largest frame may hold a truncated one.
+            // frame that fills the buffer may have been cut: drop it. (Give a buffer one byte
+            // larger than the largest frame you accept.)
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
-                    "a frame filled the whole {}-byte buffer (smaller than the largest frame, \
-                     {MAX_FRAME} bytes) and may have been truncated",
+                    "a frame filled the whole {}-byte buffer and may have been truncated",
                     buf.len()
                 ),
             ));
