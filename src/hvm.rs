@@ -33,6 +33,10 @@ pub struct HvmArgs {
     /// The domain domio runs in.
     #[arg(long, default_value_t = 0)]
     pub backend_domid: DomId,
+    /// Serve a control socket here (JSON lines, QMP-shaped): `stats` (the ioreq server's
+    /// counters) and `devices` (the machine and its serial console).
+    #[arg(long)]
+    pub control: Option<std::path::PathBuf>,
 }
 
 /// What the control socket can report about a running device model.
@@ -75,6 +79,20 @@ impl HvmInfo {
                 "suppressed_logs": g(&s.suppressed_logs),
             }
         })
+    }
+}
+
+impl crate::control::ControlTarget for HvmInfo {
+    fn domid(&self) -> u32 {
+        u32::from(self.domid)
+    }
+
+    fn execute(&self, cmd: &str, _args: &serde_json::Value) -> Option<serde_json::Value> {
+        match cmd {
+            "stats" => Some(serde_json::json!({ "return": self.stats_json() })),
+            "devices" => Some(serde_json::json!({ "return": self.devices_json() })),
+            _ => None,
+        }
     }
 }
 
@@ -142,11 +160,19 @@ pub fn run(a: HvmArgs) -> anyhow::Result<ExitCode> {
     let hvm = Hvm::start(host.as_ref(), domid, &cfg)?;
     info!(domid, name = %cfg.name, vcpus = cfg.vcpus, memory_mib = cfg.memory_mib, xen = %host.describe(), "domio hvm serving");
     info!(domid, devices = %hvm.info().devices_json(), "machine");
+    let control = match &a.control {
+        Some(p) => Some(crate::control::Control::start(
+            p,
+            Arc::new(hvm.info().clone()),
+        )?),
+        None => None,
+    };
     let sig = signals
         .recv()
         .map(|s| s.as_str())
         .unwrap_or("channel closed");
     info!(domid, signal = sig, stats = %hvm.info().stats_json(), "shutting down the device model");
+    drop(control);
     hvm.stop();
     info!("domio hvm stopped cleanly");
     Ok(ExitCode::SUCCESS)
@@ -202,6 +228,35 @@ mod tests {
         Uart::COM1.write(&g, b"hello from domio hvm\n").unwrap();
         assert_eq!(std::fs::read(&log).unwrap(), b"hello from domio hvm\n");
         assert!(info.stats_json()["ioreq"]["sync"].as_u64().unwrap() > 0);
+
+        // The control socket answers devices and stats, and errors for the rest.
+        let sock = dir.path().join("ctl.sock");
+        let control = crate::control::Control::start(&sock, Arc::new(info.clone())).unwrap();
+        let mut conn = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(conn.try_clone().unwrap()));
+        let greeting: serde_json::Value =
+            serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(greeting["domio"]["domid"], u32::from(domid));
+        let mut ask = |req: &str| -> serde_json::Value {
+            std::io::Write::write_all(&mut conn, format!("{req}\n").as_bytes()).unwrap();
+            serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap()
+        };
+        let devices = ask(r#"{"execute":"devices"}"#);
+        assert!(devices["return"]["devices"][3]
+            .as_str()
+            .unwrap()
+            .contains("virtio-blk xvda"));
+        let stats = ask(r#"{"execute":"stats"}"#);
+        assert!(stats["return"]["ioreq"]["sync"].as_u64().unwrap() > 0);
+        assert_eq!(ask("not json")["error"]["class"], "GenericError");
+        assert_eq!(
+            ask(r#"{"execute":"quit"}"#)["error"]["class"],
+            "CommandNotFound"
+        );
+        assert_eq!(ask("{}")["error"]["class"], "GenericError");
+        drop(control);
         hvm.stop();
         // The server is gone: the guest's accesses are unclaimed now.
         assert_eq!(pci::cfg_read(&g, 0, 0, 0, 0, 4).unwrap(), 0xffff_ffff);
