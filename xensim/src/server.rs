@@ -501,14 +501,10 @@ impl Connection {
                     {
                         return Err(libc::EFAULT);
                     }
-                    local.push(sys::Iov {
-                        iov_base: mem.as_ptr().wrapping_add(p.ram_offset).cast(),
-                        iov_len: p.len,
-                    });
-                    remote.push(sys::Iov {
-                        iov_base: s.addr as usize as *mut libc::c_void,
-                        iov_len: p.len,
-                    });
+                    // Adjacent ranges merge into one entry (a batch's buffers are usually
+                    // packed back to back): the kernel pins the remote pages once per entry.
+                    push_iov(local, mem.as_ptr().wrapping_add(p.ram_offset).cast(), p.len);
+                    push_iov(remote, s.addr as usize as *mut libc::c_void, p.len);
                     want += p.len;
                 }
                 if local.is_empty() {
@@ -535,6 +531,20 @@ impl Connection {
             Err(errno) => err(errno, "grant copy: a buffer of the caller faulted"),
         }
     }
+}
+
+/// Appends `base..base+len` to `v`, extending the last entry if it ends at `base`.
+fn push_iov(v: &mut Vec<sys::Iov>, base: *mut libc::c_void, len: usize) {
+    if let Some(last) = v.last_mut() {
+        if (last.iov_base as usize).wrapping_add(last.iov_len) == base as usize {
+            last.iov_len += len;
+            return;
+        }
+    }
+    v.push(sys::Iov {
+        iov_base: base,
+        iov_len: len,
+    });
 }
 
 #[cfg(test)]
