@@ -32,6 +32,8 @@ pub const COM1_BASE: u16 = 0x3f8;
 /// COM1's IRQ.
 pub const COM1_IRQ: u8 = 4;
 const FIFO_LEN: usize = 16;
+/// How many bytes a `file:` console may hold by default (16 MiB).
+pub const FILE_CAP_DEFAULT: u64 = 16 << 20;
 
 const IER_RDI: u8 = 1;
 const IER_THRI: u8 = 2;
@@ -141,8 +143,17 @@ impl SerialSpec {
 
 enum Sink {
     None,
-    File(File),
-    Pty { master: File, _slave: File },
+    /// A log file: at most `cap` bytes in it (counting what was there at open), then
+    /// every byte is dropped and counted.
+    File {
+        file: File,
+        len: std::sync::atomic::AtomicU64,
+        cap: u64,
+    },
+    Pty {
+        master: File,
+        _slave: File,
+    },
     Unix(Mutex<Option<UnixStream>>),
 }
 
@@ -261,7 +272,14 @@ impl Shared {
     fn transmit(&self, b: u8) {
         let ok = match &self.sink {
             Sink::None => true,
-            Sink::File(f) => (&*f).write_all(&[b]).is_ok(),
+            Sink::File { file, len, cap } => {
+                // Only the ioreq thread transmits, so load-then-store does not race.
+                let n = len.load(std::sync::atomic::Ordering::Relaxed);
+                n < *cap && (&*file).write_all(&[b]).is_ok() && {
+                    len.store(n + 1, std::sync::atomic::Ordering::Relaxed);
+                    true
+                }
+            }
             Sink::Pty { master, .. } => (&*master).write(&[b]).is_ok_and(|n| n == 1),
             Sink::Unix(c) => {
                 let mut g = c.lock().unwrap_or_else(|e| e.into_inner());
@@ -318,8 +336,21 @@ fn stopping(stop: &EventFd) -> bool {
 }
 
 impl Uart {
-    /// A UART raising ISA IRQ `irq` with its console on `spec`.
+    /// A UART raising ISA IRQ `irq` with its console on `spec`; a `file:` console holds at
+    /// most [`FILE_CAP_DEFAULT`] bytes.
     pub fn new(spec: &SerialSpec, irq: IrqSink, irq_no: u8) -> Result<Uart, UartError> {
+        Uart::with_file_cap(spec, irq, irq_no, FILE_CAP_DEFAULT)
+    }
+
+    /// As [`Uart::new`], with a `file:` console capped at `file_cap` bytes (what the file
+    /// held when opened counts): a guest cannot fill dom0's disk. Bytes past the cap are
+    /// dropped and counted in [`Uart::tx_dropped`], and logged at a rate limit.
+    pub fn with_file_cap(
+        spec: &SerialSpec,
+        irq: IrqSink,
+        irq_no: u8,
+        file_cap: u64,
+    ) -> Result<Uart, UartError> {
         let domid = irq.domid();
         let open = |what: String| {
             move |source| UartError::Open {
@@ -337,7 +368,15 @@ impl Uart {
                     .append(true)
                     .open(p)
                     .map_err(open(format!("file {p}")))?;
-                (Sink::File(f), format!("file:{p}"))
+                let len = f.metadata().map_err(open(format!("file {p}")))?.len();
+                (
+                    Sink::File {
+                        file: f,
+                        len: len.into(),
+                        cap: file_cap,
+                    },
+                    format!("file:{p}"),
+                )
             }
             SerialSpec::Pty => {
                 let (master, slave, path) = crate::sys::open_pty().map_err(open("pty".into()))?;

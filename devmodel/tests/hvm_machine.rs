@@ -217,6 +217,33 @@ fn uart_bytes_reach_the_log_file_and_loopback_echoes() {
     );
 }
 
+/// A `file:` console holds at most its cap (what was in the file counts); the rest is dropped
+/// and counted, so a guest writing without end cannot fill dom0's disk.
+#[test]
+fn uart_file_console_is_capped_and_the_rest_is_counted() {
+    use devmodel::irq::IrqSink;
+    use devmodel::uart::{SerialSpec, Uart as DevUart, COM1_IRQ};
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("com1.log");
+    std::fs::write(&log, b"old\n").unwrap();
+    let irq = IrqSink::new(
+        std::sync::Arc::new(common::RecordingDm(Default::default())),
+        common::DOMID,
+    );
+    let spec = SerialSpec::File(log.display().to_string());
+    let mut u = DevUart::with_file_cap(&spec, irq, COM1_IRQ, 1000).unwrap();
+    for i in 0..5000u32 {
+        u.write(0, b'a' + (i % 26) as u8);
+    }
+    let got = std::fs::read(&log).unwrap();
+    assert_eq!(got.len(), 1000);
+    assert_eq!(&got[..4], b"old\n");
+    assert_eq!(got[4], b'a');
+    assert_eq!(u.tx_dropped(), 5000 - 996);
+    // The default cap is 16 MiB.
+    assert_eq!(devmodel::uart::FILE_CAP_DEFAULT, 16 << 20);
+}
+
 /// XSA-238: a guest writing all ones to every BAR (the sizing probe, left in place) and then
 /// enabling decoding gets no range routed; overlapping BARs are refused too.
 #[test]

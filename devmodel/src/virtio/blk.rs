@@ -64,6 +64,8 @@ pub const SIZE_MAX: u32 = 1 << 20;
 pub const SEG_MAX: u32 = 126;
 /// Queue size offered.
 pub const QUEUE_SIZE: u16 = 256;
+/// Most queues a disk has (`virtio_queues`).
+pub const MAX_QUEUES: usize = 16;
 const SECTOR: u64 = 512;
 
 struct Pending {
@@ -132,7 +134,7 @@ impl VirtioBlk {
             capacity: info.capacity / SECTOR,
             read_only: info.read_only,
             discard: info.discard.is_some(),
-            queues: queues.clamp(1, 16),
+            queues: queues.clamp(1, MAX_QUEUES as u16),
             serial,
             engine: Some(engine),
             running: None,
@@ -382,13 +384,22 @@ impl Worker {
     fn run(&mut self) {
         loop {
             let (stop_ready, kicked, done) = {
-                let mut fds = Vec::with_capacity(2 + self.kicks.len());
-                fds.push(PollFd::new(self.stop.as_fd(), PollFlags::POLLIN));
-                fds.push(PollFd::new(self.engine.completion_fd(), PollFlags::POLLIN));
-                for k in &self.kicks {
-                    fds.push(PollFd::new(k.as_fd(), PollFlags::POLLIN));
-                }
-                match poll(&mut fds, PollTimeout::NONE) {
+                // A fixed array, no allocation per wakeup; only the first 2 + queues entries
+                // are polled.
+                let nk = self.kicks.len().min(MAX_QUEUES);
+                let stop_fd = self.stop.as_fd();
+                let comp_fd = self.engine.completion_fd();
+                let kicks = &self.kicks;
+                let mut fds: [PollFd<'_>; 2 + MAX_QUEUES] = std::array::from_fn(|i| match i {
+                    0 => PollFd::new(stop_fd, PollFlags::POLLIN),
+                    1 => PollFd::new(comp_fd, PollFlags::POLLIN),
+                    _ => match kicks.get(i - 2) {
+                        Some(k) => PollFd::new(k.as_fd(), PollFlags::POLLIN),
+                        None => PollFd::new(stop_fd, PollFlags::empty()),
+                    },
+                });
+                let fds = &mut fds[..2 + nk];
+                match poll(fds, PollTimeout::NONE) {
                     Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                     Err(e) => {
                         self.log
@@ -577,9 +588,10 @@ impl Worker {
                         *b = true;
                     }
                     self.log.warn(format_args!(
-                        "virtio-blk {}: queue {q}: {why}; queue stalled until reset",
+                        "virtio-blk {}: queue {q}: {why}; queue stalled, device needs reset",
                         self.name
                     ));
+                    self.notifier.needs_reset();
                     return;
                 }
             };

@@ -66,14 +66,21 @@ pub const MSIX_PBA_OFF: u64 = 0x5000;
 /// BAR0 size.
 pub const BAR0_SIZE: u64 = 0x8000;
 
-/// Pops the next available chain. The driver's ring index is checked here first: an index
-/// more than the queue size ahead (or an unreadable ring) is an error for the caller's
-/// rate-limited log, instead of a line from virtio-queue's own, unthrottled one.
+/// Pops the next available chain. Everything virtio-queue would log about (with its own,
+/// unthrottled `error!`) is checked here first and returned as an error for the caller's
+/// rate-limited log: a driver ring at GPA 0, an unreadable ring index, an index more than
+/// the queue size ahead, an unreadable ring entry, and a head outside the queue. Any of
+/// these means the driver broke the ring: the caller stops serving the queue and sets
+/// DEVICE_NEEDS_RESET.
 pub(crate) fn pop_chain<'a>(
     q: &mut virtio_queue::Queue,
     mem: &'a vm_memory::GuestMemoryMmap,
 ) -> Result<Option<virtio_queue::DescriptorChain<&'a vm_memory::GuestMemoryMmap>>, &'static str> {
     use virtio_queue::QueueT;
+    use vm_memory::Bytes;
+    if q.avail_ring() == 0 || q.desc_table() == 0 || q.used_ring() == 0 {
+        return Err("a ring at guest-physical 0");
+    }
     let idx = q
         .avail_idx(mem, Ordering::Acquire)
         .map_err(|_| "driver ring unreadable")?;
@@ -83,6 +90,15 @@ pub(crate) fn pop_chain<'a>(
     }
     if ahead > q.size() {
         return Err("driver ring index is more than the queue size ahead");
+    }
+    let slot = u64::from(q.next_avail() % q.size().max(1));
+    let entry = vm_memory::GuestAddress(q.avail_ring() + 4 + 2 * slot);
+    let head = mem
+        .load::<u16>(entry, Ordering::Acquire)
+        .map(u16::from_le)
+        .map_err(|_| "driver ring entry unreadable")?;
+    if head >= q.size() {
+        return Err("chain head outside the queue");
     }
     Ok(q.pop_descriptor_chain(mem))
 }
@@ -184,6 +200,8 @@ struct NotifierInner {
     intx_level: Mutex<bool>,
     /// The MSI message while MSI (not MSI-X) is enabled.
     msi: Mutex<Option<MsiMessage>>,
+    /// DEVICE_NEEDS_RESET: set by the transport or a queue thread, cleared only by a reset.
+    needs_reset: AtomicBool,
 }
 
 impl std::fmt::Debug for Notifier {
@@ -208,6 +226,7 @@ impl Notifier {
                 intx_disabled: AtomicBool::new(false),
                 intx_level: Mutex::new(false),
                 msi: Mutex::new(None),
+                needs_reset: AtomicBool::new(false),
             }),
         }
     }
@@ -268,6 +287,19 @@ impl Notifier {
     /// Signals a configuration change.
     pub fn config(&self) {
         self.raise(self.inner.config_vector.load(Ordering::SeqCst), 2);
+    }
+
+    /// The device is broken until the driver resets it (a ring the driver broke, a
+    /// failed engine): sets DEVICE_NEEDS_RESET and signals a configuration change, once.
+    pub fn needs_reset(&self) {
+        if !self.inner.needs_reset.swap(true, Ordering::SeqCst) {
+            self.config();
+        }
+    }
+
+    /// Whether DEVICE_NEEDS_RESET is set.
+    pub fn is_broken(&self) -> bool {
+        self.inner.needs_reset.load(Ordering::SeqCst)
     }
 
     fn send_pending(&self) {
@@ -506,13 +538,30 @@ impl VirtioPci {
         self.driver_features = 0;
         self.status = 0;
         self.queue_select = 0;
+        // Only now: the queue threads are gone, so none can set it again.
+        self.notifier
+            .inner
+            .needs_reset
+            .store(false, Ordering::SeqCst);
+    }
+
+    /// The status register as the driver reads it.
+    fn status(&self) -> u8 {
+        self.status
+            | if self.notifier.is_broken() {
+                S_NEEDS_RESET
+            } else {
+                0
+            }
     }
 
     fn check_queue(&self, q: &QueueConfig) -> Result<(), String> {
         let n = u64::from(q.size);
         let map = self.ram.get();
+        // A ring at 0 is what an unset address reads as (virtio-queue and QEMU treat it as
+        // "not ready"), never where a driver puts one.
         let inside = |gpa: u64, len: u64, align: u64| {
-            gpa.is_multiple_of(align) && gpa.checked_add(len).is_some() && {
+            gpa != 0 && gpa.is_multiple_of(align) && gpa.checked_add(len).is_some() && {
                 let mut probe = [0u8; 1];
                 map.read(gpa, &mut probe)
                     && map.read(gpa + len - 1, &mut probe)
@@ -547,7 +596,7 @@ impl VirtioPci {
         if self.status & S_FEATURES_OK == 0 {
             self.log
                 .warn(format_args!("{}: DRIVER_OK without FEATURES_OK", self.name));
-            self.status |= S_NEEDS_RESET;
+            self.notifier.needs_reset();
             return;
         }
         for (i, q) in self.queues.iter().enumerate() {
@@ -557,8 +606,7 @@ impl VirtioPci {
                         "{}: queue {i}: {e}; device needs reset",
                         self.name
                     ));
-                    self.status |= S_NEEDS_RESET;
-                    self.notifier.config();
+                    self.notifier.needs_reset();
                     return;
                 }
             }
@@ -575,8 +623,7 @@ impl VirtioPci {
             Err(e) => {
                 self.log
                     .warn(format_args!("{}: activation failed: {e}", self.name));
-                self.status |= S_NEEDS_RESET;
-                self.notifier.config();
+                self.notifier.needs_reset();
             }
         }
     }
@@ -599,7 +646,7 @@ impl VirtioPci {
             },
             (0x10, 2) => u64::from(self.notifier.inner.config_vector.load(Ordering::SeqCst)),
             (0x12, 2) => self.queues.len() as u64,
-            (0x14, 1) => u64::from(self.status),
+            (0x14, 1) => u64::from(self.status()),
             (0x15, 1) => u64::from(self.generation),
             (0x16, 2) => u64::from(self.queue_select),
             (0x18, 2) => q.map_or(0, |q| u64::from(q.size)),
@@ -671,9 +718,20 @@ impl VirtioPci {
                 self.notifier.inner.config_vector.store(v, Ordering::SeqCst);
             }
             (0x14, 1) => {
-                let v = value as u8;
-                if v == 0 {
+                // NEEDS_RESET is the device's: what the driver writes there is ignored.
+                let v = value as u8 & !S_NEEDS_RESET;
+                if value as u8 == 0 {
                     self.reset();
+                    return;
+                }
+                // Status bits are only ever cleared by a full reset (as QEMU does): a write
+                // that would clear DRIVER_OK or FEATURES_OK would leave the queue threads
+                // running behind a driver that thinks they stopped.
+                if self.status & !v != 0 {
+                    self.log.warn(format_args!(
+                        "{}: status write {v:#x} would clear bits of {:#x}; ignored (write 0 to reset)",
+                        self.name, self.status
+                    ));
                     return;
                 }
                 if v & S_FEATURES_OK != 0 && self.status & S_FEATURES_OK == 0 {
@@ -687,7 +745,7 @@ impl VirtioPci {
                         return;
                     }
                 }
-                self.status = v | (self.status & S_NEEDS_RESET);
+                self.status = v;
                 if v & S_DRIVER_OK != 0 {
                     self.driver_ok();
                 }

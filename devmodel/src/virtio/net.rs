@@ -15,7 +15,7 @@
 use std::io::IoSlice;
 use std::num::Wrapping;
 use std::os::fd::AsFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -44,6 +44,8 @@ pub const F_GUEST_TSO6: u64 = 1 << 8;
 pub const F_HOST_TSO4: u64 = 1 << 11;
 /// VIRTIO_NET_F_HOST_TSO6.
 pub const F_HOST_TSO6: u64 = 1 << 12;
+/// VIRTIO_NET_F_HOST_ECN (not offered: a frame with GSO_ECN is refused).
+pub const F_HOST_ECN: u64 = 1 << 13;
 /// VIRTIO_NET_F_STATUS.
 pub const F_STATUS: u64 = 1 << 16;
 /// VIRTIO_NET_F_CTRL_VQ.
@@ -116,8 +118,9 @@ impl NetHostControl for TapControl {
     }
 }
 
-/// The stop signal and the thread of one queue pair.
-type Running = (Arc<EventFd>, JoinHandle<()>);
+/// The stop signal (eventfd to wake the thread, flag checked in every inner loop) and the
+/// thread of one queue pair.
+type Running = (Arc<EventFd>, Arc<AtomicBool>, JoinHandle<()>);
 
 /// The virtio-net device.
 pub struct VirtioNet {
@@ -226,7 +229,9 @@ impl VirtioBackend for VirtioNet {
             guest_tso4: f & F_GUEST_TSO4 != 0,
             guest_tso6: f & F_GUEST_TSO6 != 0,
             host_csum: f & F_CSUM != 0,
-            host_tso: f & (F_HOST_TSO4 | F_HOST_TSO6) != 0,
+            host_tso4: f & F_HOST_TSO4 != 0,
+            host_tso6: f & F_HOST_TSO6 != 0,
+            host_ecn: f & F_HOST_ECN != 0,
         };
         if let Some(h) = &self.host {
             h.set_offloads(offl.guest_csum, offl.guest_tso4, offl.guest_tso6)
@@ -269,8 +274,11 @@ impl VirtioBackend for VirtioNet {
             ) else {
                 break;
             };
+            let stopping = Arc::new(AtomicBool::new(false));
             let mut w = PairWorker {
                 name: format!("{}.{p}", self.name),
+                stopping: stopping.clone(),
+                engine_dead: false,
                 engine: engine.clone(),
                 host: self.host.clone(),
                 pairs: self.pairs(),
@@ -296,15 +304,16 @@ impl VirtioBackend for VirtioNet {
                 .name(format!("vnet-{}.{p}", self.name))
                 .spawn(move || w.run())
                 .map_err(|e| format!("spawning the queue thread: {e}"))?;
-            self.running.push((stop, h));
+            self.running.push((stop, stopping, h));
         }
         Ok(())
     }
     fn reset(&mut self) {
-        for (stop, _) in &self.running {
+        for (stop, stopping, _) in &self.running {
+            stopping.store(true, Ordering::SeqCst);
             let _ = stop.write(1);
         }
-        for (_, h) in self.running.drain(..) {
+        for (_, _, h) in self.running.drain(..) {
             if h.join().is_err() {
                 self.log.warn(format_args!(
                     "virtio-net {}: a queue thread panicked",
@@ -324,11 +333,17 @@ struct Offl {
     guest_tso4: bool,
     guest_tso6: bool,
     host_csum: bool,
-    host_tso: bool,
+    host_tso4: bool,
+    host_tso6: bool,
+    host_ecn: bool,
 }
 
 struct PairWorker {
     name: String,
+    /// Set by reset before it wakes the thread: every loop checks it.
+    stopping: Arc<AtomicBool>,
+    /// The engine failed for good (its tap deleted): it is no longer polled or used.
+    engine_dead: bool,
     engine: Arc<dyn NetQueueIo>,
     host: Option<Arc<dyn NetHostControl>>,
     pairs: u16,
@@ -351,6 +366,42 @@ struct PairWorker {
     dropped: u64,
 }
 
+/// Whether a send error means the engine is gone (rather than one frame refused).
+fn send_error_is_fatal(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::Interrupted | K::WouldBlock | K::InvalidData | K::InvalidInput => false,
+        _ => matches!(
+            e.raw_os_error(),
+            Some(libc::EBADFD | libc::EBADF | libc::ENODEV | libc::ENXIO | libc::EPIPE)
+        ),
+    }
+}
+
+/// The GSO part of a transmit header against what the driver negotiated: TCPv4 only with
+/// HOST_TSO4, TCPv6 only with HOST_TSO6, the ECN bit only with HOST_ECN (and only on a GSO
+/// frame), and any GSO frame with a segment size and a partial checksum.
+fn check_gso(offl: &Offl, h: &VirtioNetHdr) -> Result<(), &'static str> {
+    let ecn = h.gso_type & VirtioNetHdr::GSO_ECN != 0;
+    let negotiated = match h.gso_type & !VirtioNetHdr::GSO_ECN {
+        VirtioNetHdr::GSO_NONE if ecn => return Err("GSO ECN bit without a GSO type"),
+        VirtioNetHdr::GSO_NONE => return Ok(()),
+        VirtioNetHdr::GSO_TCPV4 => offl.host_tso4,
+        VirtioNetHdr::GSO_TCPV6 => offl.host_tso6,
+        _ => false,
+    };
+    if !negotiated {
+        return Err("GSO type not negotiated");
+    }
+    if ecn && !offl.host_ecn {
+        return Err("GSO ECN without VIRTIO_NET_F_HOST_ECN");
+    }
+    if h.gso_size == 0 || h.flags & VirtioNetHdr::F_NEEDS_CSUM == 0 {
+        return Err("GSO without a segment size or a partial checksum");
+    }
+    Ok(())
+}
+
 /// Reads a chain's descriptors into `descs`; false if it never ends (loop, too long, or
 /// an index past the table).
 fn read_chain(
@@ -368,23 +419,37 @@ fn read_chain(
 }
 
 impl PairWorker {
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
     fn run(&mut self) {
         loop {
-            let rx_room = self.rx_has_room();
-            let (stop, _) = {
-                let ctrl_kick = self.ctrl.as_ref().and_then(|c| c.1.clone());
-                let mut fds = vec![
+            if self.stopping() {
+                return;
+            }
+            let rx_room = !self.engine_dead && self.rx_has_room();
+            let ctrl_kick = self.ctrl.as_ref().and_then(|c| c.1.clone());
+            {
+                // A fixed set of descriptors, no allocation per wakeup: entries not wanted
+                // this time repeat the stop eventfd with no events (an eventfd never reports
+                // errors, so they stay quiet).
+                let idle = |fd| PollFd::new(fd, PollFlags::empty());
+                let mut fds = [
                     PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
                     PollFd::new(self.tx_kick.as_fd(), PollFlags::POLLIN),
                     PollFd::new(self.rx_kick.as_fd(), PollFlags::POLLIN),
+                    match &ctrl_kick {
+                        Some(k) => PollFd::new(k.as_fd(), PollFlags::POLLIN),
+                        None => idle(self.stop.as_fd()),
+                    },
+                    // Only listen to the engine while there is somewhere to put a frame.
+                    if rx_room {
+                        PollFd::new(self.engine.fd(), PollFlags::POLLIN)
+                    } else {
+                        idle(self.stop.as_fd())
+                    },
                 ];
-                if let Some(k) = &ctrl_kick {
-                    fds.push(PollFd::new(k.as_fd(), PollFlags::POLLIN));
-                }
-                // Only listen to the engine while there is somewhere to put a frame.
-                if rx_room {
-                    fds.push(PollFd::new(self.engine.fd(), PollFlags::POLLIN));
-                }
                 match poll(&mut fds, PollTimeout::NONE) {
                     Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                     Err(e) => {
@@ -393,15 +458,12 @@ impl PairWorker {
                         return;
                     }
                 }
-                let stop = fds[0].revents().is_some_and(|r| !r.is_empty());
-                drop(fds);
-                if let Some(k) = ctrl_kick {
-                    let _ = k.read();
-                }
-                (stop, ())
-            };
-            if stop {
+            }
+            if self.stopping() {
                 return;
+            }
+            if let Some(k) = ctrl_kick {
+                let _ = k.read();
             }
             let _ = self.tx_kick.read();
             let _ = self.rx_kick.read();
@@ -409,7 +471,7 @@ impl PairWorker {
                 self.ctrl_work();
                 self.tx_work();
                 self.rx_work();
-                if !self.rearm() {
+                if self.stopping() || !self.rearm() {
                     break;
                 }
             }
@@ -442,9 +504,10 @@ impl PairWorker {
             Ok(c) => c,
             Err(why) => {
                 self.log.warn(format_args!(
-                    "virtio-net {}: {why}; queue stalled until reset",
+                    "virtio-net {}: queue {which}: {why}; queue stalled, device needs reset",
                     self.name
                 ));
+                self.notifier.needs_reset();
                 match which {
                     0 => self.rx = None,
                     1 => self.tx = None,
@@ -496,7 +559,7 @@ impl PairWorker {
         }
     }
 
-    fn drop_frame(&mut self, why: &str) {
+    fn drop_frame(&mut self, why: &'static str) {
         self.dropped += 1;
         self.log.warn(format_args!(
             "virtio-net {}: frame dropped: {why} ({} so far)",
@@ -504,10 +567,34 @@ impl PairWorker {
         ));
     }
 
+    /// A frame the engine refused: dropped; the error is formatted only if logged.
+    fn drop_frame_io(&mut self, why: &'static str, e: &std::io::Error) {
+        self.dropped += 1;
+        self.log.warn(format_args!(
+            "virtio-net {}: frame dropped: {why}: {e} ({} so far)",
+            self.name, self.dropped
+        ));
+    }
+
+    /// The engine failed for good (a tap deleted under the NIC: EBADFD): stop polling and
+    /// using it, say so once, and put the device in DEVICE_NEEDS_RESET. Transmit chains are
+    /// still returned (dropped), so the driver is never left waiting.
+    fn engine_failed(&mut self, op: &'static str, e: &std::io::Error) {
+        if std::mem::replace(&mut self.engine_dead, true) {
+            return;
+        }
+        tracing::warn!(
+            "virtio-net {}: engine {op} failed: {e}; no longer using it, device needs reset",
+            self.name
+        );
+        self.pending = None;
+        self.notifier.needs_reset();
+    }
+
     fn tx_work(&mut self) {
         let map = self.ram.get();
         let mut any = false;
-        loop {
+        while !self.stopping() {
             let chain = match self.tx.as_mut() {
                 Some(q) => super::pop_chain(q, map.memory()),
                 None => return,
@@ -530,10 +617,15 @@ impl PairWorker {
                         Err(_) => VirtioNetHdr::default(),
                     };
                     match self.check_tx_hdr(&hdr, len - HDR) {
+                        Ok(()) if self.engine_dead => self.drop_frame("engine failed"),
                         Ok(()) => {
                             let frame = [IoSlice::new(&self.buf[HDR..len])];
                             if let Err(e) = self.engine.send(&hdr, &frame) {
-                                self.drop_frame(&format!("engine send: {e}"));
+                                if send_error_is_fatal(&e) {
+                                    self.engine_failed("send", &e);
+                                } else {
+                                    self.drop_frame_io("engine send", &e);
+                                }
                             }
                         }
                         Err(why) => self.drop_frame(why),
@@ -581,23 +673,13 @@ impl PairWorker {
                 return Err("checksum field outside the frame");
             }
         }
-        match h.gso_type & !VirtioNetHdr::GSO_ECN {
-            VirtioNetHdr::GSO_NONE => Ok(()),
-            VirtioNetHdr::GSO_TCPV4 | VirtioNetHdr::GSO_TCPV6 if self.offl.host_tso => {
-                if h.gso_size == 0 || h.flags & VirtioNetHdr::F_NEEDS_CSUM == 0 {
-                    Err("GSO without a segment size or a partial checksum")
-                } else {
-                    Ok(())
-                }
-            }
-            _ => Err("GSO type not negotiated"),
-        }
+        check_gso(&self.offl, h)
     }
 
     fn rx_work(&mut self) {
         let map = self.ram.get();
         let mut any = false;
-        loop {
+        while !self.stopping() && !self.engine_dead {
             if self.pending.is_none() {
                 if !self.rx_has_room() {
                     break;
@@ -605,9 +687,17 @@ impl PairWorker {
                 match self.engine.recv(&mut self.buf[HDR..]) {
                     Ok(Some((h, n))) => self.pending = Some((h, n)),
                     Ok(None) => break,
-                    Err(e) => {
-                        self.drop_frame(&format!("engine recv: {e}"));
+                    // One bad frame (cut short, shorter than its header): dropped.
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        self.drop_frame_io("engine recv", &e);
                         continue;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    // Anything else does not go away by reading again (EBADFD once the
+                    // tap is deleted): the engine is done for.
+                    Err(e) => {
+                        self.engine_failed("recv", &e);
+                        break;
                     }
                 }
             }
@@ -694,7 +784,7 @@ impl PairWorker {
         };
         let map = self.ram.get();
         let mut any = false;
-        loop {
+        while !self.stopping() {
             let chain = match self.ctrl.as_mut().and_then(|c| c.0.as_mut()) {
                 Some(q) => super::pop_chain(q, map.memory()),
                 None => return,
@@ -752,5 +842,55 @@ impl PairWorker {
         if any {
             self.notify(&map, 2);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offl(tso4: bool, tso6: bool, ecn: bool) -> Offl {
+        Offl {
+            guest_csum: true,
+            guest_tso4: true,
+            guest_tso6: true,
+            host_csum: true,
+            host_tso4: tso4,
+            host_tso6: tso6,
+            host_ecn: ecn,
+        }
+    }
+
+    fn gso(t: u8) -> VirtioNetHdr {
+        VirtioNetHdr {
+            flags: VirtioNetHdr::F_NEEDS_CSUM,
+            gso_type: t,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+            num_buffers: 0,
+        }
+    }
+
+    #[test]
+    fn gso_types_follow_host_tso4_tso6_and_ecn_separately() {
+        use VirtioNetHdr as H;
+        let v4 = offl(true, false, false);
+        assert!(check_gso(&v4, &gso(H::GSO_TCPV4)).is_ok());
+        assert!(check_gso(&v4, &gso(H::GSO_TCPV6)).is_err());
+        let v6 = offl(false, true, false);
+        assert!(check_gso(&v6, &gso(H::GSO_TCPV6)).is_ok());
+        assert!(check_gso(&v6, &gso(H::GSO_TCPV4)).is_err());
+        let both = offl(true, true, false);
+        assert!(check_gso(&both, &gso(H::GSO_TCPV4 | H::GSO_ECN)).is_err());
+        assert!(check_gso(&both, &gso(H::GSO_ECN)).is_err());
+        assert!(check_gso(&both, &gso(H::GSO_UDP)).is_err());
+        let ecn = offl(true, true, true);
+        assert!(check_gso(&ecn, &gso(H::GSO_TCPV6 | H::GSO_ECN)).is_ok());
+        assert!(check_gso(&ecn, &gso(H::GSO_NONE)).is_ok());
+        let mut no_size = gso(H::GSO_TCPV4);
+        no_size.gso_size = 0;
+        assert!(check_gso(&both, &no_size).is_err());
     }
 }
