@@ -662,3 +662,61 @@ fn test_netback_in_a_domio_serve_process_ping_and_tcp_then_sigterm_removes_the_t
         );
     });
 }
+
+/// CPU time (user + system, in clock ticks) of this process's thread named `name`.
+fn thread_cpu_ticks(name: &str) -> Option<u64> {
+    for t in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+        // Fields after the parenthesised name: state is field 3; utime 14, stime 15.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        let utime: u64 = f.get(11)?.parse().ok()?;
+        let stime: u64 = f.get(12)?.parse().ok()?;
+        return Some(utime + stime);
+    }
+    None
+}
+
+#[test]
+fn test_netback_tap_deleted_under_a_running_vif_stops_that_queue_without_spinning() {
+    in_netns(|| {
+        // Arrange: a connected vif on its tap (no bridge).
+        let rig = netback_rig(None, None, NetFrontOptions::default());
+        let domid = rig.domid();
+        let tap = format!("vif{domid}.0");
+        let thread = format!("vif-d{domid}-0");
+        assert!(net_common::ip(&["-o", "link", "show"]).contains(&tap));
+
+        // Act: delete the tap under it (its descriptor now fails with EBADFD, POLLERR).
+        net_common::ip(&["link", "del", &tap]);
+
+        // Assert: the queue is given up once, reported on the error node...
+        let end = Instant::now() + Duration::from_secs(10);
+        while rig.stats().engine_failures == 0 {
+            assert!(Instant::now() < end, "no engine failure: {:?}", rig.stats());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let path = format!("/local/domain/0/backend/vif/{domid}/0/error");
+        let err = rig.host().xenstored().read(0, &path).expect("error node");
+        let err = String::from_utf8_lossy(&err);
+        assert!(err.contains("engine queue 0 failed"), "{err}");
+        // ...and the vif thread does not spin on the dead descriptor: over a second it uses
+        // well under a tenth of a CPU (a busy loop uses all of one).
+        let t0 = thread_cpu_ticks(&thread).expect("vif thread");
+        let w0 = Instant::now();
+        std::thread::sleep(Duration::from_secs(1));
+        let used = thread_cpu_ticks(&thread).expect("vif thread") - t0;
+        let ticks_per_s = 100.0; // USER_HZ
+        let share = used as f64 / ticks_per_s / w0.elapsed().as_secs_f64();
+        assert!(
+            share < 0.1,
+            "vif thread used {share:.2} CPU after its tap went"
+        );
+        assert_eq!(rig.stats().engine_failures, 1);
+        assert_eq!(rig.stats().fatal_errors, 0);
+    });
+}

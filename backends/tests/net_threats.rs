@@ -515,6 +515,32 @@ fn xsa332_notify_flood_with_no_work_leaves_the_other_vif_responsive() {
 }
 
 #[test]
+fn xsa332_events_that_bring_tx_work_are_not_counted_as_spurious() {
+    // The spurious-event counter is what tells a notify flood from real work: an event that
+    // brought only TX requests must count as work.
+    let mut t = two();
+    let frame = udp_frame(mac_of(0), [2; 6], 100, 1);
+    let before = t.rig.stats(0);
+    for i in 0..50u16 {
+        let g = t.page(i, 0, &frame);
+        let rsp = t.roundtrip(&[req(g, 0, 0, i, frame.len() as u16)], 1);
+        assert_eq!(rsp[0].status, NETIF_RSP_OKAY);
+    }
+    let s = t.rig.wait_stats(0, "50 frames sent", |s| {
+        s.tx_packets - before.tx_packets == 50
+    });
+    let events = s.events - before.events;
+    let spurious = s.spurious_events - before.spurious_events;
+    assert!(events >= 1, "{s:?}");
+    // One event per frame, each with work (a few may race with a pass that already took
+    // the request).
+    assert!(
+        spurious * 5 <= events,
+        "{spurious} of {events} TX events counted as spurious"
+    );
+}
+
+#[test]
 fn xsa362_a_grant_not_given_to_dom0_fails_only_its_packet() {
     let mut t = two();
     let frame = udp_frame(mac_of(0), [2; 6], 3000, 1);

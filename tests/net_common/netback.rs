@@ -117,6 +117,16 @@ impl NetbackRig {
             .unwrap_or_default()
     }
 
+    /// The simulated host (its xenstored, to read what netback wrote).
+    pub fn host(&self) -> &Arc<Host> {
+        &self._host
+    }
+
+    /// The guest's domain id.
+    pub fn domid(&self) -> u16 {
+        self._guest.domid()
+    }
+
     /// Takes the first netfront queue.
     pub fn queue(&mut self) -> NetQueue {
         self.front.take_queues().remove(0)
