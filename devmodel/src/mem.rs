@@ -3,10 +3,13 @@
 //! [`GuestMemoryMmap`] built over the same mappings for virtio-queue.
 //!
 //! The vm-memory regions are built with raw pointers into the `SharedMem` mappings; a
-//! [`RamMap`] owns both, so the mappings outlive every region. IOREQ_TYPE_INVALIDATE swaps in
-//! a fresh [`RamMap`] (see [`GuestRam::invalidate`]); queue threads that still hold the old one
-//! keep it alive until their batch ends.
+//! [`RamMap`] owns both, so the mappings outlive every region. IOREQ_TYPE_INVALIDATE drops the
+//! current [`RamMap`] at once (an empty one takes its place) and guest RAM is mapped again
+//! only when a device next needs it (see [`GuestRam::invalidate`]); queue threads that still
+//! hold the old one keep it alive until their batch ends. A frame that cannot be mapped (a
+//! ballooned-out page) is left out of the new map, so only the accesses that touch it fail.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use backends::blk::engine::IoSeg;
@@ -67,11 +70,22 @@ impl RamSource for FixedRam {
 /// Guest RAM of an HVM domain on Xen, mapped with foreign mapping: `[0, 0xa0000)`,
 /// `[1 MiB, low_end)` (the VGA hole and the ROM area are not RAM), and the part above
 /// 4 GiB.
+///
+/// Each range is mapped with one call. If a frame of it cannot be mapped (the guest gave it
+/// back with decrease_reservation), the frames before it are mapped as one region, that
+/// frame is left out (a hole: accesses to it fail) and mapping goes on after it. At most
+/// [`MAX_HOLES`] holes are made per remap; past that the rest of the range is left out too,
+/// so the work one remap costs is bounded (at most `2 * MAX_HOLES + ranges` map calls).
 pub struct ForeignRam {
     fm: Box<dyn ForeignMemory>,
     domid: DomId,
     layout: Vec<(u64, u64)>,
+    log: crate::RateLog,
 }
+
+/// Most unmappable frames one remap of guest RAM steps over before giving up on the rest of
+/// a range.
+pub const MAX_HOLES: usize = 64;
 
 impl std::fmt::Debug for ForeignRam {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -96,30 +110,82 @@ impl ForeignRam {
         if memory > LOW_RAM_END_MAX {
             layout.push((1 << 32, (1 << 32) + memory - LOW_RAM_END_MAX));
         }
-        ForeignRam { fm, domid, layout }
+        ForeignRam {
+            fm,
+            domid,
+            layout,
+            log: crate::RateLog::new(),
+        }
+    }
+
+    /// Maps frames `gfns` as one region at `gfns[0] << 12`.
+    fn map_run(&self, gfns: &[u64], out: &mut Vec<RamRegion>) -> Result<(), xen::ForeignError> {
+        let Some(&first) = gfns.first() else {
+            return Ok(());
+        };
+        let mem = self.fm.map(self.domid, gfns, true)?;
+        out.push(RamRegion {
+            gpa: first << 12,
+            mem: Arc::new(mem),
+        });
+        Ok(())
     }
 }
 
 impl RamSource for ForeignRam {
     fn map(&self) -> Result<Vec<RamRegion>, MemMapError> {
         let mut out = Vec::with_capacity(self.layout.len());
+        let mut holes = 0usize;
+        let mut first_err = None;
         for &(start, end) in &self.layout {
             let gfns: Vec<u64> = (start >> 12..end >> 12).collect();
-            let mem =
-                self.fm
-                    .map(self.domid, &gfns, true)
-                    .map_err(|source| MemMapError::Foreign {
+            let mut rest = &gfns[..];
+            while !rest.is_empty() {
+                let e = match self.map_run(rest, &mut out) {
+                    Ok(()) => break,
+                    Err(e) => e,
+                };
+                // Where it failed: the frames before it go in as one region, the frame is
+                // a hole, and mapping goes on after it.
+                let at = match &e {
+                    xen::ForeignError::Frame { gfn, .. } => rest.iter().position(|g| g == gfn),
+                    _ => None,
+                };
+                let Some(at) = at.filter(|_| holes < MAX_HOLES) else {
+                    self.log.warn(format_args!(
+                        "dom{}: guest RAM {:#x}..{end:#x} left unmapped: {e}",
+                        self.domid,
+                        rest[0] << 12
+                    ));
+                    first_err.get_or_insert(MemMapError::Foreign {
                         domid: self.domid,
                         start,
                         end,
-                        source,
-                    })?;
-            out.push(RamRegion {
-                gpa: start,
-                mem: Arc::new(mem),
-            });
+                        source: e,
+                    });
+                    break;
+                };
+                holes += 1;
+                if let Err(e2) = self.map_run(&rest[..at], &mut out) {
+                    // It changed under us: leave the prefix out as well.
+                    self.log.warn(format_args!(
+                        "dom{}: guest RAM {:#x}..{:#x} left unmapped: {e2}",
+                        self.domid,
+                        rest[0] << 12,
+                        rest[at] << 12
+                    ));
+                }
+                self.log.info(format_args!(
+                    "dom{}: guest frame {:#x} cannot be mapped ({e}); accesses to it will fail",
+                    self.domid, rest[at]
+                ));
+                rest = &rest[at + 1..];
+            }
         }
-        Ok(out)
+        match (out.is_empty(), first_err) {
+            (true, Some(e)) => Err(e),
+            _ => Ok(out),
+        }
     }
 }
 
@@ -138,6 +204,14 @@ impl std::fmt::Debug for RamMap {
 }
 
 impl RamMap {
+    /// A map with no guest RAM in it: every access fails.
+    pub fn empty() -> RamMap {
+        RamMap {
+            mmap: GuestMemoryMmap::new(),
+            regions: Vec::new(),
+        }
+    }
+
     /// Builds vm-memory regions over `regions`.
     pub fn new(domid: DomId, regions: Vec<RamRegion>) -> Result<RamMap, MemMapError> {
         let layout = |why: String| MemMapError::Layout { domid, why };
@@ -211,6 +285,10 @@ pub struct GuestRam {
     domid: DomId,
     source: Box<dyn RamSource>,
     current: Mutex<Arc<RamMap>>,
+    /// INVALIDATE dropped the map; the next [`GuestRam::get`] maps guest RAM again.
+    stale: AtomicBool,
+    remaps: AtomicU64,
+    log: crate::RateLog,
 }
 
 impl std::fmt::Debug for GuestRam {
@@ -229,22 +307,197 @@ impl GuestRam {
             domid,
             source,
             current: Mutex::new(Arc::new(map)),
+            stale: AtomicBool::new(false),
+            remaps: AtomicU64::new(0),
+            log: crate::RateLog::new(),
         })
     }
 
-    /// The current mapping.
+    /// The current mapping; after an invalidation, guest RAM is mapped again first (once,
+    /// whoever asks first). If that fails the map is empty, so accesses fail rather than
+    /// reach frames the guest no longer owns.
     pub fn get(&self) -> Arc<RamMap> {
-        self.current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if self.stale.swap(false, Ordering::AcqRel) {
+            self.remaps.fetch_add(1, Ordering::Relaxed);
+            let map = self
+                .source
+                .map()
+                .and_then(|regions| RamMap::new(self.domid, regions));
+            *cur = Arc::new(match map {
+                Ok(m) => m,
+                Err(e) => {
+                    self.log.warn(format_args!(
+                        "dom{}: mapping guest RAM again after invalidate: {e}; devices see no RAM until the next invalidate",
+                        self.domid
+                    ));
+                    RamMap::empty()
+                }
+            });
+        }
+        cur.clone()
     }
 
-    /// Drops the current mapping and maps guest RAM again (IOREQ_TYPE_INVALIDATE: the
-    /// guest's physmap changed, for example after ballooning).
-    pub fn invalidate(&self) -> Result<(), MemMapError> {
-        let map = RamMap::new(self.domid, self.source.map()?)?;
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
-        Ok(())
+    /// IOREQ_TYPE_INVALIDATE (the guest's physmap changed, for example after ballooning):
+    /// drops the current mapping at once, without mapping anything (so a guest that loops on
+    /// decrease_reservation costs an atomic store per hypercall); the next [`GuestRam::get`]
+    /// maps guest RAM again. A queue thread that holds the old map keeps it to the end of its
+    /// batch.
+    pub fn invalidate(&self) {
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.stale.swap(true, Ordering::AcqRel) {
+            *cur = Arc::new(RamMap::empty());
+        }
+    }
+
+    /// How many times guest RAM was mapped again after an invalidation.
+    pub fn remaps(&self) -> u64 {
+        self.remaps.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use vm_memory::GuestMemory;
+    use xen::{ForeignError, Gfn};
+
+    const PAGE: usize = 4096;
+    const MEM: u64 = 4 << 20;
+
+    /// Xen's foreign mapping over one anonymous "physical memory": a run of frames maps to
+    /// the same bytes every time (as privcmd maps the same pages), and frames in `bad` fail
+    /// the whole call, naming the first (IOCTL_PRIVCMD_MMAPBATCH_V2's per-frame error).
+    struct Fake {
+        phys: Arc<SharedMem>,
+        bad: Arc<Mutex<BTreeSet<Gfn>>>,
+        calls: Arc<AtomicU64>,
+    }
+
+    impl ForeignMemory for Fake {
+        fn map(&self, domid: DomId, gfns: &[Gfn], _w: bool) -> Result<SharedMem, ForeignError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let bad = self.bad.lock().unwrap();
+            if let Some(&gfn) = gfns.iter().find(|g| bad.contains(g)) {
+                return Err(ForeignError::Frame {
+                    domid,
+                    gfn,
+                    errno: libc::EFAULT,
+                });
+            }
+            let first = gfns[0];
+            assert!(gfns.windows(2).all(|w| w[1] == w[0] + 1));
+            let off = first as usize * PAGE;
+            let len = gfns.len() * PAGE;
+            assert!(off + len <= self.phys.len());
+            let ptr = self.phys.as_ptr().wrapping_add(off);
+            // SAFETY: `ptr..ptr+len` lies inside `phys`, which is mapped read/write for as
+            // long as the owner (a clone of its Arc) lives, and is never unmapped before.
+            Ok(unsafe { SharedMem::from_raw(ptr, len, true, Box::new(self.phys.clone())) })
+        }
+        fn map_resource(
+            &self,
+            domid: DomId,
+            _r: xen::Resource,
+            _f: u64,
+            _n: u64,
+        ) -> Result<SharedMem, ForeignError> {
+            Err(ForeignError::Os {
+                op: "map_resource",
+                domid,
+                source: std::io::Error::from_raw_os_error(libc::ENOSYS),
+            })
+        }
+        fn restrict(&self, _d: DomId) -> Result<(), ForeignError> {
+            Ok(())
+        }
+    }
+
+    /// IOREQ_TYPE_INVALIDATE with a frame the guest gave back: the invalidate itself maps
+    /// nothing; the next access maps again, leaving only that frame out, so I/O to other
+    /// pages (on both sides of it, and in the other RAM range) goes on and I/O to that page
+    /// fails, never through the old mapping.
+    #[test]
+    fn invalidate_drops_the_map_and_an_unmappable_frame_fails_only_its_own_accesses() {
+        let phys = Arc::new(SharedMem::anonymous(MEM as usize).unwrap());
+        let bad = Arc::new(Mutex::new(BTreeSet::new()));
+        let calls = Arc::new(AtomicU64::new(0));
+        let fm = Fake {
+            phys: phys.clone(),
+            bad: bad.clone(),
+            calls: calls.clone(),
+        };
+        let ram = GuestRam::new(9, Box::new(ForeignRam::new(Box::new(fm), 9, MEM))).unwrap();
+        let gone: u64 = 0x180; // a frame in [1 MiB, 4 MiB)
+        let old = ram.get();
+        assert!(old.write(gone << 12, b"before"));
+        assert!(old.seg(gone << 12, PAGE, true).is_some());
+        let mapped = calls.load(Ordering::SeqCst);
+
+        bad.lock().unwrap().insert(gone);
+        for _ in 0..1000 {
+            ram.invalidate();
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            mapped,
+            "invalidate maps nothing"
+        );
+        let new = ram.get();
+        assert_eq!(ram.remaps(), 1, "one remap for a run of invalidates");
+        // [0, 0xa0000) in one call; [1 MiB, 4 MiB): the failed call, the prefix, the rest.
+        assert_eq!(calls.load(Ordering::SeqCst), mapped + 4);
+        let g = gone << 12;
+        let mut b = [0u8; 6];
+        assert!(!new.read(g, &mut b), "the page that is gone reads nothing");
+        assert!(!new.write(g, b"after!"), "nor is it written");
+        assert!(
+            new.seg(g, PAGE, true).is_none(),
+            "nor is it given to the engine"
+        );
+        assert!(new.seg(g - PAGE as u64, 2 * PAGE, true).is_none());
+        assert!(!new.memory().address_in_range(vm_memory::GuestAddress(g)));
+        assert!(phys.read(g as usize, &mut b).is_ok() && &b == b"before");
+        for gpa in [
+            0x1000u64,
+            g - PAGE as u64,
+            g + PAGE as u64,
+            MEM - PAGE as u64,
+        ] {
+            assert!(new.write(gpa, b"works!"), "{gpa:#x}");
+            let mut r = [0u8; 6];
+            assert!(phys.read(gpa as usize, &mut r).is_ok());
+            assert_eq!(&r, b"works!", "{gpa:#x} reaches the guest's frame");
+            assert!(new.seg(gpa, PAGE, true).is_some(), "{gpa:#x}");
+        }
+        assert!(new.seg(g + PAGE as u64, 64 * PAGE, false).is_some());
+
+        // The frame comes back (populate_physmap, then INVALIDATE): mapped again.
+        bad.lock().unwrap().clear();
+        ram.invalidate();
+        assert!(ram.get().write(g, b"again!"));
+        assert!(phys.read(g as usize, &mut b).is_ok() && &b == b"again!");
+    }
+
+    /// Everything unmappable: the map after INVALIDATE is empty, never the old one.
+    #[test]
+    fn a_failed_remap_leaves_an_empty_map_not_the_stale_one() {
+        let phys = Arc::new(SharedMem::anonymous(MEM as usize).unwrap());
+        let bad = Arc::new(Mutex::new(BTreeSet::new()));
+        let fm = Fake {
+            phys,
+            bad: bad.clone(),
+            calls: Arc::new(AtomicU64::new(0)),
+        };
+        let ram = GuestRam::new(9, Box::new(ForeignRam::new(Box::new(fm), 9, MEM))).unwrap();
+        assert!(ram.get().write(0x2000, b"x"));
+        // Every frame gone: far more holes than MAX_HOLES, so the ranges are given up.
+        bad.lock().unwrap().extend(0..(MEM >> 12));
+        ram.invalidate();
+        let m = ram.get();
+        assert!(!m.write(0x2000, b"x"));
+        assert!(!m.write(0x20_0000, b"x"));
+        assert!(m.seg(0x20_0000, 512, true).is_none());
     }
 }
