@@ -305,3 +305,37 @@ fn test_host_side_survives_frontend_reconnects_and_goes_with_the_device() {
         (rig.net.hosts_dropped.load(SeqCst) == 1).then_some(())
     });
 }
+
+#[test]
+fn test_a_torn_down_device_leaves_the_stats_and_its_successor_starts_from_zero() {
+    let rig = rig(&[0]);
+    let mut f = NetFront::connect(&rig.guest, 0, NetFrontOptions::default()).unwrap();
+    let frame = udp_frame(mac_of(0), [2; 6], 64, 0);
+    assert!(f
+        .queue(0)
+        .unwrap()
+        .send_frame(&frame, FrameMeta::default())
+        .unwrap());
+    rig.wait_stats(0, "the frame sent", |s| s.tx_packets == 1);
+    f.close().unwrap();
+
+    // The toolstack removes the device: its counters go with it.
+    let spec = DeviceSpec::vif(rig.guest.domid(), 0, &nic(0));
+    rig.toolstack.remove_device_nodes(&spec).unwrap();
+    wait_for("the device's stats removed", || {
+        rig.driver.stats().is_empty().then_some(())
+    });
+
+    // A device with the same domid and devid starts from zero.
+    rig.toolstack.add_device(&spec).unwrap();
+    let _f = NetFront::connect(&rig.guest, 0, NetFrontOptions::default()).unwrap();
+    let key = (u32::from(rig.guest.domid()), 0);
+    wait_for("the new device in the stats", || {
+        rig.driver
+            .stats()
+            .iter()
+            .any(|(k, _)| *k == key)
+            .then_some(())
+    });
+    assert_eq!(rig.stats(0).tx_packets, 0, "{:?}", rig.stats(0));
+}

@@ -401,6 +401,53 @@ fn test_hotplug_script_runs_with_the_environment_vif_bridge_expects() {
 }
 
 #[test]
+fn test_hotplug_script_of_a_qnic_gets_its_backend_type_and_path() {
+    in_netns(|| {
+        // Arrange: a script that records its environment, on a `qnic` backend's vif.
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let script = dir.path().join("vif-test");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$1 type=$XENBUS_TYPE path=$XENBUS_PATH vif=$vif\" >> {}\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let params = backends::net::VifParams {
+            backend_type: "qnic".into(),
+            domid: 7,
+            devid: 2,
+            mac: GUEST_MAC,
+            bridge: None,
+            script: Some(script.to_str().unwrap().to_string()),
+            rate: None,
+            ip: None,
+            mtu: 1500,
+            backend_path: "/local/domain/0/backend/qnic/7/2".into(),
+        };
+
+        // Act
+        let host = backends::net::tap::vif::TapVifHost::open(&params).expect("online");
+        drop(host);
+
+        // Assert: the script saw the qnic device, not a vif one.
+        let text = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "online type=qnic path=backend/qnic/7/2 vif=vif7.2",
+                "offline type=qnic path=backend/qnic/7/2 vif=vif7.2"
+            ]
+        );
+    });
+}
+
+#[test]
 fn test_hotplug_script_failure_reports_device_and_stderr() {
     in_netns(|| {
         let dir = tempfile::tempdir().unwrap();

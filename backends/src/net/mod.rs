@@ -185,11 +185,14 @@ pub struct NetDriver {
     backend_type: String,
     config: NetConfig,
     factory: NetEngineFactory,
-    devices: Mutex<BTreeMap<(u32, u32), Arc<ring::VifShared>>>,
+    devices: Arc<Devices>,
     /// Host sides of devices dropped for a re-probe (the frontend restarted), kept so the tap
     /// survives frontend reconnects as Linux's vif netdev does.
     parked: Arc<Parked>,
 }
+
+/// The counters of the devices that exist: ((domid, devid), shared state).
+type Devices = Mutex<BTreeMap<(u32, u32), Arc<ring::VifShared>>>;
 
 /// Host sides waiting for their device's next probe: ((domid, devid), (params, host side)).
 type Parked = Mutex<BTreeMap<(u32, u32), (VifParams, Box<dyn VifHost>)>>;
@@ -217,12 +220,14 @@ impl NetDriver {
             backend_type: backend_type.to_owned(),
             config,
             factory,
-            devices: Mutex::new(BTreeMap::new()),
+            devices: Arc::new(Mutex::new(BTreeMap::new())),
             parked: Arc::new(Mutex::new(BTreeMap::new())),
         })
     }
 
-    /// Counters of every vif this driver has seen: ((domid, devid), stats).
+    /// Counters of every vif this driver serves: ((domid, devid), stats). A device's entry
+    /// lives from its first probe until it is torn down (removed, or its domain destroyed),
+    /// across frontend reconnects.
     pub fn stats(&self) -> Vec<((u32, u32), NetStats)> {
         lock(&self.devices)
             .iter()
@@ -281,6 +286,7 @@ impl BackendDriver for NetDriver {
             host_side: Some(host_side),
             ctx: ctx.clone(),
             parked: self.parked.clone(),
+            devices: self.devices.clone(),
             shared,
             running: None,
             key_watch: None,
@@ -386,6 +392,7 @@ struct NetDevice {
     host_side: Option<Box<dyn VifHost>>,
     ctx: DeviceCtx,
     parked: Arc<Parked>,
+    devices: Arc<Devices>,
     shared: Arc<ring::VifShared>,
     running: Option<ring::VifHandle>,
     key_watch: Option<KeyWatch>,
@@ -470,10 +477,21 @@ impl Drop for NetDevice {
         // Dropped for a re-probe (the backend is still there and online): park the host side
         // for the next probe. Removed or offline: let it go (script offline, tap removed).
         let online = matches!(self.ctx.read_backend("online"), Ok(Some(v)) if v.trim() == "1");
+        let key = (self.ctx.frontend_domid(), self.ctx.devid());
         if let Some(h) = self.host_side.take() {
             if online {
-                let key = (self.ctx.frontend_domid(), self.ctx.devid());
                 lock(&self.parked).insert(key, (self.params.clone(), h));
+            }
+        }
+        if !online {
+            // Torn down: its counters go too (a later device with the same domid and devid
+            // starts from zero). Only our own entry: a newer probe may have replaced it.
+            let mut devices = lock(&self.devices);
+            if devices
+                .get(&key)
+                .is_some_and(|s| Arc::ptr_eq(s, &self.shared))
+            {
+                devices.remove(&key);
             }
         }
     }

@@ -2,7 +2,8 @@
 //!
 //! * With a `script` key, the toolstack's hotplug script runs as libxl runs it on Linux
 //!   (`libxl_linux.c`): argv `<script> online type_if=vif` (and `offline` on teardown), with
-//!   the environment `script`, `XENBUS_TYPE=vif`, `XENBUS_PATH=backend/vif/<domid>/<devid>`,
+//!   the environment `script`, `XENBUS_TYPE=<backend type>` (`vif`, `qnic`),
+//!   `XENBUS_PATH=backend/<type>/<domid>/<devid>` (the device's backend directory),
 //!   `XENBUS_BASE_PATH=backend`, `netdev` (the `gatewaydev` key, or empty) and `vif=<tap>`.
 //!   Xen's `vif-bridge` then reads `bridge` from `$XENBUS_PATH` itself and writes
 //!   `hotplug-status`; `bridge` is also passed in the environment, the fallback vif-bridge
@@ -118,12 +119,45 @@ impl HostSetup {
     }
 }
 
+/// The xenstore device a hotplug script is run for: `XENBUS_TYPE` and `XENBUS_PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XenbusDevice {
+    /// The backend type (`vif`, `qnic`).
+    pub backend_type: String,
+    /// The backend directory, relative to dom0's home as libxl passes it
+    /// (`backend/<type>/<domid>/<devid>`), or absolute.
+    pub path: String,
+}
+
+impl XenbusDevice {
+    /// A `vif` device of `vif`'s domain and devid.
+    pub fn vif(vif: VifId) -> XenbusDevice {
+        XenbusDevice {
+            backend_type: "vif".into(),
+            path: format!("backend/vif/{}/{}", vif.domid, vif.devid),
+        }
+    }
+
+    /// The device whose backend directory is `backend_path` (absolute, as the backend
+    /// watcher knows it): the path is made relative to dom0's home, as libxl passes it.
+    pub fn at(backend_type: &str, backend_path: &str) -> XenbusDevice {
+        let path = backend_path
+            .strip_prefix("/local/domain/0/")
+            .unwrap_or(backend_path);
+        XenbusDevice {
+            backend_type: backend_type.to_string(),
+            path: path.to_string(),
+        }
+    }
+}
+
 /// A tap connected to the host (offlined on drop).
 #[derive(Debug)]
 pub struct HostSide {
     vif: VifId,
     tap: String,
     setup: HostSetup,
+    xenbus: XenbusDevice,
     online: bool,
 }
 
@@ -145,12 +179,25 @@ fn tail(s: &[u8]) -> String {
 }
 
 impl HostSide {
-    /// Connects tap `tap` of `vif` as `setup` says (the "online" step).
+    /// Connects tap `tap` of `vif` as `setup` says (the "online" step), for a `vif`
+    /// backend at `backend/vif/<domid>/<devid>`.
     pub fn online(vif: VifId, tap: &str, setup: HostSetup) -> Result<HostSide, HotplugError> {
+        Self::online_for(vif, tap, setup, XenbusDevice::vif(vif))
+    }
+
+    /// [`HostSide::online`] for the backend device `xenbus` (a script gets its type and
+    /// path).
+    pub fn online_for(
+        vif: VifId,
+        tap: &str,
+        setup: HostSetup,
+        xenbus: XenbusDevice,
+    ) -> Result<HostSide, HotplugError> {
         let mut h = HostSide {
             vif,
             tap: tap.to_string(),
             setup,
+            xenbus,
             online: false,
         };
         match &h.setup {
@@ -238,11 +285,8 @@ impl HostSide {
         cmd.arg(action)
             .arg("type_if=vif")
             .env("script", &path)
-            .env("XENBUS_TYPE", "vif")
-            .env(
-                "XENBUS_PATH",
-                format!("backend/vif/{}/{}", self.vif.domid, self.vif.devid),
-            )
+            .env("XENBUS_TYPE", &self.xenbus.backend_type)
+            .env("XENBUS_PATH", &self.xenbus.path)
             .env("XENBUS_BASE_PATH", "backend")
             .env("netdev", gatewaydev.as_deref().unwrap_or(""))
             .env("vif", &self.tap)

@@ -12,7 +12,7 @@
 use std::io;
 use std::sync::Arc;
 
-use super::hotplug::{HostSetup, HostSide};
+use super::hotplug::{HostSetup, HostSide, XenbusDevice};
 use super::{Offloads as TapOffloads, Tap, TapError, TapOptions, TapQueue, VifId, MAX_QUEUES};
 use crate::net::engine::NetQueueIo;
 use crate::net::{NetEngineFactory, Offloads, VifHost, VifParams};
@@ -71,7 +71,9 @@ impl TapVifHost {
             },
             other => other,
         };
-        let host = HostSide::online(vif, tap.name(), setup).map_err(io::Error::other)?;
+        let xenbus = XenbusDevice::at(&p.backend_type, &p.backend_path);
+        let host =
+            HostSide::online_for(vif, tap.name(), setup, xenbus).map_err(io::Error::other)?;
         Ok(TapVifHost { host, tap })
     }
 
