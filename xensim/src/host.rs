@@ -7,6 +7,7 @@
 //! unbound again; sending on an unbound port does nothing).
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -92,6 +93,25 @@ struct PortState {
     incoming: Arc<EventFd>,
 }
 
+/// A hasher for grant references (small integers, looked up twice per grant copy segment):
+/// Fibonacci hashing spreads them over the whole word, as the table's probing wants.
+#[derive(Debug, Default)]
+struct RefHasher(u64);
+
+impl std::hash::Hasher for RefHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = (self.0 ^ u64::from(v)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 #[derive(Debug, Default)]
 struct Active {
     mapper: DomId,
@@ -108,7 +128,7 @@ pub struct Domain {
     ram: Option<MemFile>,
     gnttab: MemFile,
     ports: Vec<Option<PortState>>,
-    active: HashMap<GrantRef, Active>,
+    active: HashMap<GrantRef, Active, BuildHasherDefault<RefHasher>>,
     /// The guest kernel's page and grant-reference allocator (see `Guest`).
     guest_alloc: Arc<Mutex<crate::guest::Alloc>>,
 }
@@ -236,7 +256,7 @@ impl Host {
             ram,
             gnttab,
             ports: Vec::new(),
-            active: HashMap::new(),
+            active: HashMap::default(),
             guest_alloc: Arc::default(),
         };
         self.lock().domains.insert(id, d);

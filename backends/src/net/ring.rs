@@ -278,6 +278,8 @@ struct Vif {
     engine_ready: u64,
     /// Engine queues that failed for good (bit per queue): neither polled nor used again.
     engine_dead: u64,
+    /// Frames, bytes and GSO frames sent to the engine in the current TX batch.
+    tx_sent: (u64, u64, u64),
     /// Ports to notify after a pass (deduplicated: one notification per port per pass).
     notify: Vec<Port>,
     /// Requests answered, frames moved and control requests served (to tell spurious events).
@@ -423,6 +425,7 @@ pub(crate) fn start(p: VifStart) -> Result<VifHandle, NetError> {
         rx_segs: Vec::with_capacity(256),
         engine_ready: u64::MAX,
         engine_dead: 0,
+        tx_sent: (0, 0, 0),
         notify: Vec::with_capacity(8),
         work: 0,
         dead: false,
@@ -808,7 +811,6 @@ impl Vif {
                 self.tx_respond(qi, req.id, st);
             }
         }
-        add(&self.shared.metrics.tx_slots, slots as u64);
     }
 
     /// Plans, copies and sends one batch of packets from the private queue. Returns whether
@@ -963,6 +965,13 @@ impl Vif {
         self.queues[qi].tx.pending.drain(..pos);
         // Requests answered are work (an event that brought only TX is not spurious).
         self.work += pos as u64;
+        add(&self.shared.metrics.tx_slots, pos as u64);
+        let (packets, bytes, gso) = std::mem::take(&mut self.tx_sent);
+        if packets > 0 {
+            add(&self.shared.metrics.tx_packets, packets);
+            add(&self.shared.metrics.tx_bytes, bytes);
+            add(&self.shared.metrics.tx_gso_packets, gso);
+        }
         if let Some(f) = fatal {
             self.fatal(&f.to_string());
         }
@@ -1004,11 +1013,10 @@ impl Vif {
         }
         match engine.send(&hdr, &[IoSlice::new(frame)]) {
             Ok(()) => {
-                add(&self.shared.metrics.tx_packets, 1);
-                add(&self.shared.metrics.tx_bytes, pkt.len as u64);
-                if pkt.gso.is_some() {
-                    add(&self.shared.metrics.tx_gso_packets, 1);
-                }
+                // Added to the shared counters once per batch (before its responses go out).
+                self.tx_sent.0 += 1;
+                self.tx_sent.1 += pkt.len as u64;
+                self.tx_sent.2 += u64::from(pkt.gso.is_some());
             }
             Err(e) => {
                 add(&self.shared.metrics.tx_engine_errors, 1);
