@@ -336,8 +336,9 @@ fn broken_net_queues_need_reset_and_log_boundedly() {
     in_netns(|| {
         // TX and control: the ring index runs away; RX: a head outside the queue, found
         // when a frame arrives.
-        for which in ["tx", "ctrl", "rx"] {
-            let n = nic("dmtapb0");
+        // A tap of its own each time: the last machine may still be going away.
+        for (which, tap) in [("tx", "dmtapb0"), ("ctrl", "dmtapb1"), ("rx", "dmtapb2")] {
+            let n = nic(tap);
             let b = n.bus.as_ref();
             b.take_irqs();
             let before = LINES.load(Ordering::SeqCst);

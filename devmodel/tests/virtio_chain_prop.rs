@@ -33,6 +33,7 @@ fn run(size: u16, body: &[u8], capacity: u64, read_only: bool) -> Result<Vec<(u3
         Box::new(engine),
         IrqSink::new(Arc::new(common::RecordingDm(irqs)), 1),
     )
+    .map_err(|e| e.to_string())
 }
 
 proptest! {

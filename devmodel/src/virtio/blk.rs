@@ -18,7 +18,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use virtio_queue::{Descriptor, Queue, QueueT};
 
-use super::{Activation, Notifier, QueueConfig, VirtioBackend};
+use super::{Activation, Notifier, QueueConfig, VirtioBackend, VirtioError};
 use crate::mem::{GuestRam, RamMap};
 use crate::RateLog;
 
@@ -95,6 +95,70 @@ struct Worker {
     read_only: bool,
     name: String,
     log: Arc<RateLog>,
+}
+
+/// Errors of a virtio-blk disk, naming the domain and the disk.
+#[derive(Debug, thiserror::Error)]
+pub enum BlkError {
+    /// The engine did not come back from the last queue thread (it panicked).
+    #[error("dom{domid}: virtio-blk {name}: the storage engine was lost with its queue thread")]
+    EngineGone {
+        /// Domain.
+        domid: xen::DomId,
+        /// Disk.
+        name: String,
+    },
+    /// A system call failed.
+    #[error("dom{domid}: virtio-blk {name}: {what}: {source}")]
+    Os {
+        /// Domain.
+        domid: xen::DomId,
+        /// Disk.
+        name: String,
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Guest RAM could not be mapped.
+    #[error("dom{domid}: virtio-blk {name}: {source}")]
+    Mem {
+        /// Domain.
+        domid: xen::DomId,
+        /// Disk.
+        name: String,
+        /// The error.
+        #[source]
+        source: crate::mem::MemMapError,
+    },
+    /// The storage engine failed.
+    #[error("dom{domid}: virtio-blk {name}: engine: {source}")]
+    Engine {
+        /// Domain.
+        domid: xen::DomId,
+        /// Disk.
+        name: String,
+        /// The error.
+        #[source]
+        source: backends::blk::engine::EngineError,
+    },
+    /// [`serve_queue_once`]: the engine did not complete in time.
+    #[error("dom{domid}: virtio-blk {name}: engine completion timed out")]
+    Timeout {
+        /// Domain.
+        domid: xen::DomId,
+        /// Disk.
+        name: String,
+    },
+    /// [`serve_queue_once`]: the device ring cannot be read back.
+    #[error("dom{domid}: virtio-blk {name}: device ring outside guest RAM")]
+    UsedRing {
+        /// Domain.
+        domid: xen::DomId,
+        /// Disk.
+        name: String,
+    },
 }
 
 /// The stop signal and the queue thread, which hands the engine back when it ends.
@@ -197,15 +261,31 @@ impl VirtioBackend for VirtioBlk {
             None => 0,
         }
     }
-    fn activate(&mut self, act: Activation) -> Result<(), String> {
-        let engine = self
-            .engine
-            .take()
-            .ok_or("engine is still owned by a stopped thread")?;
-        let stop = Arc::new(
-            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-                .map_err(|e| format!("eventfd: {e}"))?,
-        );
+    fn activate(&mut self, act: Activation) -> Result<(), VirtioError> {
+        let domid = act.domid;
+        let os = |what: &'static str, name: &str| {
+            let name = name.to_string();
+            move |source: std::io::Error| BlkError::Os {
+                domid,
+                name,
+                what,
+                source,
+            }
+        };
+        let engine = self.engine.take().ok_or_else(|| BlkError::EngineGone {
+            domid,
+            name: self.name.clone(),
+        })?;
+        let stop = match EventFd::from_value_and_flags(
+            0,
+            EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
+        ) {
+            Ok(e) => Arc::new(e),
+            Err(e) => {
+                self.engine = Some(engine);
+                return Err(os("eventfd", &self.name)(e.into()).into());
+            }
+        };
         let disk = DiskParams {
             serial: self.serial,
             capacity: self.capacity,
@@ -225,7 +305,7 @@ impl VirtioBackend for VirtioBlk {
                 w.run();
                 w.engine
             })
-            .map_err(|e| format!("spawning the queue thread: {e}"))?;
+            .map_err(os("spawning the queue thread", &self.name))?;
         self.running = Some((stop, h));
         Ok(())
     }
@@ -271,16 +351,23 @@ pub fn serve_queue_once(
     qc: QueueConfig,
     engine: Box<dyn Engine>,
     irq: crate::irq::IrqSink,
-) -> Result<Vec<(u32, u32)>, String> {
+) -> Result<Vec<(u32, u32)>, VirtioError> {
+    let domid = irq.domid();
+    let name = || "harness".to_string();
     let gram = GuestRam::new(
-        irq.domid(),
+        domid,
         Box::new(crate::mem::FixedRam(vec![crate::mem::RamRegion {
             gpa: 0,
             mem: ram,
         }])),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|source| BlkError::Mem {
+        domid,
+        name: name(),
+        source,
+    })?;
     let act = Activation {
+        domid,
         features: 0,
         queues: vec![qc],
         kicks: Vec::new(),
@@ -288,15 +375,21 @@ pub fn serve_queue_once(
         notifier: Notifier::new(irq, 0, 0, 1, 2),
     };
     let stop = Arc::new(
-        EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-            .map_err(|e| format!("eventfd: {e}"))?,
+        EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(
+            |e| BlkError::Os {
+                domid,
+                name: name(),
+                what: "eventfd",
+                source: e.into(),
+            },
+        )?,
     );
     let disk_bytes = engine.info().capacity;
     let disk = DiskParams {
         serial: *b"fuzz\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
         capacity: disk_bytes / SECTOR,
         read_only: engine.info().read_only,
-        name: "harness".into(),
+        name: name(),
     };
     let mut w =
         Worker::prepare(engine, act, stop, disk, Arc::new(RateLog::new())).map_err(|(_, e)| e)?;
@@ -304,15 +397,30 @@ pub fn serve_queue_once(
     let used_before = w.queues[0].as_ref().map_or(0, |q| q.next_used());
     loop {
         w.pop_queue(0);
-        if let Err(e) = w.engine.kick() {
-            return Err(e.to_string());
+        if let Err(source) = w.engine.kick() {
+            return Err(BlkError::Engine {
+                domid,
+                name: name(),
+                source,
+            }
+            .into());
         }
         if w.engine.in_flight() == 0 {
             break;
         }
         let mut fds = [PollFd::new(w.engine.completion_fd(), PollFlags::POLLIN)];
-        if poll(&mut fds, PollTimeout::from(5000u16)).map_err(|e| e.to_string())? == 0 {
-            return Err("engine completion timed out".into());
+        let ready = poll(&mut fds, PollTimeout::from(5000u16)).map_err(|e| BlkError::Os {
+            domid,
+            name: name(),
+            what: "poll",
+            source: e.into(),
+        })?;
+        if ready == 0 {
+            return Err(BlkError::Timeout {
+                domid,
+                name: name(),
+            }
+            .into());
         }
         w.reap();
     }
@@ -325,7 +433,11 @@ pub fn serve_queue_once(
         let e = qc.used + 4 + 8 * u64::from(i % qc.size);
         let mut b = [0u8; 8];
         if !map.read(e, &mut b) {
-            return Err("used ring outside RAM".into());
+            return Err(BlkError::UsedRing {
+                domid,
+                name: name(),
+            }
+            .into());
         }
         out.push((
             u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
@@ -344,11 +456,13 @@ impl Worker {
         stop: Arc<EventFd>,
         disk: DiskParams,
         log: Arc<RateLog>,
-    ) -> Result<Worker, (Box<dyn Engine>, String)> {
+    ) -> Result<Worker, (Box<dyn Engine>, VirtioError)> {
         let map = act.ram.get();
         let mut queues = Vec::with_capacity(act.queues.len());
+        let evi = act.features & super::F_EVENT_IDX != 0;
+        let dev = format!("virtio-blk {}", disk.name);
         for (i, qc) in act.queues.iter().enumerate() {
-            match super::make_queue(i, qc, &map, act.features & super::F_EVENT_IDX != 0) {
+            match super::make_queue((act.domid, &dev), i, qc, &map, evi) {
                 Ok(q) => queues.push(q),
                 Err(e) => return Err((engine, e)),
             }

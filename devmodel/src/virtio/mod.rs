@@ -107,28 +107,42 @@ pub(crate) fn pop_chain<'a>(
 
 /// Builds a queue the driver enabled, checked (size, alignment, rings inside guest RAM).
 pub(crate) fn make_queue(
+    dev: (xen::DomId, &str),
     i: usize,
     qc: &QueueConfig,
     map: &crate::mem::RamMap,
     event_idx: bool,
-) -> Result<Option<virtio_queue::Queue>, String> {
+) -> Result<Option<virtio_queue::Queue>, VirtioError> {
     use virtio_queue::QueueT;
     if !qc.enabled {
         return Ok(None);
     }
-    let mut q = virtio_queue::Queue::new(256).map_err(|e| format!("queue {i}: {e}"))?;
-    q.try_set_size(qc.size)
-        .map_err(|e| format!("queue {i} size {}: {e}", qc.size))?;
+    let (domid, name) = dev;
+    let param = |what: &'static str| {
+        move |source| VirtioError::QueueParam {
+            domid,
+            name: name.to_string(),
+            queue: i,
+            what,
+            source,
+        }
+    };
+    let mut q = virtio_queue::Queue::new(256).map_err(param("maximum size"))?;
+    q.try_set_size(qc.size).map_err(param("size"))?;
     q.try_set_desc_table_address(vm_memory::GuestAddress(qc.desc))
-        .map_err(|e| format!("queue {i}: {e}"))?;
+        .map_err(param("descriptor table"))?;
     q.try_set_avail_ring_address(vm_memory::GuestAddress(qc.avail))
-        .map_err(|e| format!("queue {i}: {e}"))?;
+        .map_err(param("driver ring"))?;
     q.try_set_used_ring_address(vm_memory::GuestAddress(qc.used))
-        .map_err(|e| format!("queue {i}: {e}"))?;
+        .map_err(param("device ring"))?;
     q.set_event_idx(event_idx);
     q.set_ready(true);
     if !q.is_valid(map.memory()) {
-        return Err(format!("queue {i} rings outside guest RAM"));
+        return Err(VirtioError::QueueRings {
+            domid,
+            name: name.to_string(),
+            queue: i,
+        });
     }
     Ok(Some(q))
 }
@@ -315,6 +329,8 @@ impl Notifier {
 
 /// What a device starts its queue work with at DRIVER_OK.
 pub struct Activation {
+    /// The guest.
+    pub domid: xen::DomId,
     /// Negotiated features.
     pub features: u64,
     /// Queue parameters, by index.
@@ -344,7 +360,7 @@ pub trait VirtioBackend: Send {
     /// Device-specific configuration write.
     fn config_write(&mut self, _off: u64, _size: u8, _value: u64) {}
     /// Starts the queue work. An error puts the device into DEVICE_NEEDS_RESET.
-    fn activate(&mut self, act: Activation) -> Result<(), String>;
+    fn activate(&mut self, act: Activation) -> Result<(), VirtioError>;
     /// Stops the queue work (device reset): afterwards nothing touches the rings.
     fn reset(&mut self);
     /// One line for logs ("virtio-blk xvda raw /img 64 MiB").
@@ -381,7 +397,7 @@ impl std::fmt::Debug for VirtioPci {
     }
 }
 
-/// Errors building a virtio function.
+/// Errors of the virtio transport and its devices, each naming the domain and the device.
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioError {
     /// Something could not be set up.
@@ -394,6 +410,37 @@ pub enum VirtioError {
         /// Why.
         why: String,
     },
+    /// virtio-queue refused a queue parameter.
+    #[error("dom{domid}: {name}: queue {queue}: {what}: {source}")]
+    QueueParam {
+        /// Domain.
+        domid: xen::DomId,
+        /// Device.
+        name: String,
+        /// Queue index.
+        queue: usize,
+        /// Which parameter.
+        what: &'static str,
+        /// virtio-queue's error.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// A queue's rings are not inside guest RAM.
+    #[error("dom{domid}: {name}: queue {queue}: rings outside guest RAM")]
+    QueueRings {
+        /// Domain.
+        domid: xen::DomId,
+        /// Device.
+        name: String,
+        /// Queue index.
+        queue: usize,
+    },
+    /// virtio-blk.
+    #[error(transparent)]
+    Blk(#[from] blk::BlkError),
+    /// virtio-net.
+    #[error(transparent)]
+    Net(#[from] net::NetError),
 }
 
 fn vndr_cap(cfg_type: u8, offset: u32, length: u32, extra: Option<u32>) -> Vec<u8> {
@@ -614,6 +661,7 @@ impl VirtioPci {
             }
         }
         let act = Activation {
+            domid: self.notifier.inner.irq.domid(),
             features: self.driver_features,
             queues: self.queues.clone(),
             kicks: self.kicks.clone(),

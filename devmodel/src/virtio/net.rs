@@ -24,7 +24,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use virtio_queue::{Descriptor, Queue, QueueT};
 
-use super::{make_queue, Activation, Notifier, VirtioBackend};
+use super::{make_queue, Activation, Notifier, VirtioBackend, VirtioError};
 use crate::mem::{GuestRam, RamMap};
 use crate::RateLog;
 
@@ -116,6 +116,25 @@ impl NetHostControl for TapControl {
         *cur = want;
         Ok(())
     }
+}
+
+/// Errors of a virtio-net NIC, naming the domain and the NIC.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// A host-side operation failed (the tap's TUNSETOFFLOAD or queue attachment, an
+    /// eventfd, a thread).
+    #[error("dom{domid}: virtio-net {name}: {what}: {source}")]
+    Os {
+        /// Domain.
+        domid: xen::DomId,
+        /// NIC.
+        name: String,
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The stop signal (eventfd to wake the thread, flag checked in every inner loop) and the
@@ -222,8 +241,18 @@ impl VirtioBackend for VirtioNet {
             None => 0,
         }
     }
-    fn activate(&mut self, act: Activation) -> Result<(), String> {
+    fn activate(&mut self, act: Activation) -> Result<(), VirtioError> {
         let f = act.features;
+        let domid = act.domid;
+        let host_err = |what: &'static str, name: &str| {
+            let name = name.to_string();
+            move |source: std::io::Error| NetError::Os {
+                domid,
+                name,
+                what,
+                source,
+            }
+        };
         let offl = Offl {
             guest_csum: f & F_GUEST_CSUM != 0,
             guest_tso4: f & F_GUEST_TSO4 != 0,
@@ -235,10 +264,12 @@ impl VirtioBackend for VirtioNet {
         };
         if let Some(h) = &self.host {
             h.set_offloads(offl.guest_csum, offl.guest_tso4, offl.guest_tso6)
-                .map_err(|e| format!("setting the host side's offloads: {e}"))?;
+                .map_err(host_err("setting the host side's offloads", &self.name))?;
             h.set_active_queues(1)
-                .map_err(|e| format!("attaching the first queue: {e}"))?;
+                .map_err(host_err("attaching the first queue", &self.name))?;
         }
+        let dev_name = format!("virtio-net {}", self.name);
+        let dev = (domid, dev_name.as_str());
         let map = act.ram.get();
         let evi = f & super::F_EVENT_IDX != 0;
         let pairs = usize::from(self.pairs());
@@ -254,18 +285,18 @@ impl VirtioBackend for VirtioNet {
             if !rxc.enabled && !txc.enabled {
                 continue;
             }
-            let rx = make_queue(2 * p, rxc, &map, evi)?;
-            let tx = make_queue(2 * p + 1, txc, &map, evi)?;
+            let rx = make_queue(dev, 2 * p, rxc, &map, evi)?;
+            let tx = make_queue(dev, 2 * p + 1, txc, &map, evi)?;
             let ctrl = match (p, ctrl_q) {
                 (0, Some(c)) if c.enabled => Some((
-                    make_queue(2 * pairs, &c, &map, evi)?,
+                    make_queue(dev, 2 * pairs, &c, &map, evi)?,
                     act.kicks.get(2 * pairs).cloned(),
                 )),
                 _ => None,
             };
             let stop = Arc::new(
                 EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-                    .map_err(|e| format!("eventfd: {e}"))?,
+                    .map_err(|e| host_err("eventfd", &self.name)(e.into()))?,
             );
             let (Some(rxk), Some(txk), Some(engine)) = (
                 act.kicks.get(2 * p),
@@ -303,7 +334,7 @@ impl VirtioBackend for VirtioNet {
             let h = std::thread::Builder::new()
                 .name(format!("vnet-{}.{p}", self.name))
                 .spawn(move || w.run())
-                .map_err(|e| format!("spawning the queue thread: {e}"))?;
+                .map_err(host_err("spawning the queue thread", &self.name))?;
             self.running.push((stop, stopping, h));
         }
         Ok(())
