@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -78,6 +79,9 @@ struct Worker {
     queues: Vec<Option<Queue>>,
     kicks: Vec<Arc<EventFd>>,
     stop: Arc<EventFd>,
+    /// Set by reset before it signals `stop`: the inner loop checks it, so a driver that
+    /// keeps the ring full cannot delay a reset.
+    stopping: Arc<AtomicBool>,
     ram: Arc<GuestRam>,
     notifier: Notifier,
     pending: Vec<Vec<Option<Pending>>>,
@@ -161,8 +165,9 @@ pub enum BlkError {
     },
 }
 
-/// The stop signal and the queue thread, which hands the engine back when it ends.
-type Running = (Arc<EventFd>, JoinHandle<Box<dyn Engine>>);
+/// The stop signal (eventfd and flag) and the queue thread, which hands the engine back when
+/// it ends.
+type Running = (Arc<EventFd>, Arc<AtomicBool>, JoinHandle<Box<dyn Engine>>);
 
 /// The virtio-blk device.
 pub struct VirtioBlk {
@@ -299,6 +304,7 @@ impl VirtioBackend for VirtioBlk {
                 return Err(e);
             }
         };
+        let stopping = w.stopping.clone();
         let h = std::thread::Builder::new()
             .name(format!("vblk-{}", self.name))
             .spawn(move || {
@@ -306,11 +312,12 @@ impl VirtioBackend for VirtioBlk {
                 w.engine
             })
             .map_err(os("spawning the queue thread", &self.name))?;
-        self.running = Some((stop, h));
+        self.running = Some((stop, stopping, h));
         Ok(())
     }
     fn reset(&mut self) {
-        if let Some((stop, h)) = self.running.take() {
+        if let Some((stop, stopping, h)) = self.running.take() {
+            stopping.store(true, Ordering::SeqCst);
             let _ = stop.write(1);
             match h.join() {
                 Ok(engine) => self.engine = Some(engine),
@@ -473,6 +480,7 @@ impl Worker {
             queues,
             kicks: act.kicks,
             stop,
+            stopping: Arc::new(AtomicBool::new(false)),
             ram: act.ram,
             notifier: act.notifier,
             pending: (0..nq)
@@ -552,7 +560,7 @@ impl Worker {
     /// rings again. Once idle, doorbells are turned back on and the rings checked once more,
     /// so a chain made available in between is not missed.
     fn serve_available(&mut self) {
-        loop {
+        while !self.stopping.load(Ordering::Relaxed) {
             for q in 0..self.queues.len() {
                 self.pop_queue(q);
             }
@@ -689,7 +697,7 @@ impl Worker {
             return;
         }
         let map = self.ram.get();
-        loop {
+        while !self.stopping.load(Ordering::Relaxed) {
             let chain = match self.queues.get_mut(q) {
                 Some(Some(queue)) => super::pop_chain(queue, map.memory()),
                 _ => return,
