@@ -610,3 +610,64 @@ fn xsa_211_runaway_driver_ring_index_stalls_only_its_queue() {
         vec![0; 8]
     );
 }
+
+#[test]
+fn xsa_139_repeated_unplug_writes_leave_the_disks_working() {
+    // XSA-139: repeated or odd writes to the unplug port freed QEMU's emulated disks while
+    // they were in use. domio has no emulated disks to free: the unplug protocol records the
+    // mask, and the disks the guest uses (virtio-blk, PV) are unaffected by any number of
+    // unplug writes, old-style BAR0 writes included.
+    use xensim::guestos::platform::{self, Unplug};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let (bus, mut drv) = up(
+        &format!("disk = [ '{},raw,xvda,rw' ]", img.display()),
+        1,
+        64,
+    );
+    let one = |ty| {
+        vec![Op {
+            ty,
+            sector: 8,
+            gpa: DATA,
+            len: 4096,
+        }]
+    };
+    let data = pattern(0x139, 4096);
+    bus.ram_write(DATA, &data).unwrap();
+    let st = drv.run(&bus, &one(T_OUT), Duration::from_secs(30)).unwrap();
+    assert_eq!(st, vec![0]);
+
+    assert_eq!(
+        platform::unplug(&bus, 1, 1, 0xffff).unwrap(),
+        Unplug::Done { version: 1 }
+    );
+    for _ in 0..3 {
+        bus.pio_write(0x10, 2, 0xffff).unwrap();
+        bus.pio_write(0x10, 4, 0xffff_ffff).unwrap();
+        bus.pio_write(0x11, 1, 0xff).unwrap();
+    }
+    // The platform device's BAR0 (old drivers write 1 at offset 4 to unplug).
+    let fns = pci::enumerate(&bus).unwrap();
+    let plat = fns
+        .iter()
+        .find(|f| (f.vendor, f.device) == (0x5853, 0x0001))
+        .unwrap();
+    let bar0 = pci::cfg_read(&bus, 0, plat.dev, 0, 0x10, 4).unwrap() & !0x3;
+    for _ in 0..3 {
+        bus.pio_write(bar0 as u16 + 4, 4, 1).unwrap();
+    }
+
+    bus.ram.fill(DATA as usize, 4096, 0).unwrap();
+    let st = drv.run(&bus, &one(T_IN), Duration::from_secs(30)).unwrap();
+    assert_eq!(st, vec![0], "the disk still answers after repeated unplugs");
+    let mut back = vec![0u8; 4096];
+    bus.ram_read(DATA, &mut back).unwrap();
+    assert_eq!(back, data);
+    let st = bus.machine.lock().unwrap().unplug_state().unwrap();
+    assert_eq!(st.unplugged, 0xffff);
+}
