@@ -236,6 +236,17 @@ fn virtio_net_hostile_tx_chains_are_answered_and_the_nic_goes_on() {
                 len: 20,
                 write: false,
             }],
+            // XSA-162/135/140 (emulated NICs trusted guest lengths): 0 and u32::MAX bytes.
+            vec![Buf {
+                gpa: frame,
+                len: 0,
+                write: false,
+            }],
+            vec![Buf {
+                gpa: frame,
+                len: u32::MAX,
+                write: false,
+            }],
         ];
         for chain in bad {
             tx.add(&bus, &chain).unwrap();
