@@ -493,3 +493,38 @@ fn test_daemon_dmops_and_resource_mapping_match_the_host() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn test_posted_inject_msi_keeps_replies_in_order_and_is_delivered() {
+    // inject_msi is posted through the daemon (no round trip): a failing one must not shift
+    // the replies of later calls, and a good one reaches the guest.
+    let dir = std::env::temp_dir().join(format!("xensim-hvm-msi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let host = Host::new().unwrap();
+    let d = host.create_hvm_domain("hvm", 256, 1).unwrap();
+    let pv = host.create_domain("pv", 16).unwrap();
+    let server = Server::start(host.clone(), &dir.join("s")).unwrap();
+    let sim = SimHost::connect(server.path(), 0).unwrap();
+    let dm = sim.open_devmodel().unwrap();
+    for _ in 0..100 {
+        dm.inject_msi(pv, 0xfee0_0000, 0x30).unwrap();
+    }
+    let id = dm.create_ioreq_server(d, BufMode::Off).unwrap();
+    assert!(dm.get_ioreq_server_info(d, id, false).is_ok());
+    assert!(
+        dm.create_ioreq_server(pv, BufMode::Off).is_err(),
+        "the reply is this call's, not a posted one's"
+    );
+    let h = host.hvm_domain(d).unwrap();
+    dm.inject_msi(d, 0xfee0_0000, 0x41).unwrap();
+    assert!(h.wait_irq(Duration::from_secs(5)));
+    assert_eq!(
+        h.take_irqs(),
+        vec![xensim::hvm::Irq::Msi {
+            addr: 0xfee0_0000,
+            data: 0x41
+        }]
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
