@@ -220,13 +220,18 @@ fn measure_virtio_blk_4k_randread_iops() {
             img
         }
     };
+    // Random offsets over the whole image, as `domio bench blk` reads.
+    let size = std::fs::metadata(&img).unwrap().len() & !4095;
     let r = rig(dir, &format!("disk = [ '{},raw,xvda,r' ]", img.display()));
     let g = &r.guest;
     let mut fns = pci::enumerate(g).unwrap();
     pci::assign_bars(g, &mut fns, &mut BarWindow::default()).unwrap();
     let f = fns.iter().find(|f| f.device == 0x1042).unwrap().clone();
     let ram = RamAlloc::new(1 << 20, MEMORY_MIB << 20);
-    let mut drv = VirtioBlkDriver::new(g, &f, &ram, 0x50, 1, 32).unwrap();
+    // Queue depth 32 as blkback's figure: 3 descriptors a request, so 128 entries, at most 32
+    // requests in flight.
+    let mut drv = VirtioBlkDriver::new(g, &f, &ram, 0x50, 1, 128).unwrap();
+    drv.set_max_in_flight(32);
     let bufs = 0x200_0000u64;
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let n = 100_000usize;

@@ -70,6 +70,8 @@ pub struct VirtioBlkDriver {
     scratch: u64,
     slot_size: u64,
     qsize: u16,
+    /// Requests in flight at most, over all queues (a queue depth, as fio's iodepth).
+    max_in_flight: usize,
 }
 
 impl VirtioBlkDriver {
@@ -120,6 +122,7 @@ impl VirtioBlkDriver {
         let scratch = ram.alloc(slot_size * u64::from(qs) * u64::from(nq), 4096)?;
         dev.driver_ok(b)?;
         Ok(VirtioBlkDriver {
+            max_in_flight: usize::MAX,
             dev,
             queues,
             features,
@@ -151,7 +154,7 @@ impl VirtioBlkDriver {
             let mut added = vec![false; nq];
             let mut q = next % nq.max(1);
             let mut stalled = 0;
-            while next < ops.len() && stalled < nq {
+            while next < ops.len() && stalled < nq && next - done < self.max_in_flight {
                 let op = ops[next];
                 let bufs_n = if matches!(op.ty, T_FLUSH) { 2 } else { 3 };
                 if self.queues[q].free() < bufs_n {
@@ -249,6 +252,12 @@ impl VirtioBlkDriver {
             }
         }
         Ok(status)
+    }
+
+    /// Keeps at most `n` requests in flight (each takes 2 or 3 descriptors, so a queue of
+    /// `qsize` entries holds `qsize / 3` data requests without a limit).
+    pub fn set_max_in_flight(&mut self, n: usize) {
+        self.max_in_flight = n.max(1);
     }
 
     fn peek_head(&self, q: usize) -> u16 {
