@@ -33,6 +33,9 @@ pub struct HvmArgs {
     /// The domain domio runs in.
     #[arg(long, default_value_t = 0)]
     pub backend_domid: DomId,
+    /// Microseconds the ioreq thread polls its pages after work before sleeping (0: never).
+    #[arg(long, default_value_t = 20)]
+    pub poll_us: u64,
     /// Serve a control socket here (JSON lines, QMP-shaped): `stats` (the ioreq server's
     /// counters) and `devices` (the machine and its serial console).
     #[arg(long)]
@@ -108,9 +111,12 @@ impl Hvm {
         host: &dyn xen::XenHost,
         domid: DomId,
         cfg: &MachineConfig,
+        poll: std::time::Duration,
     ) -> anyhow::Result<Hvm> {
         let ram_bytes = cfg.memory_mib << 20;
-        let mut server = IoreqServer::create(host, IoreqConfig::new(domid, cfg.vcpus, ram_bytes))
+        let mut icfg = IoreqConfig::new(domid, cfg.vcpus, ram_bytes);
+        icfg.spin = poll;
+        let mut server = IoreqServer::create(host, icfg)
             .with_context(|| format!("creating the ioreq server for dom{domid}"))?;
         let dm: Arc<dyn DeviceModel> = Arc::from(
             host.open_devmodel()
@@ -157,7 +163,12 @@ pub fn run(a: HvmArgs) -> anyhow::Result<ExitCode> {
     let cfg = MachineConfig::parse(&text).with_context(|| format!("{}", a.config.display()))?;
     let signals = crate::signals::termination()?;
     let host = a.xen.open(a.backend_domid)?;
-    let hvm = Hvm::start(host.as_ref(), domid, &cfg)?;
+    let hvm = Hvm::start(
+        host.as_ref(),
+        domid,
+        &cfg,
+        std::time::Duration::from_micros(a.poll_us),
+    )?;
     info!(domid, name = %cfg.name, vcpus = cfg.vcpus, memory_mib = cfg.memory_mib, xen = %host.describe(), "domio hvm serving");
     info!(domid, devices = %hvm.info().devices_json(), "machine");
     let control = match &a.control {
@@ -208,7 +219,7 @@ mod tests {
             disk.display()
         ))
         .unwrap();
-        let hvm = Hvm::start(sim.as_ref(), domid, &cfg).unwrap();
+        let hvm = Hvm::start(sim.as_ref(), domid, &cfg, ioreq::server::DEFAULT_POLL).unwrap();
         let info = hvm.info().clone();
         assert_eq!(info.devices.len(), 5, "{:?}", info.devices);
         assert!(info.devices_json()["devices"][3]

@@ -118,17 +118,22 @@ pub struct IoreqConfig {
 }
 
 impl IoreqConfig {
-    /// Defaults: atomic buffered ring, no spinning.
+    /// Defaults: atomic buffered ring, [`DEFAULT_POLL`] of polling before sleeping.
     pub fn new(domid: DomId, vcpus: u32, ram_bytes: u64) -> Self {
         IoreqConfig {
             domid,
             vcpus,
             ram: RamLayout::hvm(ram_bytes),
             bufioreq: BufMode::Atomic,
-            spin: Duration::ZERO,
+            spin: DEFAULT_POLL,
         }
     }
 }
+
+/// How long the ioreq thread keeps looking at its pages (yielding the CPU between looks)
+/// after work before it sleeps on the event channel: a vCPU that comes back within that time
+/// is answered without a wakeup. QEMU's iothreads poll for up to 32 us for the same reason.
+pub const DEFAULT_POLL: Duration = Duration::from_micros(20);
 
 /// The [`RangeRegistry`] of one server: checks each range, then XEN_DMOP_map_io_range.
 #[derive(Clone)]
