@@ -187,6 +187,9 @@ struct Queue {
     submit_batch: u32,
     /// Requests started since the last engine kick.
     unkicked: u32,
+    /// Where the last request taken from the ring ended (a request starting there continues
+    /// a sequential stream).
+    next_sector: u64,
     /// Requests handed to the engine (or waiting in `backlog`) and not completed.
     submitted: usize,
     backlog: VecDeque<IoRequest>,
@@ -294,6 +297,7 @@ pub(crate) fn start(p: QueueParams) -> Result<QueueHandle, BlkError> {
         free: (0..n).rev().collect(),
         submit_batch: p.submit_batch.max(1),
         unkicked: 0,
+        next_sector: u64::MAX,
         submitted: 0,
         backlog: VecDeque::with_capacity(n),
         barrier: Barrier::None,
@@ -442,12 +446,19 @@ impl Queue {
             while !self.stalled() {
                 match self.ring.next(&self.limits) {
                     Ok(Some(Ok(req))) => {
+                        let follows = req.sector == self.next_sector
+                            && matches!(req.op, Op::Read | Op::Write { .. });
+                        self.next_sector = req.sector.saturating_add(req.nr_sectors);
                         self.start_request(req);
                         // Start the device on the first requests of a burst while the rest
-                        // are still being read from the ring.
-                        self.unkicked += 1;
-                        if self.unkicked >= self.submit_batch {
-                            self.kick();
+                        // are still being read from the ring; but hold a request that
+                        // continues the previous one, so the block layer can merge a
+                        // sequential stream into larger I/Os at the next kick.
+                        if !follows {
+                            self.unkicked += 1;
+                            if self.unkicked >= self.submit_batch {
+                                self.kick();
+                            }
                         }
                     }
                     Ok(Some(Err(bad))) => self.refuse(bad),
