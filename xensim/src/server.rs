@@ -474,14 +474,14 @@ impl Connection {
             .iter()
             .map(|s| CopyPin::new(s.domid, s.gref, s.offset, usize::from(s.len), s.to_guest))
             .collect();
-        let local = &mut self.iov_local;
+        let local_buf = &mut self.iov_local;
         let remote = &mut self.iov_remote;
         let done = self.host.grant_copy_pinned(domid, &mut pins, |pins, ram| {
             let mut moved_any = false;
             let mut i = 0;
             while i < pins.len() {
                 let to_guest = pins[i].to_guest;
-                local.clear();
+                let mut local = sys::LocalIovs::new(local_buf);
                 remote.clear();
                 let mut want = 0usize;
                 while let (Some(p), Some(s)) = (pins.get(i), segs.get(i)) {
@@ -495,22 +495,18 @@ impl Connection {
                     let Some(mem) = ram.mem(p.granter) else {
                         return Err(libc::EFAULT);
                     };
-                    if p.ram_offset
-                        .checked_add(p.len)
-                        .is_none_or(|e| e > mem.len())
-                    {
-                        return Err(libc::EFAULT);
-                    }
                     // Adjacent ranges merge into one entry (a batch's buffers are usually
                     // packed back to back): the kernel pins the remote pages once per entry.
-                    push_iov(local, mem.as_ptr().wrapping_add(p.ram_offset).cast(), p.len);
+                    if !local.push(mem, p.ram_offset, p.len) {
+                        return Err(libc::EFAULT);
+                    }
                     push_iov(remote, s.addr as usize as *mut libc::c_void, p.len);
                     want += p.len;
                 }
                 if local.is_empty() {
                     continue;
                 }
-                match sys::process_vm_copy(pid, to_guest, local, remote) {
+                match sys::process_vm_copy(pid, to_guest, &local, remote) {
                     Ok(n) if n == want => moved_any = true,
                     // The kernel stopped at an address of the sender that faults.
                     Ok(_) => return Err(libc::EFAULT),

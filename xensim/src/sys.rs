@@ -4,6 +4,8 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+use xen::SharedMem;
+
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 /// Most descriptors one message carries.
@@ -138,27 +140,72 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 /// One side of a cross-process copy: an address and a length (an `iovec`).
 pub type Iov = libc::iovec;
 
+/// The local side of a cross-process copy: ranges of [`SharedMem`] mappings, bounds-checked
+/// when added, and borrowed for `'a` so that they stay mapped until the copy is made.
+/// Adjacent ranges merge into one entry (the kernel handles each entry separately).
+pub struct LocalIovs<'a> {
+    v: &'a mut Vec<Iov>,
+    _mem: std::marker::PhantomData<&'a SharedMem>,
+}
+
+impl<'a> LocalIovs<'a> {
+    /// An empty list that reuses `buf`'s allocation.
+    pub fn new(buf: &'a mut Vec<Iov>) -> LocalIovs<'a> {
+        buf.clear();
+        LocalIovs {
+            v: buf,
+            _mem: std::marker::PhantomData,
+        }
+    }
+
+    /// Adds `len` bytes at `offset` of `mem`. False (and nothing added) if the range is not
+    /// inside the mapping.
+    pub fn push(&mut self, mem: &'a SharedMem, offset: usize, len: usize) -> bool {
+        if offset.checked_add(len).is_none_or(|e| e > mem.len()) {
+            return false;
+        }
+        let base = mem.as_ptr().wrapping_add(offset);
+        if let Some(last) = self.v.last_mut() {
+            if (last.iov_base as usize).wrapping_add(last.iov_len) == base as usize {
+                last.iov_len += len;
+                return true;
+            }
+        }
+        self.v.push(Iov {
+            iov_base: base.cast(),
+            iov_len: len,
+        });
+        true
+    }
+
+    /// Whether nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.v.is_empty()
+    }
+}
+
 /// Copies between this process and process `pid` with one `process_vm_readv` (`into_local`:
 /// from `remote` in `pid` into `local` here) or `process_vm_writev` (from `local` into
 /// `remote`). Returns the bytes moved, which the caller compares with what it asked for (the
 /// kernel stops at the first address that faults). At most `IOV_MAX` (1024) entries a side.
-///
-/// Each `local` entry must lie in memory of this process that stays mapped for the call and
-/// that no Rust reference covers while the kernel writes it (guest RAM mapped by [`crate::mem`],
-/// accessed elsewhere only through volatile and atomic operations).
+/// `remote` addresses belong to the other process: the kernel checks them, a bad one only
+/// fails the copy.
 pub fn process_vm_copy(
     pid: libc::pid_t,
     into_local: bool,
-    local: &[Iov],
+    local: &LocalIovs<'_>,
     remote: &[Iov],
 ) -> io::Result<usize> {
+    let local: &[Iov] = local.v;
     if local.len() > 1024 || remote.len() > 1024 {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     let n = if into_local {
         // SAFETY: the kernel reads the iovec arrays (valid for their lengths, bounded above)
-        // and writes only the local ranges, which the caller guarantees are mapped memory of
-        // ours that no Rust reference aliases; faults are reported, not taken.
+        // and writes only the local ranges, which `LocalIovs` checked lie inside `SharedMem`
+        // mappings that it borrows (so they stay mapped for this call); `SharedMem` memory is
+        // never covered by a Rust reference (only raw and atomic accesses), so the kernel's
+        // writes alias nothing. Faults are reported, not taken.
         unsafe {
             libc::process_vm_readv(
                 pid,
@@ -187,4 +234,25 @@ pub fn process_vm_copy(
         return Err(io::Error::last_os_error());
     }
     Ok(n as usize)
+}
+
+#[cfg(test)]
+mod local_iovs_tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_bounds_checked_and_adjacent_ones_merge() {
+        let m = SharedMem::anonymous(8192).unwrap();
+        let mut buf = Vec::new();
+        let mut l = LocalIovs::new(&mut buf);
+        assert!(l.is_empty());
+        assert!(!l.push(&m, 8000, 200), "past the end");
+        assert!(!l.push(&m, usize::MAX, 2), "overflow");
+        assert!(l.is_empty());
+        assert!(l.push(&m, 0, 100));
+        assert!(l.push(&m, 100, 100), "adjacent: merged");
+        assert!(l.push(&m, 4096, 10));
+        assert_eq!(l.v.len(), 2);
+        assert_eq!(l.v[0].iov_len, 200);
+    }
 }
