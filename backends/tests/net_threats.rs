@@ -710,6 +710,14 @@ fn xsa350_random_frontend_state_sequences_then_a_clean_reconnect() {
     }
     t.hostile.link().switch_state(XenbusState::Closed).unwrap();
     t.rig.wait_connected(0, false);
+    // Settle: the backend has answered the last state (Closed) before the driver comes back;
+    // otherwise its late answer to the storm can close the fresh connection.
+    t.hostile
+        .link()
+        .wait_backend("Closed", std::time::Duration::from_secs(20), |s| {
+            s == XenbusState::Closed
+        })
+        .unwrap();
     // The guest's driver comes back: a fresh frontend on the same device connects and works.
     let mut f = NetFront::connect(&t.rig.guest, 0, NetFrontOptions::default()).unwrap();
     let frame = udp_frame(mac_of(0), [2; 6], 64, 0x77);
