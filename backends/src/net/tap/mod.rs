@@ -36,6 +36,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+use nix::sys::uio::{readv, writev};
 use xen::DomId;
 
 use super::engine::{NetQueueIo, VirtioNetHdr};
@@ -254,14 +255,15 @@ impl NetQueueIo for TapQueue {
             let mut iov = [IoSlice::new(&[]); STACK_SLICES];
             iov[0] = IoSlice::new(&hb);
             iov[1..=frame.len()].copy_from_slice(frame);
-            sys::writev(self.fd.as_fd(), &iov[..=frame.len()])
+            writev(&self.fd, &iov[..=frame.len()])
         } else {
             // Not reachable through netif (at most 18 slots a packet); allowed, not fast.
             let mut iov = Vec::with_capacity(frame.len() + 1);
             iov.push(IoSlice::new(&hb));
             iov.extend_from_slice(frame);
-            sys::writev(self.fd.as_fd(), &iov)
-        }?;
+            writev(&self.fd, &iov)
+        }
+        .map_err(io::Error::from)?;
         if n != want {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -275,9 +277,10 @@ impl NetQueueIo for TapQueue {
         let mut hb = [0u8; VirtioNetHdr::LEN];
         let n = {
             let mut iov = [IoSliceMut::new(&mut hb), IoSliceMut::new(buf)];
-            match sys::readv(self.fd.as_fd(), &mut iov) {
+            match readv(&self.fd, &mut iov) {
                 Ok(n) => n,
                 Err(e) => {
+                    let e = io::Error::from(e);
                     if would_block(&e) {
                         return Ok(None);
                     }

@@ -2,7 +2,7 @@
 //!
 //! Each wrapper passes the kernel either an integer by value or a pointer to a local that
 //! lives across the call and has the size the ioctl's `_IOC` size field names (`int`,
-//! `unsigned int` or `struct ifreq`), and `writev` as a bare system call for the frame path.
+//! `unsigned int` or `struct ifreq`). Frame I/O needs no unsafe code (nix's `readv`/`writev`).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -99,44 +99,4 @@ pub(super) fn ifreq_hwaddr(r: &libc::ifreq) -> [u8; 6] {
         *m = *d as u8;
     }
     mac
-}
-
-/// `writev(2)` as a bare system call: the frame path's one syscall per frame, without the C
-/// library's cancellation-point bookkeeping around it (the vif thread is never cancelled).
-pub(super) fn writev(fd: BorrowedFd<'_>, iov: &[std::io::IoSlice<'_>]) -> io::Result<usize> {
-    // (Every argument is passed as a full register: the C library reads them as `long`.)
-    // SAFETY: `IoSlice` is ABI-compatible with `struct iovec` on Unix; the kernel only reads
-    // the `iov.len()` entries and the buffers they name, all borrowed for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_writev,
-            libc::c_long::from(fd.as_raw_fd()),
-            iov.as_ptr(),
-            iov.len() as libc::c_ulong,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc as usize)
-    }
-}
-
-/// `readv(2)` as a bare system call (see [`writev`]).
-pub(super) fn readv(fd: BorrowedFd<'_>, iov: &mut [std::io::IoSliceMut<'_>]) -> io::Result<usize> {
-    // SAFETY: `IoSliceMut` is ABI-compatible with `struct iovec` on Unix; the kernel writes
-    // at most the lengths of the `iov.len()` buffers, all borrowed mutably for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_readv,
-            libc::c_long::from(fd.as_raw_fd()),
-            iov.as_mut_ptr(),
-            iov.len() as libc::c_ulong,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc as usize)
-    }
 }
