@@ -3,6 +3,8 @@
 //! daemon like a separate domio process) dispatches them into the machine, guest RAM is
 //! foreign-mapped through the daemon, and interrupts come back as DMOPs.
 
+mod common;
+
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -269,31 +271,12 @@ fn virtio_net_tcp_through_ioreqs() {
     use xensim::front::netstack::{fill_pattern, NetConfig, NetStack, StreamSum};
     use xensim::guestos::net::VirtioNetDriver;
 
-    fn ip(args: &[&str]) {
-        let out = Command::new("ip")
-            .args(args)
-            .output()
-            .expect("ip (iproute2)");
-        assert!(
-            out.status.success(),
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
     std::thread::spawn(|| {
-        // SAFETY: unshare has no memory arguments; it moves only this thread (and the
-        // threads it starts) into a new network namespace.
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            std::io::Error::last_os_error()
-        );
-        ip(&["link", "set", "lo", "up"]);
+        common::sys::unshare_netns().expect("unshare(CLONE_NEWNET)");
+        common::ip(&["link", "set", "lo", "up"]);
         let dir = tempfile::tempdir().unwrap();
         let r = rig(dir, "vif = [ 'mac=00:16:3e:4d:00:09,vifname=dmtap9' ]");
-        ip(&["addr", "add", "10.78.0.1/24", "dev", "dmtap9"]);
+        common::ip(&["addr", "add", "10.78.0.1/24", "dev", "dmtap9"]);
         let g = Arc::new(r.guest.vcpu(1).unwrap());
         let mut fns = pci::enumerate(g.as_ref()).unwrap();
         pci::assign_bars(g.as_ref(), &mut fns, &mut BarWindow::default()).unwrap();

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
-use common::{config, DirectBus};
+use common::{config, in_netns, ip, DirectBus};
 use xensim::guestos::blk::{Op, VirtioBlkDriver, T_IN};
 use xensim::guestos::pci::{self, BarWindow, PciFunction};
 use xensim::guestos::virtio::{Buf, VirtioPciDev, S_NEEDS_RESET};
@@ -232,32 +232,6 @@ fn refused_features_ok_keeps_needs_reset() {
     assert_ne!(s & S_NEEDS_RESET, 0, "NEEDS_RESET kept");
     dev.reset(&bus).unwrap();
     assert_eq!(dev.status(&bus).unwrap(), 0);
-}
-
-fn ip(args: &[&str]) {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .expect("ip (iproute2)");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Runs `f` on a thread in a fresh network namespace with loopback up.
-fn in_netns<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
-    std::thread::spawn(move || {
-        // SAFETY: unshare has no memory arguments; it moves only this thread into a new
-        // network namespace, which the threads it spawns inherit.
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
-        ip(&["link", "set", "lo", "up"]);
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 /// Resets `dev` on another thread (the reset joins the queue threads); true if it finished

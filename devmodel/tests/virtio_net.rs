@@ -7,11 +7,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{config, DirectBus};
+use common::{config, in_netns, ip, DirectBus};
 use xensim::front::netstack::{fill_pattern, NetConfig, NetStack, StreamSum};
 use xensim::guestos::net::VirtioNetDriver;
 use xensim::guestos::pci::{self, BarWindow};
@@ -20,37 +19,6 @@ use xensim::hvm::HvmBus;
 
 const LINUX_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("ip (iproute2)");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Runs `f` on a thread in a fresh network namespace with loopback up.
-fn in_netns<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
-    std::thread::spawn(move || {
-        // SAFETY: unshare has no memory arguments; it moves only this thread into a new
-        // network namespace, which the threads it spawns inherit.
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            std::io::Error::last_os_error()
-        );
-        ip(&["link", "set", "lo", "up"]);
-        f()
-    })
-    .join()
-    .unwrap()
-}
 
 /// The machine with one NIC on tap `dmtap0` (addressed 10.77.0.1/24 on the Linux side) and
 /// the guest's driver brought up on it.

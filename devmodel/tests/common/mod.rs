@@ -5,6 +5,9 @@
 //! recorded by a `DeviceModel` of our own.
 #![allow(dead_code)]
 
+#[allow(unsafe_code)]
+pub mod sys;
+
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -355,5 +358,29 @@ pub fn config(extra: &str) -> MachineConfig {
     MachineConfig::parse(&format!(
         "name = \"t\"\ntype = \"hvm\"\nmemory = 80\n{extra}\n"
     ))
+    .unwrap()
+}
+
+/// Runs `ip ARGS...` and panics with its output if it fails.
+pub fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `f` on a thread in a fresh network namespace with loopback up.
+pub fn in_netns<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    std::thread::spawn(move || {
+        sys::unshare_netns().expect("unshare(CLONE_NEWNET)");
+        ip(&["link", "set", "lo", "up"]);
+        f()
+    })
+    .join()
     .unwrap()
 }
