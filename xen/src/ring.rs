@@ -349,6 +349,20 @@ where
         fence(Ordering::SeqCst);
         Ok(self.unconsumed_requests()? > 0)
     }
+
+    /// For a backend that has requests but needs more before it can go on (netback's RX: a
+    /// frame that spans more slots than are posted): asks for an event on the *next* request
+    /// the frontend publishes (`req_event = req_prod + 1`, as Linux's
+    /// `xenvif_rx_ring_slots_available` does) and checks once more. Returns whether requests
+    /// were published meanwhile (look again). `final_check_for_requests` would set
+    /// `req_cons + 1`, which is already behind `req_prod` here, so no event would come.
+    pub fn request_event_after_prod(&mut self) -> Result<bool, RingError> {
+        let prod = self.checked_req_prod()?;
+        self.sring()
+            .store_u32(SRING_REQ_EVENT, prod.wrapping_add(1), Ordering::Relaxed)?;
+        fence(Ordering::SeqCst);
+        Ok(self.checked_req_prod()? != prod)
+    }
 }
 
 /// The frontend end of a shared ring: produces requests, consumes responses. domio uses it in
@@ -716,6 +730,31 @@ mod tests {
 
         assert!(consumed + overflows > 0);
         assert!(back.in_flight() <= 8);
+    }
+
+    #[test]
+    fn test_request_event_after_prod_gets_an_event_for_the_next_request_posted() {
+        // A backend holds 2 of 3 posted requests back (it needs more for one frame). With
+        // the final check's req_cons + 1 the frontend's next push would not notify; with
+        // request_event_after_prod it does.
+        for after_prod in [false, true] {
+            let mem = ring_mem(8);
+            let mut front: FrontRing<u64, u64, &SharedMem> = FrontRing::init(&mem).unwrap();
+            let mut back: BackRing<u64, u64, &SharedMem> = BackRing::new(&mem).unwrap();
+            for i in 0..3u64 {
+                front.push_request(&i).unwrap();
+            }
+            front.push_requests_and_check_notify().unwrap();
+            assert_eq!(back.copy_request().unwrap(), Some(0));
+            if after_prod {
+                assert!(!back.request_event_after_prod().unwrap());
+            } else {
+                assert!(back.final_check_for_requests().unwrap(), "2 are pending");
+            }
+            front.push_request(&3).unwrap();
+            let notified = front.push_requests_and_check_notify().unwrap();
+            assert_eq!(notified, after_prod);
+        }
     }
 
     #[test]

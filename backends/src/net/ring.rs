@@ -1173,7 +1173,14 @@ impl Vif {
                             d + e
                         });
                         if (avail as usize) < need {
-                            return;
+                            // Some buffers, not enough: ask for an event on the next one
+                            // posted (an event index at req_cons + 1 is already behind
+                            // req_prod, so the frontend would never notify).
+                            match self.queues[qi].rx.ring.request_event_after_prod() {
+                                Ok(true) => continue,
+                                Ok(false) => return,
+                                Err(e) => return self.ring_fatal("rx ring", e),
+                            }
                         }
                     }
                     Ok(false) => return,
