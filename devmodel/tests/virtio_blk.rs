@@ -186,6 +186,38 @@ struct Raw<'a> {
 const HDR: u64 = 0x4_0000;
 const STATUS: u64 = 0x4_1000;
 const BUF: u64 = 0x4_2000;
+
+/// Queues one 512-byte read of sector 0 (header at HDR, data at BUF, status at STATUS),
+/// forgets the interrupts seen so far and notifies the device.
+fn submit_one_read(bus: &DirectBus, q: &mut xensim::guestos::virtio::Virtqueue) {
+    use xensim::guestos::virtio::Buf;
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&T_IN.to_le_bytes());
+    bus.ram_write(HDR, &h).unwrap();
+    bus.take_irqs();
+    q.add(
+        bus,
+        &[
+            Buf {
+                gpa: HDR,
+                len: 16,
+                write: false,
+            },
+            Buf {
+                gpa: BUF,
+                len: 512,
+                write: true,
+            },
+            Buf {
+                gpa: STATUS,
+                len: 1,
+                write: true,
+            },
+        ],
+    )
+    .unwrap();
+    q.publish(bus).unwrap();
+}
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;
 
@@ -409,7 +441,6 @@ fn xsa_211_bad_queue_sizes_and_rings_are_refused() {
 #[test]
 fn intx_without_msix_and_invalidate_remaps_guest_ram() {
     use ioreq::IoHandler;
-    use xensim::guestos::virtio::Buf;
     use xensim::hvm::Irq;
 
     let dir = tempfile::tempdir().unwrap();
@@ -428,32 +459,7 @@ fn intx_without_msix_and_invalidate_remaps_guest_ram() {
     let mut q = dev.setup_queue(&bus, 0, 16, 0xffff, &ram).unwrap();
     dev.driver_ok(&bus).unwrap();
     bus.machine.lock().unwrap().invalidate();
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&T_IN.to_le_bytes());
-    bus.ram_write(HDR, &h).unwrap();
-    bus.take_irqs();
-    q.add(
-        &bus,
-        &[
-            Buf {
-                gpa: HDR,
-                len: 16,
-                write: false,
-            },
-            Buf {
-                gpa: BUF,
-                len: 512,
-                write: true,
-            },
-            Buf {
-                gpa: STATUS,
-                len: 1,
-                write: true,
-            },
-        ],
-    )
-    .unwrap();
-    q.publish(&bus).unwrap();
+    submit_one_read(&bus, &mut q);
     assert!(bus.wait_for(Duration::from_secs(10), |i| matches!(
         i,
         Irq::PciIntx {
@@ -482,7 +488,6 @@ fn intx_without_msix_and_invalidate_remaps_guest_ram() {
 /// programmed (XEN_DMOP_inject_msi), not on INTx.
 #[test]
 fn msi_without_msix_delivers_the_programmed_message() {
-    use xensim::guestos::virtio::Buf;
     use xensim::hvm::Irq;
 
     let dir = tempfile::tempdir().unwrap();
@@ -513,32 +518,7 @@ fn msi_without_msix_delivers_the_programmed_message() {
     let ram = RamAlloc::new(8 << 20, bus.ram_size());
     let mut q = dev.setup_queue(&bus, 0, 16, 0xffff, &ram).unwrap();
     dev.driver_ok(&bus).unwrap();
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&T_IN.to_le_bytes());
-    bus.ram_write(HDR, &h).unwrap();
-    bus.take_irqs();
-    q.add(
-        &bus,
-        &[
-            Buf {
-                gpa: HDR,
-                len: 16,
-                write: false,
-            },
-            Buf {
-                gpa: BUF,
-                len: 512,
-                write: true,
-            },
-            Buf {
-                gpa: STATUS,
-                len: 1,
-                write: true,
-            },
-        ],
-    )
-    .unwrap();
-    q.publish(&bus).unwrap();
+    submit_one_read(&bus, &mut q);
     assert!(bus.wait_for(Duration::from_secs(10), |i| *i
         == Irq::Msi {
             addr: 0xfee0_1000,
