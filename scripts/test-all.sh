@@ -11,6 +11,14 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==== %s ====\n' "$*"; }
 
+step "disk"
+# A clean build and the lab need about 8 GiB; say so plainly rather than dying inside rustc.
+avail_kib=$(df -Pk . | awk 'NR==2 {print $4}')
+echo "free in $(pwd): $((avail_kib / 1024 / 1024)) GiB"
+if [ "$avail_kib" -lt $((8 * 1024 * 1024)) ]; then
+  echo "warning: less than 8 GiB free; the build may fail with 'No space left on device'" >&2
+fi
+
 step "packages"
 pkgs=(libxen-dev linux-libc-dev xenstore-utils gcc iproute2 qemu-utils)
 missing=()
