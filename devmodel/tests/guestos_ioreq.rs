@@ -204,63 +204,6 @@ fn virtio_blk_64mib_qcow2_through_ioreqs() {
     blk_64mib("qcow2");
 }
 
-/// 4 KiB random reads at queue depth 32 through the whole stack (doorbells and MSIs as
-/// ioreqs and DMOPs through the xensim daemon). Prints the IOPS; run with
-/// `cargo test --release -p devmodel --test guestos_ioreq -- --ignored --nocapture`, on an
-/// image of your own (for a comparison with `domio bench blk --engine raw --image` on the
-/// same file) with `DEVMODEL_BENCH_IMAGE=/path` (at least 256 MiB, only read).
-#[test]
-#[ignore = "measurement; run explicitly"]
-fn measure_virtio_blk_4k_randread_iops() {
-    let dir = tempfile::tempdir().unwrap();
-    let size: u64 = 256 << 20;
-    let img = match std::env::var_os("DEVMODEL_BENCH_IMAGE") {
-        Some(p) => std::path::PathBuf::from(p),
-        None => {
-            let img = dir.path().join("d.raw");
-            std::fs::write(&img, pattern(7, size as usize)).unwrap();
-            img
-        }
-    };
-    // Random offsets over the whole image, as `domio bench blk` reads.
-    let size = std::fs::metadata(&img).unwrap().len() & !4095;
-    let r = rig(dir, &format!("disk = [ '{},raw,xvda,r' ]", img.display()));
-    let g = &r.guest;
-    let mut fns = pci::enumerate(g).unwrap();
-    pci::assign_bars(g, &mut fns, &mut BarWindow::default()).unwrap();
-    let f = fns.iter().find(|f| f.device == 0x1042).unwrap().clone();
-    let ram = RamAlloc::new(1 << 20, MEMORY_MIB << 20);
-    // Queue depth 32 as blkback's figure: 3 descriptors a request, so 128 entries, at most 32
-    // requests in flight.
-    let mut drv = VirtioBlkDriver::new(g, &f, &ram, 0x50, 1, 128).unwrap();
-    drv.set_max_in_flight(32);
-    let bufs = 0x200_0000u64;
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let n = 100_000usize;
-    let ops: Vec<Op> = (0..n)
-        .map(|i| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            Op {
-                ty: T_IN,
-                sector: (x % (size / 4096)) * 8,
-                gpa: bufs + 4096 * (i as u64 % 32),
-                len: 4096,
-            }
-        })
-        .collect();
-    let t = std::time::Instant::now();
-    let st = drv.run(g, &ops, Duration::from_secs(600)).unwrap();
-    let secs = t.elapsed().as_secs_f64();
-    assert!(st.iter().all(|s| *s == 0));
-    let (rung, skipped) = drv.queues[0].doorbell_counts();
-    println!(
-        "virtio-blk 4 KiB random read QD32 through ioreqs: {:.0} IOPS ({n} reads in {secs:.2} s; doorbells {rung}, skipped {skipped})",
-        n as f64 / secs
-    );
-}
-
 /// virtio-net through the whole stack: the guest's TCP/IP stack on the virtio-net driver,
 /// doorbells as ioreqs, completions as MSIs, a real tap in a network namespace of the
 /// test's own, and 4 MiB of TCP each way with Linux.

@@ -507,11 +507,14 @@ fn drive_queue(
             );
         }
         stopping = stopping || stop.load(Ordering::Relaxed);
-        if !stopping && done > 0 {
+        if !stopping {
+            // As Linux's blkfront (`blkif_queue_rq` ends with `flush_requests`): each request
+            // is pushed as it is queued, notifying only when the backend's `req_event` asks,
+            // so a backend that drained the ring starts on the first while the rest follow.
             for _ in 0..done {
                 submit(q, &mut offsets, &mut started)?;
+                q.push()?;
             }
-            q.push()?;
         }
     }
     res.notifies = q.stats().notifies;

@@ -14,6 +14,7 @@ mod fake;
 mod hist;
 mod ioreq;
 mod net;
+mod vblk;
 
 use std::process::ExitCode;
 
@@ -22,6 +23,7 @@ use clap::{Args, Subcommand};
 pub use blk::BlkArgs;
 pub use ioreq::IoreqArgs;
 pub use net::NetArgs;
+pub use vblk::VirtioBlkArgs;
 
 /// Arguments of `domio bench`.
 #[derive(Debug, Args)]
@@ -42,6 +44,9 @@ pub enum BenchCmd {
     /// The ioreq round trip (a vCPU's port I/O answered by domio) next to an eventfd
     /// ping-pong between two threads.
     Ioreq(IoreqArgs),
+    /// 4 KiB random reads through the HVM device model's virtio-blk (doorbells as ioreqs,
+    /// completions as MSIs), to set beside `domio bench blk` on the same image.
+    VirtioBlk(VirtioBlkArgs),
 }
 
 /// Runs `domio bench`.
@@ -50,5 +55,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         BenchCmd::Blk(a) => blk::run(a),
         BenchCmd::Net(a) => net::run(a),
         BenchCmd::Ioreq(a) => ioreq::run(a),
+        BenchCmd::VirtioBlk(a) => vblk::run(a),
     }
 }
