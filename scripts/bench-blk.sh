@@ -74,6 +74,8 @@ TIME=()
 need taskset "apt-get install util-linux"
 PIN=()
 [ -z "$CPUS" ] || PIN=(taskset -c "$CPUS")
+PLACE=unpinned
+[ -z "$CPUS" ] || PLACE="pinned with taskset -c $CPUS"
 
 # ---- build -----------------------------------------------------------------------------------
 say "building the release binary (cargo build --release --bin domio)"
@@ -201,7 +203,7 @@ median() { # field number of a row key's lines -> median (or "-")
 ROWS=()
 row() { ROWS+=("$1|$2"); }
 
-say "load average at start: $LOAD_START; $NCPU CPUs; placement: ${CPUS:+taskset -c $CPUS}${CPUS:-unpinned}; $DUR s per run, $ROUNDS rounds"
+say "load average at start: $LOAD_START; $NCPU CPUs; placement: $PLACE; $DUR s per run, $ROUNDS rounds"
 say "test file: $IMAGE"
 
 # ---- 1. 4 KiB random reads QD32: domio raw vs fio vs qemu-img ---------------------------------
@@ -294,6 +296,6 @@ r=$(ratio null32map null32 1); printf 'null map / persistent IOPS:              
 r=$(ratio raw4kmap raw4k 1); printf 'raw  map / persistent IOPS:              %s  (CPU ns/req %.0f vs %.0f)\n' "$r" "$(median raw4kmap 5)" "$(median raw4k 5)"
 r=$(ratio engine4k fio4k 1); printf 'engine alone/fio 4k randread QD32 IOPS:  %s  (no blkback: what the storage engine itself reaches)\n' "$r"
 printf '\ndomio %s; load average: start %s, end %s; %s CPUs; %s; %s s per run; medians of %s rounds for the tool comparisons\n' \
-    "$REV" "$LOAD_START" "$LOAD_END" "$NCPU" "${CPUS:+pinned with taskset -c $CPUS}${CPUS:-unpinned}" "$DUR" "$ROUNDS"
+    "$REV" "$LOAD_START" "$LOAD_END" "$NCPU" "$PLACE" "$DUR" "$ROUNDS"
 printf 'load/busy: 1-minute load average and %% of all CPUs busy in the 0.5 s before each run (one entry per round)\n'
 printf 'CPU ns/req: domio = whole process (guest blkfront + blkback + simulated host); fio and qemu-img = the tool process (usr+sys), not kernel completion work\n'

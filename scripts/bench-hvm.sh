@@ -7,12 +7,17 @@
 #      the guest OS library's driver, domio's ioreq server and devmodel, the raw engine) against
 #      blkback's on the same image (`domio bench blk`), target: ratio >= 0.9.
 # Usage: scripts/bench-hvm.sh [IMAGE]   (default /var/tmp/domio-bench-blk.img, 1 GiB, created
-# if missing). Env: ROUNDS (3), DUR (seconds per domio bench run, 3).
+# if missing). Env: ROUNDS (3), DUR (seconds per domio bench run, 3), CPUS (empty = unpinned;
+# or a taskset CPU list applied to every run alike, as in bench-blk.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGE=${1:-/var/tmp/domio-bench-blk.img}
 ROUNDS=${ROUNDS:-3}
 DUR=${DUR:-3}
+PIN=()
+[ -z "${CPUS:-}" ] || PIN=(taskset -c "$CPUS")
+PLACE=unpinned
+[ -z "${CPUS:-}" ] || PLACE="pinned with taskset -c $CPUS"
 say() { printf '== %s\n' "$*" >&2; }
 if [ ! -f "$IMAGE" ]; then
   say "creating $IMAGE (1 GiB of random data)"
@@ -23,15 +28,15 @@ OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 cp target/release/domio "$OUT/domio"
 json() { tail -1 | python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
-say "load average at start: $(cut -d' ' -f1-3 /proc/loadavg); $ROUNDS rounds"
+say "load average at start: $(cut -d' ' -f1-3 /proc/loadavg); $ROUNDS rounds; placement: $PLACE"
 for r in $(seq "$ROUNDS"); do
-  "$OUT/domio" bench ioreq --duration "$DUR" --spin-us 0 --json 2>/dev/null |
+  "${PIN[@]}" "$OUT/domio" bench ioreq --duration "$DUR" --spin-us 0 --json 2>/dev/null |
     json "d['pio_rtt_ns'], d['pingpong_rtt_ns'], d['ratio_vs_pingpong']" >>"$OUT/ioreq0"
-  "$OUT/domio" bench ioreq --duration "$DUR" --json 2>/dev/null |
+  "${PIN[@]}" "$OUT/domio" bench ioreq --duration "$DUR" --json 2>/dev/null |
     json "d['pio_rtt_ns'], d['pingpong_rtt_ns'], d['ratio_vs_pingpong']" >>"$OUT/ioreq20"
-  v=$("$OUT/domio" bench virtio-blk --image "$IMAGE" --qd 32 --duration "$DUR" --json 2>/dev/null |
+  v=$("${PIN[@]}" "$OUT/domio" bench virtio-blk --image "$IMAGE" --qd 32 --duration "$DUR" --json 2>/dev/null |
     json "int(d['iops'])")
-  b=$("$OUT/domio" bench blk --engine raw --image "$IMAGE" --bs 4k --qd 32 --pattern randread \
+  b=$("${PIN[@]}" "$OUT/domio" bench blk --engine raw --image "$IMAGE" --bs 4k --qd 32 --pattern randread \
     --duration "$DUR" --json 2>/dev/null | json "int(d['iops'])")
   echo "$v $b" >>"$OUT/vblk.txt"
   say "round $r: ioreq(spin 0) $(tail -1 "$OUT/ioreq0" | tr -d '(),'); ioreq(spin 20) $(tail -1 "$OUT/ioreq20" | tr -d '(),'); virtio-blk $v IOPS, blkback $b IOPS"
