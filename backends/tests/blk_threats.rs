@@ -641,3 +641,102 @@ fn test_xsa39_req_prod_impossible_at_attach_fails_connect() {
         "no event channel bound"
     );
 }
+
+/// A frontend that refills its ring as fast as blkback answers it, with requests refused at
+/// once (an unknown operation: no slot is held, so the ring never stalls), must not keep the
+/// ring thread away from its stop flag: the device still disconnects when the frontend asks,
+/// and the guest's other disk goes on meanwhile. (Linux's blkback checks
+/// `kthread_should_stop` inside the same loop.)
+#[test]
+fn test_ring_flood_does_not_block_disconnect_or_other_disk() {
+    let r = rig(&[(0, "w"), (1, "w")]);
+    let mut bad = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    let mut good = TestFront::connect(&r.guest, 1, FrontOpts::default());
+    let closer = xensim::front::FrontendLink::open(&r.guest, "vbd", 0).unwrap();
+    const MARK: u64 = 0x1111_1111_1111_1111;
+    let stop = Arc::new(AtomicBool::new(false));
+    let refilled = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (st, n) = (stop.clone(), refilled.clone());
+    let flood = std::thread::spawn(move || {
+        let req = rw(0xff, MARK, 0, &[]);
+        let size = bad.queues[0].size;
+        for _ in 0..size {
+            bad.put(0, &req);
+        }
+        bad.push(0);
+        // Refill each slot as soon as its response overwrites it (the response's operation
+        // byte lands on the request id's first byte), keeping exactly one ring outstanding,
+        // and publish without notifying: blkback re-reads `req_prod` as it goes.
+        let mut next = 0u32;
+        let mut max_unpublished = 0u32;
+        let end = Instant::now() + Duration::from_secs(30);
+        while !st.load(Ordering::Relaxed) && Instant::now() < end {
+            let mut refilled = 0;
+            while refilled < size {
+                let at = bad.slot_addr(0, next) + 8;
+                let v = bad.guest.ram().load_u32(at, Ordering::Acquire).unwrap();
+                if v == MARK as u32 {
+                    break;
+                }
+                bad.put(0, &req);
+                next = next.wrapping_add(1);
+                refilled += 1;
+            }
+            // Responses written but not yet published: blkback publishes at least once per
+            // ring's worth of requests it takes, so this stays within about a ring.
+            let published = bad.rsp_prod(0);
+            max_unpublished = max_unpublished.max(next.wrapping_sub(published));
+            if refilled == 0 {
+                std::hint::spin_loop();
+                continue;
+            }
+            // RING_PUSH_REQUESTS_AND_CHECK_NOTIFY: notify only if blkback asked (req_event).
+            let q = &bad.queues[0];
+            let (new, old) = (q.req_prod_pvt, q.req_prod_pvt.wrapping_sub(refilled));
+            let ram = bad.guest.ram();
+            ram.store_u32(q.base, new, Ordering::SeqCst).unwrap();
+            let event = ram.load_u32(q.base + 4, Ordering::SeqCst).unwrap();
+            if new.wrapping_sub(event) < new.wrapping_sub(old) {
+                q.port.notify().unwrap();
+            }
+            n.fetch_add(u64::from(refilled), Ordering::Relaxed);
+        }
+        (bad, max_unpublished, size)
+    });
+    wait_for("the flood to be under way", || {
+        refilled.load(Ordering::Relaxed) > 2_000
+    });
+
+    // The other disk is served during the flood.
+    let (_, gr) = good.data_page(0, false);
+    let rsp = good.roundtrip(0, &rw(BLKIF_OP_READ, 7, 0, &[(gr, 0, 7)]));
+    assert_eq!(rsp.status, BLKIF_RSP_OKAY, "the other disk goes on");
+    // The flooded device disconnects when its frontend asks, with the flood still running.
+    let t0 = Instant::now();
+    closer.switch_state(XenbusState::Closing).unwrap();
+    let closed = closer.wait_backend("Closing", Duration::from_secs(10), |s| {
+        matches!(s, XenbusState::Closing | XenbusState::Closed)
+    });
+    let took = t0.elapsed();
+    let still_flooding = !flood.is_finished();
+    stop.store(true, Ordering::Relaxed);
+    let (_bad, max_unpublished, size) = flood.join().unwrap();
+
+    assert!(
+        closed.is_ok(),
+        "backend did not reach Closing within 10 s: {closed:?}"
+    );
+    assert!(
+        still_flooding,
+        "the flood was still running when the backend closed"
+    );
+    assert!(took < Duration::from_secs(5), "closing took {took:?}");
+    assert!(r.stats(0).bad_requests > 2_000);
+    assert!(
+        max_unpublished <= 2 * size,
+        "{max_unpublished} responses written but not published (ring of {size}): the ring thread \
+         stayed in its consume loop"
+    );
+    let rsp = good.roundtrip(0, &rw(BLKIF_OP_READ, 8, 0, &[(gr, 0, 7)]));
+    assert_eq!(rsp.status, BLKIF_RSP_OKAY, "the other disk still goes on");
+}

@@ -206,6 +206,9 @@ struct Queue {
     /// Requests started, refused or completed (to tell spurious events).
     work: u64,
     rogue: bool,
+    /// The last pass stopped at its budget with requests left on the ring: look again after
+    /// one turn of the poll loop instead of sleeping.
+    more: bool,
     log_bucket: TokenBucket,
 }
 
@@ -311,6 +314,7 @@ pub(crate) fn start(p: QueueParams) -> Result<QueueHandle, BlkError> {
         responses: 0,
         work: 0,
         rogue: false,
+        more: false,
         log_bucket: TokenBucket::new(5.0, 20.0),
     };
     let span = tracing::info_span!(parent: &p.span, "blk_queue", queue);
@@ -377,13 +381,21 @@ impl Queue {
                     PollFd::new(self.engine.completion_fd(), PollFlags::POLLIN),
                     PollFd::new(self.waker.fd.as_fd(), PollFlags::POLLIN),
                 ];
-                if let Err(e) = poll(&mut fds, PollTimeout::NONE) {
+                // Work left over from a pass that hit its budget: look at the descriptors
+                // (a stop request, completions) without sleeping, then go on.
+                let timeout = if self.more {
+                    PollTimeout::ZERO
+                } else {
+                    PollTimeout::NONE
+                };
+                if let Err(e) = poll(&mut fds, timeout) {
                     if e != nix::errno::Errno::EINTR {
                         warn!(error = %e, "blk ring poll failed; stopping");
                         break;
                     }
                 }
             }
+            self.more = false;
             let _ = self.waker.fd.read();
             if self.waker.stop.load(Ordering::SeqCst) {
                 break;
@@ -441,9 +453,22 @@ impl Queue {
         self.barrier != Barrier::None || self.free.is_empty()
     }
 
+    /// Takes requests until the ring is empty, every slot is busy, or one ring's worth has been
+    /// taken in this call: a frontend that refills as fast as it is answered (with requests
+    /// refused at once, which hold no slot) cannot keep the thread here, away from its stop
+    /// flag, its completions and publishing responses (Linux's blkback checks
+    /// `kthread_should_stop` in the same loop).
     fn consume(&mut self) {
+        let budget = self.ring.size().max(1);
+        let mut taken = 0u32;
         loop {
             while !self.stalled() {
+                if taken >= budget {
+                    self.kick();
+                    self.more = true;
+                    return;
+                }
+                taken += 1;
                 match self.ring.next(&self.limits) {
                     Ok(Some(Ok(req))) => {
                         let follows = req.sector == self.next_sector

@@ -285,6 +285,9 @@ struct Vif {
     /// Requests answered, frames moved and control requests served (to tell spurious events).
     work: u64,
     dead: bool,
+    /// A TX or control pass stopped at its budget with requests left: look again after one
+    /// turn of the poll loop instead of sleeping.
+    more: bool,
     log_bucket: TokenBucket,
 }
 
@@ -429,6 +432,7 @@ pub(crate) fn start(p: VifStart) -> Result<VifHandle, NetError> {
         notify: Vec::with_capacity(8),
         work: 0,
         dead: false,
+        more: false,
         log_bucket: TokenBucket::new(5.0, 20.0),
     };
     let span = tracing::info_span!(parent: &p.span, "vif");
@@ -462,7 +466,13 @@ impl Vif {
         // A first pass: the frontend may have queued work before we bound.
         self.pass();
         while !self.dead {
-            let timeout = self.poll_timeout();
+            // Work left over from a pass that hit its budget: look at the descriptors (a stop
+            // request, engines with frames for the guest) without sleeping, then go on.
+            let timeout = if self.more {
+                PollTimeout::ZERO
+            } else {
+                self.poll_timeout()
+            };
             {
                 // A fixed array (no allocation per wakeup); unused entries repeat the waker.
                 let n = 2 + self.engines.len().min(POLL_ENGINES);
@@ -501,6 +511,7 @@ impl Vif {
             if self.waker.stop.load(Ordering::SeqCst) {
                 break;
             }
+            self.more = false;
             if self.shared.rate_changed.swap(false, Ordering::SeqCst) {
                 let r = *self.shared.rate.lock().unwrap_or_else(|e| e.into_inner());
                 self.credit.set_rate(r);
@@ -622,7 +633,14 @@ impl Vif {
             return;
         };
         let mut answered = 0;
+        // One ring's worth a pass, as for TX (a frontend refilling the ring as fast as it is
+        // answered must not keep the thread here).
+        let budget = ctrl.ring.size().max(1);
         loop {
+            if answered >= budget {
+                self.more = true;
+                break;
+            }
             let req = match ctrl.ring.copy_request() {
                 Ok(Some(r)) => r,
                 Ok(None) => match ctrl.ring.final_check_for_requests() {
@@ -750,12 +768,26 @@ impl Vif {
 
     // ------------------------------------------------------------------ TX
 
+    /// Serves a TX ring until it is empty or one ring's worth of slots has been taken in this
+    /// call (a NAPI-like budget, as Linux's netback has): a frontend that refills as fast as it
+    /// is answered cannot keep the thread from its stop flag, RX and the other queues.
     fn tx_pass(&mut self, qi: usize) {
+        let budget = self.queues[qi].tx.ring.size().max(1) as usize;
+        let mut taken = 0usize;
         loop {
-            // Copy every published request once.
+            // The budget is looked at only between batches, with nothing pending, so a packet
+            // is never split between passes (and a throttled queue is not spun on).
+            if taken >= budget && self.queues[qi].tx.pending.is_empty() {
+                self.more = true;
+                return;
+            }
+            // Copy every published request once (at most a ring's worth is outstanding).
             loop {
                 match self.queues[qi].tx.ring.copy_request() {
-                    Ok(Some(r)) => self.queues[qi].tx.pending.push_back(r),
+                    Ok(Some(r)) => {
+                        self.queues[qi].tx.pending.push_back(r);
+                        taken += 1;
+                    }
                     Ok(None) => break,
                     Err(e) => return self.ring_fatal("tx ring", e),
                 }
