@@ -390,3 +390,57 @@ fn deleting_the_tap_under_a_running_nic_does_not_hang_the_reset() {
         assert_eq!(n.dev.status(b).unwrap(), 0);
     });
 }
+
+/// Names of this process's threads that start with `prefix`.
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.starts_with(prefix))
+        .count()
+}
+
+/// A driver whose DRIVER_OK got DEVICE_NEEDS_RESET (a descriptor table at guest-physical 0),
+/// then repairs the ring and writes DRIVER_OK again without resetting, gets nothing started:
+/// the device stays down, with no queue thread, until a full reset (so a partial activation
+/// cannot be repeated into a pile of threads either). After the reset it works.
+#[test]
+fn driver_ok_after_needs_reset_starts_nothing_until_reset() {
+    let _g = counted();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.raw");
+    std::fs::write(&img, vec![0x5au8; 1 << 20]).unwrap();
+    let bus = DirectBus::new(&config(&format!(
+        "disk = [ '{},raw,xvdq,rw' ]",
+        img.display()
+    )));
+    let fns = functions(&bus);
+    let f = fns.iter().find(|f| f.device == 0x1042).unwrap().clone();
+    let dev = VirtioPciDev::new(&bus, &f, 0x40).unwrap();
+    dev.negotiate(&bus, 0).unwrap();
+    dev.enable_msix(&bus, 2).unwrap();
+    dev.set_config_vector(&bus, 0).unwrap();
+    let ram = RamAlloc::new(8 << 20, 24 << 20);
+    let q = dev.setup_queue(&bus, 0, 8, 1, &ram).unwrap();
+    bus.mmio_write(dev.common + 0x16, 2, 0).unwrap();
+    bus.mmio_write(dev.common + 0x20, 8, 0).unwrap();
+    assert!(dev.driver_ok(&bus).is_err(), "a ring at 0 is refused");
+    assert!(needs_reset_signalled(&bus, &dev, 0x40));
+
+    // The ring repaired, DRIVER_OK again (the same status value), several times.
+    bus.mmio_write(dev.common + 0x20, 8, q.desc).unwrap();
+    for _ in 0..20 {
+        dev.set_status(&bus, 0x0f).unwrap();
+    }
+    assert_eq!(threads_named("vblk-xvdq"), 0, "a queue thread was started");
+    assert_ne!(dev.status(&bus).unwrap() & S_NEEDS_RESET, 0);
+
+    // A full reset brings it back.
+    let mut drv = VirtioBlkDriver::new(&bus, &f, &ram, 0x40, 1, 8).unwrap();
+    let buf = ram.alloc(4096, 4096).unwrap();
+    assert_eq!(read4k(&mut drv, &bus, buf), vec![0], "read status");
+    let mut got = vec![0u8; 4096];
+    bus.ram_read(buf, &mut got).unwrap();
+    assert_eq!(got, vec![0x5au8; 4096]);
+    assert_eq!(threads_named("vblk-xvdq"), 1);
+}

@@ -642,6 +642,15 @@ impl VirtioPci {
         if self.active {
             return;
         }
+        // A device that asked for a reset (DEVICE_NEEDS_RESET) stays down until the driver
+        // writes 0: a driver repeating DRIVER_OK must not start anything in between.
+        if self.notifier.is_broken() {
+            self.log.warn(format_args!(
+                "{}: DRIVER_OK while the device needs a reset; ignored",
+                self.name
+            ));
+            return;
+        }
         if self.status & S_FEATURES_OK == 0 {
             self.log
                 .warn(format_args!("{}: DRIVER_OK without FEATURES_OK", self.name));
@@ -673,6 +682,9 @@ impl VirtioPci {
             Err(e) => {
                 self.log
                     .warn(format_args!("{}: activation failed: {e}", self.name));
+                // Undo a partial activation (queue threads already started for the first
+                // queues): nothing may keep running on a device that is not active.
+                self.backend.reset();
                 self.notifier.needs_reset();
             }
         }
@@ -940,8 +952,7 @@ impl PciDevice for VirtioPci {
 
 impl Drop for VirtioPci {
     fn drop(&mut self) {
-        if self.active {
-            self.backend.reset();
-        }
+        // Always: a backend's reset is idempotent, and stops whatever it started.
+        self.backend.reset();
     }
 }
