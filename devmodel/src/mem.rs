@@ -137,7 +137,17 @@ impl RamSource for ForeignRam {
         let mut out = Vec::with_capacity(self.layout.len());
         let mut holes = 0usize;
         let mut first_err = None;
-        for &(start, end) in &self.layout {
+        // One mapping holds at most this many frames (privcmd's bound on one call): a larger
+        // range becomes several regions. A buffer that straddles two of them is refused like
+        // one that leaves RAM; with 16 GiB runs on Linux that is only at those boundaries.
+        let chunk = self.fm.max_map_frames().max(1) as u64;
+        let chunks = self.layout.iter().flat_map(|&(start, end)| {
+            let (first, last) = (start >> 12, end >> 12);
+            (first..last)
+                .step_by(usize::try_from(chunk).unwrap_or(usize::MAX))
+                .map(move |f| (f << 12, (f.saturating_add(chunk)).min(last) << 12))
+        });
+        for (start, end) in chunks {
             let gfns: Vec<u64> = (start >> 12..end >> 12).collect();
             let mut rest = &gfns[..];
             while !rest.is_empty() {
@@ -373,11 +383,20 @@ mod tests {
         phys: Arc<SharedMem>,
         bad: Arc<Mutex<BTreeSet<Gfn>>>,
         calls: Arc<AtomicU64>,
+        /// Frames one call takes at most (privcmd refuses more, as `LinuxForeign` does).
+        max: usize,
     }
 
     impl ForeignMemory for Fake {
         fn map(&self, domid: DomId, gfns: &[Gfn], _w: bool) -> Result<SharedMem, ForeignError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
+            if gfns.len() > self.max {
+                return Err(ForeignError::Os {
+                    op: "mmapbatch",
+                    domid,
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "too many"),
+                });
+            }
             let bad = self.bad.lock().unwrap();
             if let Some(&gfn) = gfns.iter().find(|g| bad.contains(g)) {
                 return Err(ForeignError::Frame {
@@ -412,6 +431,35 @@ mod tests {
         fn restrict(&self, _d: DomId) -> Result<(), ForeignError> {
             Ok(())
         }
+        fn max_map_frames(&self) -> usize {
+            self.max
+        }
+    }
+
+    /// A RAM range larger than one foreign-mapping call takes (privcmd's bound: a guest of more
+    /// than 16 GiB on Linux, scaled down here) is mapped in several calls, all of it usable,
+    /// instead of being left out whole.
+    #[test]
+    fn ram_larger_than_one_mapping_call_is_mapped_in_runs() {
+        let phys = Arc::new(SharedMem::anonymous(MEM as usize).unwrap());
+        let calls = Arc::new(AtomicU64::new(0));
+        let fm = Fake {
+            phys: phys.clone(),
+            bad: Arc::new(Mutex::new(BTreeSet::new())),
+            calls: calls.clone(),
+            max: 256,
+        };
+        let ram = GuestRam::new(9, Box::new(ForeignRam::new(Box::new(fm), 9, MEM))).unwrap();
+        let map = ram.get();
+        // [0, 0xa0000): 160 frames, one call; [1 MiB, 4 MiB): 768 frames, three.
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        for gpa in [0x1000u64, 0x10_0000, 0x20_0000 - 8, 0x20_0000, MEM - 8] {
+            assert!(map.write(gpa, &gpa.to_le_bytes()), "{gpa:#x}");
+            let mut b = [0u8; 8];
+            assert!(phys.read(gpa as usize, &mut b).is_ok());
+            assert_eq!(u64::from_le_bytes(b), gpa);
+        }
+        assert!(map.seg(MEM - PAGE as u64, PAGE, true).is_some());
     }
 
     /// IOREQ_TYPE_INVALIDATE with a frame the guest gave back: the invalidate itself maps
@@ -427,6 +475,7 @@ mod tests {
             phys: phys.clone(),
             bad: bad.clone(),
             calls: calls.clone(),
+            max: usize::MAX,
         };
         let ram = GuestRam::new(9, Box::new(ForeignRam::new(Box::new(fm), 9, MEM))).unwrap();
         let gone: u64 = 0x180; // a frame in [1 MiB, 4 MiB)
@@ -489,6 +538,7 @@ mod tests {
             phys,
             bad: bad.clone(),
             calls: Arc::new(AtomicU64::new(0)),
+            max: usize::MAX,
         };
         let ram = GuestRam::new(9, Box::new(ForeignRam::new(Box::new(fm), 9, MEM))).unwrap();
         assert!(ram.get().write(0x2000, b"x"));

@@ -71,4 +71,9 @@ pub trait ForeignMemory: Send + Sync {
     ) -> Result<SharedMem, ForeignError>;
     /// Limits this handle to `domid` (IOCTL_PRIVCMD_RESTRICT). It cannot be undone.
     fn restrict(&self, domid: DomId) -> Result<(), ForeignError>;
+    /// The most frames one [`ForeignMemory::map`] call takes; callers mapping more split
+    /// the run into several mappings.
+    fn max_map_frames(&self) -> usize {
+        usize::MAX
+    }
 }

@@ -26,8 +26,10 @@ use crate::foreign::{ForeignError, ForeignMemory, Resource};
 use crate::mem::SharedMem;
 use crate::{DomId, Gfn, PAGE_SIZE};
 
-/// Most frames mapped in one call (bounds the argument arrays; 1 GiB of guest memory).
-pub const MAX_MAP_FRAMES: usize = 1 << 18;
+/// Most frames mapped in one call: 16 GiB of guest memory (the frame and error arrays of
+/// one IOCTL_PRIVCMD_MMAPBATCH_V2 are then 32 and 16 MiB). Callers split larger runs
+/// ([`ForeignMemory::max_map_frames`]).
+pub const MAX_MAP_FRAMES: usize = 1 << 22;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -148,6 +150,10 @@ impl ForeignMemory for LinuxForeign {
         sys::privcmd_mmap_resource(self.file.as_fd(), &map, arg)
             .map_err(|e| Self::os("mmap_resource", domid, e))?;
         Ok(map.into_shared_mem())
+    }
+
+    fn max_map_frames(&self) -> usize {
+        MAX_MAP_FRAMES
     }
 
     fn restrict(&self, domid: DomId) -> Result<(), ForeignError> {
