@@ -253,6 +253,38 @@ fn virtio_net_hostile_tx_chains_are_answered_and_the_nic_goes_on() {
             bus.take_irqs();
         }
         assert_eq!(got, Some((14, 0)));
+        // Anti-spoofing: a frame whose source MAC is not the NIC's comes back used and never
+        // reaches the tap (frames the device writes count as the tap's received packets).
+        let tap_rx = || {
+            // This thread's namespace (sysfs would show the one it was mounted in).
+            let dev = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap();
+            let line = dev
+                .lines()
+                .find_map(|l| l.trim_start().strip_prefix("dmtap0:"))
+                .unwrap()
+                .to_string();
+            line.split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        };
+        let before = tap_rx();
+        let mut spoofed = hdr_frame.clone();
+        spoofed[12 + 6..12 + 12].copy_from_slice(&[0x00, 0x16, 0x3e, 0x00, 0x00, 0x01]);
+        bus.ram_write(frame + 20_000, &spoofed).unwrap();
+        tx.add(
+            &bus,
+            &[Buf {
+                gpa: frame + 20_000,
+                len: n,
+                write: false,
+            }],
+        )
+        .unwrap();
+        tx.publish(&bus).unwrap();
+        assert_eq!(wait_tx(&mut tx).1, 0);
+        assert_eq!(tap_rx(), before, "the spoofed frame reached the tap");
         // Still working: the ARP request is answered.
         tx.add(
             &bus,
@@ -293,6 +325,7 @@ fn virtio_net_hostile_tx_chains_are_answered_and_the_nic_goes_on() {
             bus.take_irqs();
         }
         assert!(found, "an ARP reply from Linux");
+        assert!(tap_rx() > before, "the NIC's own frames reach the tap");
         // A transmit ring index far ahead: that queue stops, the thread does not spin, and
         // a reset (which joins the queue thread) completes and clears the device.
         bus.ram_write(tx.avail + 2, &5000u16.to_le_bytes()).unwrap();

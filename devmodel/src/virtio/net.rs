@@ -330,6 +330,7 @@ impl VirtioBackend for VirtioNet {
                 descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
                 log: self.log.clone(),
                 dropped: 0,
+                mac: self.mac,
             };
             let h = std::thread::Builder::new()
                 .name(format!("vnet-{}.{p}", self.name))
@@ -395,6 +396,8 @@ struct PairWorker {
     descs: Vec<Descriptor>,
     log: Arc<RateLog>,
     dropped: u64,
+    /// The NIC's MAC: frames with another source are not sent (anti-spoofing, as netback).
+    mac: [u8; 6],
 }
 
 /// Whether a send error means the engine is gone (rather than one frame refused).
@@ -647,8 +650,14 @@ impl PairWorker {
                         Ok(h) => VirtioNetHdr::from_bytes(h),
                         Err(_) => VirtioNetHdr::default(),
                     };
+                    // (A frame too short to carry a source MAC has none of ours either.)
+                    let spoofed =
+                        len < HDR + 12 || self.buf.get(HDR + 6..HDR + 12) != Some(&self.mac[..]);
                     match self.check_tx_hdr(&hdr, len - HDR) {
                         Ok(()) if self.engine_dead => self.drop_frame("engine failed"),
+                        Ok(()) if spoofed => {
+                            self.drop_frame("source MAC is not the NIC's (anti-spoofing)")
+                        }
                         Ok(()) => {
                             let frame = [IoSlice::new(&self.buf[HDR..len])];
                             if let Err(e) = self.engine.send(&hdr, &frame) {
