@@ -616,14 +616,18 @@ impl Core {
         let mut worked = false;
         let mut budget = IOREQ_BUFFER_SLOT_NUM;
         while budget > 0 {
-            let (Ok(rp), Ok(wp)) = (
-                self.pages
-                    .load_u32(b + BUFIOREQ_READ_POINTER_OFFSET, Ordering::Acquire),
-                self.pages
-                    .load_u32(b + BUFIOREQ_WRITE_POINTER_OFFSET, Ordering::Acquire),
-            ) else {
+            // Both pointers in one load: in atomic mode Xen takes a multiple of the ring size
+            // off both at once (a cmpxchg of the 64-bit pair), and two separate loads could
+            // see the read pointer from before that and the write pointer from after it.
+            const _: () =
+                assert!(BUFIOREQ_WRITE_POINTER_OFFSET == BUFIOREQ_READ_POINTER_OFFSET + 4);
+            let Ok(both) = self
+                .pages
+                .load_u64(b + BUFIOREQ_READ_POINTER_OFFSET, Ordering::Acquire)
+            else {
                 return (worked, false);
             };
+            let (rp, wp) = (both as u32, (both >> 32) as u32);
             let avail = wp.wrapping_sub(rp);
             if avail == 0 {
                 return (worked, false);
