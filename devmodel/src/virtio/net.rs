@@ -325,7 +325,9 @@ impl VirtioBackend for VirtioNet {
                 ram: act.ram.clone(),
                 notifier: act.notifier.clone(),
                 offl,
-                buf: vec![0u8; HDR + MAX_FRAME],
+                // One byte more than the largest frame: the tap engine drops a read that
+                // fills its buffer (it may have been cut), so a full-size frame needs room.
+                buf: vec![0u8; HDR + MAX_FRAME + 1],
                 pending: None,
                 descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
                 log: self.log.clone(),
@@ -688,7 +690,7 @@ impl PairWorker {
                 return Err("device-writable descriptor in a transmit chain");
             }
             let n = d.len() as usize;
-            let end = len.checked_add(n).filter(|e| *e <= self.buf.len());
+            let end = len.checked_add(n).filter(|e| *e <= HDR + MAX_FRAME);
             let Some(end) = end else {
                 return Err("frame longer than 64 KiB + 14 plus its header");
             };
