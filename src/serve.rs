@@ -297,6 +297,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Some(p) => Some(crate::control::Control::start(p, svc.clone())?),
         None => None,
     };
+    // The domain counts as destroyed only once we have seen it exist. Looked at before the
+    // "domio serving" line: a toolstack (or test) that destroys the domain as soon as it
+    // reads that line must not find us not yet knowing the domain was there.
+    let mut seen = svc.domain_exists() == Some(true);
     info!(domid = args.domid, xen = %host.describe(), types = %types.join(","), "domio serving");
     let (rel_tx, rel_rx) = crossbeam_channel::bounded::<()>(1);
     std::thread::Builder::new()
@@ -308,8 +312,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         })
         .context("starting the @releaseDomain thread")?;
-    // The domain counts as destroyed only once we have seen it exist.
-    let mut seen = svc.domain_exists() == Some(true);
     let (reason, failed) = loop {
         crossbeam_channel::select! {
             recv(signals) -> s => break (format!("signal {}", s.map(|s| s.as_str()).unwrap_or("?")), false),

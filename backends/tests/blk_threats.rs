@@ -684,8 +684,10 @@ fn test_ring_flood_does_not_block_disconnect_or_other_disk() {
             }
             // Responses written but not yet published: blkback publishes at least once per
             // ring's worth of requests it takes, so this stays within about a ring.
+            // (`published` may be ahead of the responses seen so far: then nothing waits.)
             let published = bad.rsp_prod(0);
-            max_unpublished = max_unpublished.max(next.wrapping_sub(published));
+            let waiting = (next.wrapping_sub(published) as i32).max(0) as u32;
+            max_unpublished = max_unpublished.max(waiting);
             if refilled == 0 {
                 std::hint::spin_loop();
                 continue;
