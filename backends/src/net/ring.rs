@@ -270,8 +270,6 @@ struct Vif {
     tx_segs: Vec<CopySegment<'static>>,
     rx_scratch: Vec<u8>,
     rx_free: Vec<Vec<u8>>,
-    /// Bytes of memory the buffers in `rx_free` hold (their capacities).
-    rx_free_bytes: usize,
     rx_reqs: Vec<NetifRxRequest>,
     rx_plan: Vec<RxPlan>,
     rx_segs: Vec<CopySegment<'static>>,
@@ -425,7 +423,6 @@ pub(crate) fn start(p: VifStart) -> Result<VifHandle, NetError> {
         tx_segs: Vec::with_capacity(512),
         rx_scratch: vec![0u8; RX_MAX_FRAME],
         rx_free: Vec::new(),
-        rx_free_bytes: 0,
         rx_reqs: Vec::with_capacity(256),
         rx_plan: Vec::with_capacity(256),
         rx_segs: Vec::with_capacity(256),
@@ -1159,27 +1156,9 @@ impl Vif {
             add(&m.rx_backlog_drops, 1);
             return;
         }
-        let mut buf = match self.rx_free.pop() {
-            Some(b) => {
-                self.rx_free_bytes = self.rx_free_bytes.saturating_sub(b.capacity());
-                b
-            }
-            None => Vec::new(),
-        };
+        let mut buf = self.rx_free.pop().unwrap_or_default();
         buf.clear();
         buf.extend_from_slice(frame);
-        // The backlog is bounded by the memory it holds, not by frame lengths: a recycled
-        // buffer keeps the capacity of the largest frame it ever held, and a guest that
-        // steers small frames into large buffers would otherwise hold 64 KiB per small frame.
-        let cost = buf.capacity();
-        if q.rx.backlog_bytes + cost > self.rx_limits.bytes {
-            add(&m.rx_backlog_drops, 1);
-            if self.rx_free_bytes + cost <= self.rx_limits.bytes {
-                self.rx_free_bytes += cost;
-                self.rx_free.push(buf);
-            }
-            return;
-        }
         if hdr.flags & VirtioNetHdr::F_NEEDS_CSUM != 0
             && (!self.choice.csum || (!self.choice.ipv6_csum && offload::is_ipv6(&buf)))
         {
@@ -1188,7 +1167,7 @@ impl Vif {
                 hdr.flags = VirtioNetHdr::F_DATA_VALID;
             }
         }
-        q.rx.backlog_bytes += buf.capacity();
+        q.rx.backlog_bytes += n;
         q.rx.backlog.push_back(RxFrame { hdr, buf, hash });
     }
 
@@ -1445,18 +1424,13 @@ impl Vif {
                 break;
             };
             let q = &mut self.queues[qi];
-            q.rx.backlog_bytes = q.rx.backlog_bytes.saturating_sub(f.buf.capacity());
+            q.rx.backlog_bytes = q.rx.backlog_bytes.saturating_sub(f.buf.len());
             add(&self.shared.metrics.rx_packets, 1);
             add(&self.shared.metrics.rx_bytes, f.buf.len() as u64);
             if f.hdr.gso_type != VirtioNetHdr::GSO_NONE {
                 add(&self.shared.metrics.rx_gso_packets, 1);
             }
-            // Spare buffers are kept up to one queue's backlog worth of memory.
-            let cap = f.buf.capacity();
-            if self.rx_free.len() < self.rx_limits.packets
-                && self.rx_free_bytes + cap <= self.rx_limits.bytes
-            {
-                self.rx_free_bytes += cap;
+            if self.rx_free.len() < self.rx_limits.packets {
                 self.rx_free.push(f.buf);
             }
         }
