@@ -771,3 +771,78 @@ fn xsa392_one_free_slot_while_frames_need_two_keeps_memory_capped() {
     assert_eq!(s.fatal_errors, 0);
     t.other_vif_works();
 }
+
+/// XSA-392, the memory a backlog holds: receive buffers are recycled, and a buffer keeps the
+/// capacity of the largest frame it carried, so a guest that lets large frames queue and then
+/// starves its ring must not get a backlog of small frames each holding a large buffer. Small
+/// frames have buffers of their own size class and the limit counts buffer memory: with a
+/// 64 KiB limit, after five 9 KiB frames went through the backlog, at most 32 small frames
+/// (2 KiB buffers) wait, not the 64 the packet limit allows when frame lengths are counted.
+#[test]
+fn xsa392_backlog_counts_the_memory_of_recycled_buffers() {
+    let cfg = NetConfig {
+        rx_backlog: RxBacklogLimits {
+            packets: 64,
+            bytes: 64 * 1024,
+        },
+        ..Default::default()
+    };
+    let mut t = two_with(cfg);
+    let mut buf = Vec::new();
+    // Frames injected so far: every one ends up delivered, queued or dropped.
+    let mut sent = 0u64;
+    let mut starve = |t: &mut Two, sent: &mut u64| {
+        t.q().set_rx_target(0);
+        wait_for("the posted buffers used up", || {
+            let small = udp_frame([2; 6], mac_of(0), 60, 1);
+            t.rig.net.inject(0, 0, &VirtioNetHdr::default(), &small);
+            *sent += 1;
+            while t.q().recv_frame(&mut buf).unwrap().is_some() {}
+            (t.q().rx_posted() == 0).then_some(())
+        });
+        let n = *sent;
+        t.rig.wait_stats(0, "every frame accounted for", |s| {
+            s.rx_packets + s.rx_backlog + s.rx_backlog_drops >= n
+        })
+    };
+    let queued = starve(&mut t, &mut sent).rx_backlog;
+    // Five large frames wait in the backlog, then the guest takes them.
+    for i in 0..5u8 {
+        let big = udp_frame([2; 6], mac_of(0), 9000, i);
+        t.rig.net.inject(0, 0, &VirtioNetHdr::default(), &big);
+        sent += 1;
+    }
+    t.rig
+        .wait_stats(0, "the large frames queued", |s| s.rx_backlog == queued + 5);
+    t.q().set_rx_target(64);
+    let mut got = 0;
+    let mut b = Vec::new();
+    let end = Instant::now() + T;
+    while got < 5 {
+        match t.q().recv_frame(&mut b).unwrap() {
+            Some(_) if b.len() > 9000 => got += 1,
+            Some(_) => {}
+            None => {
+                assert!(Instant::now() < end, "{got} of 5 large frames received");
+                t.q().wait_event(Duration::from_millis(50)).unwrap();
+            }
+        }
+    }
+    // Starved again: small frames now queue in the recycled large buffers.
+    starve(&mut t, &mut sent);
+    let before = t.rig.stats(0);
+    for i in 0..64u32 {
+        let small = udp_frame([2; 6], mac_of(0), 60, i as u8);
+        t.rig.net.inject(0, 0, &VirtioNetHdr::default(), &small);
+    }
+    let s = t.rig.wait_stats(0, "the small frames handled", |s| {
+        (s.rx_backlog - before.rx_backlog) + (s.rx_backlog_drops - before.rx_backlog_drops) >= 64
+    });
+    assert!(
+        s.rx_backlog <= 40,
+        "{} small frames wait in recycled 9 KiB buffers (limit 64 KiB): {s:?}",
+        s.rx_backlog
+    );
+    assert_eq!(s.fatal_errors, 0);
+    t.other_vif_works();
+}

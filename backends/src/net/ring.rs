@@ -55,6 +55,9 @@ const RX_PULL_BUDGET: usize = 256;
 const POLL_ENGINES: usize = super::xenbus::MAX_QUEUES as usize;
 /// Frames delivered to the guest per batch.
 const RX_BATCH: usize = 64;
+/// Receive buffers of frames up to this size (an Ethernet frame of MTU 1500 with a VLAN tag)
+/// are kept in their own size class, so a small frame never holds a large buffer.
+const RX_SMALL: usize = 2048;
 
 /// Limits of the RX backlog of each guest queue (XSA-392).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,7 +272,11 @@ struct Vif {
     tx_plan: Vec<TxPlan>,
     tx_segs: Vec<CopySegment<'static>>,
     rx_scratch: Vec<u8>,
+    /// Spare receive buffers of `RX_SMALL` bytes.
     rx_free: Vec<Vec<u8>>,
+    /// Spare receive buffers of larger frames, and the bytes they hold (their capacities).
+    rx_free_large: Vec<Vec<u8>>,
+    rx_free_large_bytes: usize,
     rx_reqs: Vec<NetifRxRequest>,
     rx_plan: Vec<RxPlan>,
     rx_segs: Vec<CopySegment<'static>>,
@@ -423,6 +430,8 @@ pub(crate) fn start(p: VifStart) -> Result<VifHandle, NetError> {
         tx_segs: Vec::with_capacity(512),
         rx_scratch: vec![0u8; RX_MAX_FRAME],
         rx_free: Vec::new(),
+        rx_free_large: Vec::new(),
+        rx_free_large_bytes: 0,
         rx_reqs: Vec::with_capacity(256),
         rx_plan: Vec::with_capacity(256),
         rx_segs: Vec::with_capacity(256),
@@ -1156,9 +1165,32 @@ impl Vif {
             add(&m.rx_backlog_drops, 1);
             return;
         }
-        let mut buf = self.rx_free.pop().unwrap_or_default();
+        // The backlog is charged the memory its buffers hold: a small frame a small buffer, a
+        // large one a buffer of exactly its size (recycled large buffers keep the largest
+        // size they held, which is what they cost).
+        let mut buf = if n <= RX_SMALL {
+            self.rx_free
+                .pop()
+                .unwrap_or_else(|| Vec::with_capacity(RX_SMALL))
+        } else {
+            match self.rx_free_large.pop() {
+                Some(b) => {
+                    self.rx_free_large_bytes =
+                        self.rx_free_large_bytes.saturating_sub(b.capacity());
+                    b
+                }
+                None => Vec::new(),
+            }
+        };
         buf.clear();
+        buf.reserve_exact(n);
         buf.extend_from_slice(frame);
+        let cost = buf.capacity();
+        if q.rx.backlog_bytes + cost > self.rx_limits.bytes {
+            add(&m.rx_backlog_drops, 1);
+            self.rx_recycle(buf);
+            return;
+        }
         if hdr.flags & VirtioNetHdr::F_NEEDS_CSUM != 0
             && (!self.choice.csum || (!self.choice.ipv6_csum && offload::is_ipv6(&buf)))
         {
@@ -1167,8 +1199,22 @@ impl Vif {
                 hdr.flags = VirtioNetHdr::F_DATA_VALID;
             }
         }
-        q.rx.backlog_bytes += n;
+        q.rx.backlog_bytes += buf.capacity();
         q.rx.backlog.push_back(RxFrame { hdr, buf, hash });
+    }
+
+    /// Keeps a receive buffer for reuse, in its size class: small ones up to the backlog's
+    /// frame limit, large ones up to its byte limit; the rest are freed.
+    fn rx_recycle(&mut self, buf: Vec<u8>) {
+        let cap = buf.capacity();
+        if cap <= RX_SMALL {
+            if self.rx_free.len() < self.rx_limits.packets {
+                self.rx_free.push(buf);
+            }
+        } else if self.rx_free_large_bytes + cap <= self.rx_limits.bytes {
+            self.rx_free_large_bytes += cap;
+            self.rx_free_large.push(buf);
+        }
     }
 
     /// Slots a frame needs: data slots, then a GSO extra and a hash extra.
@@ -1424,15 +1470,13 @@ impl Vif {
                 break;
             };
             let q = &mut self.queues[qi];
-            q.rx.backlog_bytes = q.rx.backlog_bytes.saturating_sub(f.buf.len());
+            q.rx.backlog_bytes = q.rx.backlog_bytes.saturating_sub(f.buf.capacity());
             add(&self.shared.metrics.rx_packets, 1);
             add(&self.shared.metrics.rx_bytes, f.buf.len() as u64);
             if f.hdr.gso_type != VirtioNetHdr::GSO_NONE {
                 add(&self.shared.metrics.rx_gso_packets, 1);
             }
-            if self.rx_free.len() < self.rx_limits.packets {
-                self.rx_free.push(f.buf);
-            }
+            self.rx_recycle(f.buf);
         }
         if let Some(e) = ring_err {
             self.ring_fatal("rx ring", e);
