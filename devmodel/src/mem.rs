@@ -11,6 +11,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use backends::blk::engine::IoSeg;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
@@ -298,8 +299,16 @@ pub struct GuestRam {
     /// INVALIDATE dropped the map; the next [`GuestRam::get`] maps guest RAM again.
     stale: AtomicBool,
     remaps: AtomicU64,
+    /// When the last remap ended and how long it took: the next one waits at least as long
+    /// (and [`MIN_REMAP_INTERVAL`]), so a guest that invalidates in a loop gets its RAM mapped
+    /// again at most half the time, however large it is.
+    last_remap: Mutex<Option<(Instant, Duration)>>,
+    min_interval: Duration,
     log: crate::RateLog,
 }
+
+/// The shortest time between two remaps of guest RAM after INVALIDATE.
+pub const MIN_REMAP_INTERVAL: Duration = Duration::from_millis(10);
 
 impl std::fmt::Debug for GuestRam {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -319,8 +328,16 @@ impl GuestRam {
             current: Mutex::new(Arc::new(map)),
             stale: AtomicBool::new(false),
             remaps: AtomicU64::new(0),
+            last_remap: Mutex::new(None),
+            min_interval: MIN_REMAP_INTERVAL,
             log: crate::RateLog::new(),
         })
+    }
+
+    /// The same with another shortest interval between remaps (tests).
+    pub fn with_min_remap_interval(mut self, d: Duration) -> GuestRam {
+        self.min_interval = d;
+        self
     }
 
     /// The current mapping; after an invalidation, guest RAM is mapped again first (once,
@@ -330,10 +347,22 @@ impl GuestRam {
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
         if self.stale.swap(false, Ordering::AcqRel) {
             self.remaps.fetch_add(1, Ordering::Relaxed);
+            // Whoever needs guest RAM waits here (only this guest's devices and vCPUs): a
+            // guest ballooning in a loop slows itself, not dom0.
+            let mut last = self.last_remap.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((ended, took)) = *last {
+                let wait = took.max(self.min_interval);
+                let since = ended.elapsed();
+                if since < wait {
+                    std::thread::sleep(wait - since);
+                }
+            }
+            let start = Instant::now();
             let map = self
                 .source
                 .map()
                 .and_then(|regions| RamMap::new(self.domid, regions));
+            *last = Some((Instant::now(), start.elapsed()));
             *cur = Arc::new(match map {
                 Ok(m) => m,
                 Err(e) => {
@@ -434,6 +463,31 @@ mod tests {
         fn max_map_frames(&self) -> usize {
             self.max
         }
+    }
+
+    /// A guest that invalidates in a loop (ballooning) gets its RAM mapped again no more often
+    /// than the interval allows: 20 invalidate-and-access rounds take at least 19 intervals,
+    /// each access still sees RAM, and each round is one remap.
+    #[test]
+    fn remaps_after_invalidate_are_spaced_out() {
+        let phys = Arc::new(SharedMem::anonymous(MEM as usize).unwrap());
+        let fm = Fake {
+            phys,
+            bad: Arc::new(Mutex::new(BTreeSet::new())),
+            calls: Arc::new(AtomicU64::new(0)),
+            max: usize::MAX,
+        };
+        let gap = Duration::from_millis(5);
+        let ram = GuestRam::new(9, Box::new(ForeignRam::new(Box::new(fm), 9, MEM)))
+            .unwrap()
+            .with_min_remap_interval(gap);
+        let t = Instant::now();
+        for i in 0..20u64 {
+            ram.invalidate();
+            assert!(ram.get().write(0x10_0000, &i.to_le_bytes()), "round {i}");
+        }
+        assert_eq!(ram.remaps(), 20);
+        assert!(t.elapsed() >= gap * 19, "{:?}", t.elapsed());
     }
 
     /// A RAM range larger than one foreign-mapping call takes (privcmd's bound: a guest of more
