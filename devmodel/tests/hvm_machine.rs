@@ -7,7 +7,7 @@ mod common;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use common::{config, DirectBus};
+use common::{config, DirectBus, LogCount};
 use ioreq::Sbdf;
 use xen::IoRange;
 use xensim::guestos::pci::{self, BarWindow};
@@ -337,49 +337,6 @@ fn xsa_126_131_120_config_masks_and_straddling_accesses() {
     );
     // The machine still answers normally.
     assert_eq!(bus.cfg_raw_read(sbdf, 0, 4), Some(0x1042_1af4));
-}
-
-/// Counts the events and message bytes that reach the log.
-#[derive(Clone, Default)]
-struct LogCount {
-    events: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    suppressed_note: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-struct MessageLen(usize, bool);
-
-impl tracing::field::Visit for MessageLen {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            let s = format!("{value:?}");
-            self.0 += s.len();
-            self.1 |= s.contains("similar lines suppressed");
-        }
-    }
-}
-
-impl tracing::Subscriber for LogCount {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, e: &tracing::Event<'_>) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let mut v = MessageLen(0, false);
-        e.record(&mut v);
-        self.events.fetch_add(1, Relaxed);
-        self.bytes.fetch_add(v.0, Relaxed);
-        if v.1 {
-            self.suppressed_note.store(true, Relaxed);
-        }
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
 }
 
 /// XSA-180: a guest hammering paths that log (refused config accesses, unknown platform

@@ -9,43 +9,35 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Once};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{config, in_netns, ip, DirectBus};
+use common::{config, in_netns, ip, DirectBus, LogCount};
 use xensim::guestos::blk::{Op, VirtioBlkDriver, T_IN};
 use xensim::guestos::pci::{self, BarWindow, PciFunction};
 use xensim::guestos::virtio::{Buf, VirtioPciDev, S_NEEDS_RESET};
 use xensim::guestos::RamAlloc;
 use xensim::hvm::{HvmBus, Irq};
 
-static LINES: AtomicU64 = AtomicU64::new(0);
+static LOG: OnceLock<LogCount> = OnceLock::new();
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Counts every event (any level, any target): what a log would print.
-struct Counter;
-
-impl tracing::Subscriber for Counter {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, _: &tracing::Event<'_>) {
-        LINES.fetch_add(1, Ordering::SeqCst);
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
+/// Installs the counting subscriber for the whole process (queue threads log too) and runs
+/// the tests of this file one at a time.
+fn counted() -> MutexGuard<'static, ()> {
+    LOG.get_or_init(|| {
+        let log = LogCount::default();
+        tracing::subscriber::set_global_default(log.clone()).unwrap();
+        log
+    });
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn counted() -> MutexGuard<'static, ()> {
-    static INIT: Once = Once::new();
-    INIT.call_once(|| tracing::subscriber::set_global_default(Counter).unwrap());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+/// Events logged so far, any level and target: what a log would print.
+fn logged() -> u64 {
+    LOG.get()
+        .map_or(0, |l| l.events.load(Ordering::SeqCst) as u64)
 }
 
 const DOORBELLS: u32 = 100_000;
@@ -109,7 +101,7 @@ fn broken_blk_queues_need_reset_log_boundedly_and_other_disks_go_on() {
 
     // 1. The driver ring index of xvda's queue 1 runs away.
     bus.take_irqs();
-    let before = LINES.load(Ordering::SeqCst);
+    let before = logged();
     let q1 = &da.queues[1];
     bus.ram_write(q1.avail + 2, &1000u16.to_le_bytes()).unwrap();
     for _ in 0..DOORBELLS {
@@ -119,7 +111,7 @@ fn broken_blk_queues_need_reset_log_boundedly_and_other_disks_go_on() {
     // The other disk goes on (and so does xvda's other queue).
     assert_eq!(read4k(&mut db, &bus, buf_b), vec![0]);
     assert_eq!(read4k(&mut da, &bus, buf_a), vec![0]);
-    let lines = LINES.load(Ordering::SeqCst) - before;
+    let lines = logged() - before;
     assert!(
         lines <= MAX_LINES,
         "{lines} log lines for {DOORBELLS} doorbells"
@@ -149,7 +141,7 @@ fn broken_blk_queues_need_reset_log_boundedly_and_other_disks_go_on() {
 
     // 3. A head outside the queue: the ring is broken before virtio-queue sees it.
     bus.take_irqs();
-    let before = LINES.load(Ordering::SeqCst);
+    let before = logged();
     let q0 = &da.queues[0];
     let mut idx = [0u8; 2];
     bus.ram_read(q0.avail + 2, &mut idx).unwrap();
@@ -163,7 +155,7 @@ fn broken_blk_queues_need_reset_log_boundedly_and_other_disks_go_on() {
     }
     assert!(needs_reset_signalled(&bus, &da.dev, 0x40));
     assert_eq!(read4k(&mut db, &bus, buf_b), vec![0]);
-    let lines = LINES.load(Ordering::SeqCst) - before;
+    let lines = logged() - before;
     assert!(
         lines <= MAX_LINES,
         "{lines} log lines for {DOORBELLS} doorbells"
@@ -184,7 +176,7 @@ fn broken_blk_queues_need_reset_log_boundedly_and_other_disks_go_on() {
         // Queue parameters can change until DRIVER_OK.
         bus.mmio_write(c + which, 8, 0).unwrap();
         bus.take_irqs();
-        let before = LINES.load(Ordering::SeqCst);
+        let before = logged();
         dev.set_status(&bus, dev.status(&bus).unwrap() | 4).unwrap();
         assert!(
             needs_reset_signalled(&bus, &dev, 0x40),
@@ -193,7 +185,7 @@ fn broken_blk_queues_need_reset_log_boundedly_and_other_disks_go_on() {
         for _ in 0..1000 {
             bus.mmio_write(dev.notify, 2, 0).unwrap();
         }
-        assert!(LINES.load(Ordering::SeqCst) - before <= MAX_LINES);
+        assert!(logged() - before <= MAX_LINES);
     }
     // A refused FEATURES_OK keeps NEEDS_RESET.
     let dev = VirtioPciDev::new(&bus, &blk[0], 0x40).unwrap();
@@ -315,7 +307,7 @@ fn broken_net_queues_need_reset_and_log_boundedly() {
             let n = nic(tap);
             let b = n.bus.as_ref();
             b.take_irqs();
-            let before = LINES.load(Ordering::SeqCst);
+            let before = logged();
             let (q, notify) = match which {
                 "tx" => (&n.tx, n.dev.notify + 4),
                 "ctrl" => (&n.ctrl, n.dev.notify + 16),
@@ -352,7 +344,7 @@ fn broken_net_queues_need_reset_and_log_boundedly() {
                 needs_reset_signalled(b, &n.dev, 0x80),
                 "{which}: NEEDS_RESET with a config interrupt"
             );
-            let lines = LINES.load(Ordering::SeqCst) - before;
+            let lines = logged() - before;
             assert!(lines <= MAX_LINES, "{which}: {lines} lines");
             assert!(reset_within(&n.bus, &n.dev, Duration::from_secs(10)));
             let _ = &n.ram;
@@ -371,7 +363,7 @@ fn deleting_the_tap_under_a_running_nic_does_not_hang_the_reset() {
         let b = n.bus.as_ref();
         provoke_frame();
         b.take_irqs();
-        let before = LINES.load(Ordering::SeqCst);
+        let before = logged();
         ip(&["link", "del", "dmtapd0"]);
         assert!(
             needs_reset_signalled(b, &n.dev, 0x80),
@@ -385,7 +377,7 @@ fn deleting_the_tap_under_a_running_nic_does_not_hang_the_reset() {
             reset_within(&n.bus, &n.dev, Duration::from_secs(10)),
             "device reset hangs"
         );
-        let lines = LINES.load(Ordering::SeqCst) - before;
+        let lines = logged() - before;
         assert!(lines <= MAX_LINES, "{lines} lines");
         assert_eq!(n.dev.status(b).unwrap(), 0);
     });

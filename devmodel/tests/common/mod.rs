@@ -384,3 +384,50 @@ pub fn in_netns<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R 
     .join()
     .unwrap()
 }
+
+/// A tracing subscriber that counts the events and message bytes that reach the log, and
+/// notes whether a rate limiter reported suppressed lines.
+#[derive(Clone, Default)]
+pub struct LogCount {
+    /// Events logged.
+    pub events: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Bytes of their messages.
+    pub bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Whether a line reported suppressed lines.
+    pub suppressed_note: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct MessageLen(usize, bool);
+
+impl tracing::field::Visit for MessageLen {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let s = format!("{value:?}");
+            self.0 += s.len();
+            self.1 |= s.contains("similar lines suppressed");
+        }
+    }
+}
+
+impl tracing::Subscriber for LogCount {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, e: &tracing::Event<'_>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut v = MessageLen(0, false);
+        e.record(&mut v);
+        self.events.fetch_add(1, Relaxed);
+        self.bytes.fetch_add(v.0, Relaxed);
+        if v.1 {
+            self.suppressed_note.store(true, Relaxed);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
