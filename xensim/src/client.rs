@@ -12,6 +12,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use xen::{
@@ -41,6 +42,9 @@ struct Conn {
     /// lock, like every send and receive).
     posted: AtomicU32,
 }
+
+/// How long a caller polls for a reply before it sleeps (see [`Conn::recv_reply`]).
+const REPLY_SPIN: Duration = Duration::from_micros(50);
 
 /// Most posted requests in flight before `post` waits for their replies.
 const MAX_POSTED: u32 = 64;
@@ -108,12 +112,30 @@ impl Conn {
         Ok(())
     }
 
+    /// Waits for the daemon's reply to a request just sent. A hypercall keeps its vCPU busy
+    /// until it returns (Xen runs it on the caller's CPU), so the caller polls for the reply
+    /// for up to [`REPLY_SPIN`] before it sleeps: on a VM whose idle vCPUs halt, the wakeup
+    /// of a sleeping caller costs more than most hypercalls take.
+    fn recv_reply(&self, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+        let start = Instant::now();
+        loop {
+            match sys::try_recv_with_fds(self.fd.as_fd(), buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return r,
+            }
+            if start.elapsed() >= REPLY_SPIN {
+                return sys::recv_with_fds(self.fd.as_fd(), buf);
+            }
+            std::hint::spin_loop();
+        }
+    }
+
     /// Sends an encoded request and waits for its reply.
     fn call_raw(&self, req: &[u8]) -> io::Result<(Response, Vec<OwnedFd>)> {
         let mut buf = lock(&self.buf);
         self.drain_posted(&mut buf)?;
         sys::send_with_fds(self.fd.as_fd(), req, &[])?;
-        let (n, fds) = sys::recv_with_fds(self.fd.as_fd(), &mut buf)?;
+        let (n, fds) = self.recv_reply(&mut buf)?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,

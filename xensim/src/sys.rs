@@ -35,7 +35,15 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) 
 /// Receives one datagram into `buf`; returns its length (0 = peer closed) and the descriptors
 /// that came with it. A truncated datagram is an error.
 pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    recv_with_creds(sock, buf).map(|(n, fds, _)| (n, fds))
+    recv_with_creds_flags(sock, buf, MsgFlags::empty()).map(|(n, fds, _)| (n, fds))
+}
+
+/// Like [`recv_with_fds`], without waiting (WouldBlock when nothing is queued).
+pub fn try_recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    recv_with_creds_flags(sock, buf, MsgFlags::MSG_DONTWAIT).map(|(n, fds, _)| (n, fds))
 }
 
 /// Makes the kernel attach the sender's credentials (SCM_CREDENTIALS) to every datagram
@@ -51,13 +59,21 @@ pub fn recv_with_creds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
 ) -> io::Result<(usize, Vec<OwnedFd>, Option<libc::pid_t>)> {
+    recv_with_creds_flags(sock, buf, MsgFlags::empty())
+}
+
+fn recv_with_creds_flags(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: MsgFlags,
+) -> io::Result<(usize, Vec<OwnedFd>, Option<libc::pid_t>)> {
     let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_FDS], libc::ucred);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),
         &mut iov,
         Some(&mut cmsg_buf),
-        MsgFlags::MSG_CMSG_CLOEXEC,
+        MsgFlags::MSG_CMSG_CLOEXEC | flags,
     )?;
     let mut fds = Vec::new();
     let mut pid = None;
