@@ -291,6 +291,11 @@ struct Vif {
     notify: Vec<Port>,
     /// Requests answered, frames moved and control requests served (to tell spurious events).
     work: u64,
+    /// `work` when the last event was taken: an event is spurious when nothing was done since
+    /// then. (A pass answers as it goes, so a guest's next request and its event can arrive
+    /// while that pass still runs; the pass takes the request, and the event then finds the
+    /// ring empty though it brought work.)
+    work_at_event: u64,
     dead: bool,
     /// A TX or control pass stopped at its budget with requests left: look again after one
     /// turn of the poll loop instead of sleeping.
@@ -440,6 +445,7 @@ pub(crate) fn start(p: VifStart) -> Result<VifHandle, NetError> {
         tx_sent: (0, 0, 0),
         notify: Vec::with_capacity(8),
         work: 0,
+        work_at_event: 0,
         dead: false,
         more: false,
         log_bucket: TokenBucket::new(5.0, 20.0),
@@ -557,9 +563,10 @@ impl Vif {
                     let _ = self.evtchn.unmask(*p);
                 }
                 self.pass();
-                if self.work == before {
+                if self.work == self.work_at_event {
                     add(&self.shared.metrics.spurious_events, 1);
                 }
+                self.work_at_event = before;
             }
         }
     }
@@ -809,7 +816,6 @@ impl Vif {
                 }
             }
             let progressed = self.tx_batch(qi);
-            self.tx_publish(qi);
             if self.dead || !progressed {
                 return;
             }
@@ -984,15 +990,8 @@ impl Vif {
                     let st = if ok { NETIF_RSP_OKAY } else { NETIF_RSP_ERROR };
                     self.tx_respond_packet(qi, pos, pkt.slots, pkt.extras, st);
                 }
-                TxPlan::Send {
-                    pos,
-                    pkt,
-                    arena,
-                    ok,
-                    ..
-                } => {
+                TxPlan::Send { pos, pkt, ok, .. } => {
                     let st = if ok {
-                        self.tx_send(qi, &pkt, arena);
                         NETIF_RSP_OKAY
                     } else {
                         add(&self.shared.metrics.tx_grant_errors, 1);
@@ -1000,6 +999,22 @@ impl Vif {
                     };
                     self.tx_respond_packet(qi, pos, pkt.slots, pkt.extras, st);
                 }
+            }
+        }
+        // The frames are in our arena now, so the slots go back to the guest before the
+        // engine sees them (Linux answers each packet before it enters the stack): the guest
+        // refills its ring while we write, instead of the two taking turns.
+        self.tx_publish(qi);
+        self.send_notifications();
+        for p in plan.iter().copied() {
+            if let TxPlan::Send {
+                pkt,
+                arena,
+                ok: true,
+                ..
+            } = p
+            {
+                self.tx_send(qi, &pkt, arena);
             }
         }
         self.tx_plan = plan;
@@ -1054,7 +1069,7 @@ impl Vif {
         }
         match engine.send(&hdr, &[IoSlice::new(frame)]) {
             Ok(()) => {
-                // Added to the shared counters once per batch (before its responses go out).
+                // Added to the shared counters once per batch, after its frames are written.
                 self.tx_sent.0 += 1;
                 self.tx_sent.1 += pkt.len as u64;
                 self.tx_sent.2 += u64::from(pkt.gso.is_some());
