@@ -252,7 +252,9 @@ impl Machine {
                 vdev: d.vdev.clone(),
                 source,
             })?;
-            let blk = VirtioBlk::new(&d.vdev, engine, cfg.virtio_queues);
+            let blk = VirtioBlk::new(&d.vdev, engine, cfg.virtio_queues).with_poll(
+                std::time::Duration::from_micros(u64::from(cfg.virtio_poll_us)),
+            );
             let f = VirtioPci::new(
                 format!("virtio-blk {}", d.vdev),
                 Box::new(blk),

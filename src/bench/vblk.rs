@@ -47,6 +47,10 @@ pub struct VirtioBlkArgs {
     /// Microseconds the ioreq server polls before sleeping (`domio hvm --poll-us`).
     #[arg(long, default_value_t = ioreq::server::DEFAULT_POLL.as_micros() as u64)]
     pub poll_us: u64,
+    /// Most microseconds the disk's queue thread polls its ring after an interrupt (the
+    /// `.hvm` key `virtio_poll_us`; 0: never).
+    #[arg(long, default_value_t = devmodel::config::DEFAULT_VIRTIO_POLL_US)]
+    pub virtio_poll_us: u32,
     /// Print one JSON object on the last line.
     #[arg(long)]
     pub json: bool,
@@ -89,7 +93,10 @@ pub fn run(a: VirtioBlkArgs) -> anyhow::Result<ExitCode> {
         size,
         a.qd,
         Duration::from_secs_f64(a.duration),
-        Duration::from_micros(a.poll_us),
+        Polling {
+            ioreq: Duration::from_micros(a.poll_us),
+            virtio_us: a.virtio_poll_us,
+        },
         CHUNK,
     );
     let _ = std::fs::remove_dir_all(&dir);
@@ -115,6 +122,7 @@ pub fn run(a: VirtioBlkArgs) -> anyhow::Result<ExitCode> {
                 "doorbells": f.doorbells,
                 "doorbells_skipped": f.doorbells_skipped,
                 "poll_us": a.poll_us,
+                "virtio_poll_us": a.virtio_poll_us,
                 "image": a.image.display().to_string(),
                 "path": "xensim HVM vCPU (virtio-blk driver) -> ioreq -> domio devmodel virtio-blk -> raw engine; MSI by DMOP",
             })
@@ -123,15 +131,25 @@ pub fn run(a: VirtioBlkArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// How long domio's threads poll before sleeping.
+#[derive(Debug, Clone, Copy)]
+struct Polling {
+    /// The ioreq thread (`--poll-us`).
+    ioreq: Duration,
+    /// The disk's queue thread after an interrupt (`--virtio-poll-us`).
+    virtio_us: u32,
+}
+
 fn measure(
     dir: &std::path::Path,
     image: &std::path::Path,
     size: u64,
     qd: u16,
     duration: Duration,
-    poll: Duration,
+    polling: Polling,
     chunk: usize,
 ) -> anyhow::Result<Figures> {
+    let (poll, virtio_poll_us) = (polling.ioreq, polling.virtio_us);
     let host = Host::new().context("creating the simulated host")?;
     let domid = host
         .create_hvm_domain("bench-vblk", MEMORY_MIB << 8, 2)
@@ -141,7 +159,7 @@ fn measure(
     let sim = Arc::new(SimHost::connect(server.path(), 0).context("attaching domio to the host")?);
     let cfg = MachineConfig::parse(&format!(
         "name = \"bench-vblk\"\ntype = \"hvm\"\nmemory = {MEMORY_MIB}\nvcpus = 2\n\
-         disk = [ '{},raw,xvda,r' ]\n",
+         virtio_poll_us = {virtio_poll_us}\ndisk = [ '{},raw,xvda,r' ]\n",
         image.display()
     ))
     .context("machine configuration")?;
@@ -216,7 +234,10 @@ mod tests {
             4 << 20,
             8,
             Duration::from_millis(1),
-            Duration::ZERO,
+            Polling {
+                ioreq: Duration::ZERO,
+                virtio_us: devmodel::config::DEFAULT_VIRTIO_POLL_US,
+            },
             2000,
         )
         .unwrap();
@@ -234,6 +255,7 @@ mod tests {
             qd,
             duration: 1.0,
             poll_us: 0,
+            virtio_poll_us: 0,
             json: false,
         };
         let e = run(args(0, &img)).unwrap_err().to_string();

@@ -13,12 +13,14 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use backends::blk::engine::{Completion, Engine, IoOp, IoRequest, IoSeg};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use virtio_queue::{Descriptor, Queue, QueueT};
 
+use super::poll::PollWindow;
 use super::{Activation, Notifier, QueueConfig, VirtioBackend, VirtioError};
 use crate::mem::{GuestRam, RamMap};
 use crate::RateLog;
@@ -94,6 +96,13 @@ struct Worker {
     quiet: Vec<bool>,
     /// Requests queued on the engine since its last kick.
     unkicked: u32,
+    /// Chains taken from the driver rings (and the count `after_pass` last saw), and
+    /// interrupts sent: what drives `poll`.
+    popped: u64,
+    seen_popped: u64,
+    interrupts: u64,
+    /// How long to poll the driver rings after an interrupt.
+    poll: PollWindow,
     /// The driver broke this queue's ring; it is not served until the device is reset.
     broken: Vec<bool>,
     serial: [u8; 20],
@@ -183,6 +192,7 @@ pub struct VirtioBlk {
     running: Option<Running>,
     log: Arc<RateLog>,
     describe: String,
+    poll: Duration,
 }
 
 impl std::fmt::Debug for VirtioBlk {
@@ -210,6 +220,7 @@ impl VirtioBlk {
             engine: Some(engine),
             running: None,
             log: Arc::new(RateLog::new()),
+            poll: Duration::ZERO,
             describe: format!(
                 "virtio-blk {name} {} ({} MiB{}, {} queue{})",
                 info.describe,
@@ -219,6 +230,16 @@ impl VirtioBlk {
                 if queues > 1 { "s" } else { "" }
             ),
         }
+    }
+}
+
+impl VirtioBlk {
+    /// Polls the driver rings for up to `max` after each interrupt, with doorbells off,
+    /// adapting the window to how fast the driver answers (see [`super::poll`]); zero (the
+    /// default) never polls.
+    pub fn with_poll(mut self, max: Duration) -> VirtioBlk {
+        self.poll = max;
+        self
     }
 }
 
@@ -298,6 +319,7 @@ impl VirtioBackend for VirtioBlk {
             capacity: self.capacity,
             read_only: self.read_only,
             name: self.name.clone(),
+            poll: self.poll,
         };
         let mut w = match Worker::prepare(engine, act, stop.clone(), disk, self.log.clone()) {
             Ok(w) => w,
@@ -349,6 +371,7 @@ struct DiskParams {
     capacity: u64,
     read_only: bool,
     name: String,
+    poll: Duration,
 }
 
 /// Serves one queue synchronously on the calling thread with the same code as the queue
@@ -399,6 +422,7 @@ pub fn serve_queue_once(
         capacity: disk_bytes / SECTOR,
         read_only: engine.info().read_only,
         name: name(),
+        poll: Duration::ZERO,
     };
     let mut w =
         Worker::prepare(engine, act, stop, disk, Arc::new(RateLog::new())).map_err(|(_, e)| e)?;
@@ -497,6 +521,10 @@ impl Worker {
             to_notify: vec![false; nq],
             quiet: vec![false; nq],
             unkicked: 0,
+            popped: 0,
+            seen_popped: 0,
+            interrupts: 0,
+            poll: PollWindow::new(disk.poll),
             broken: vec![false; nq],
             serial: disk.serial,
             capacity: disk.capacity,
@@ -507,7 +535,17 @@ impl Worker {
     }
 
     fn run(&mut self) {
+        // While set, the driver rings are polled with doorbells off until then (an interrupt
+        // went out and the driver has not answered yet).
+        let mut poll_until: Option<Instant> = None;
         loop {
+            let polling = poll_until.is_some_and(|t| Instant::now() < t);
+            if poll_until.is_some() && !polling {
+                // The window closed unanswered: doorbells back on, and one more look.
+                poll_until = None;
+                self.serve_available(false);
+                self.after_pass(&mut poll_until, false);
+            }
             let (stop_ready, kicked, done) = {
                 // A fixed array, no allocation per wakeup; only the first 2 + queues entries
                 // are polled.
@@ -524,7 +562,12 @@ impl Worker {
                     },
                 });
                 let fds = &mut fds[..2 + nk];
-                match poll(fds, PollTimeout::NONE) {
+                let timeout = if polling {
+                    PollTimeout::ZERO
+                } else {
+                    PollTimeout::NONE
+                };
+                match poll(fds, timeout) {
                     Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                     Err(e) => {
                         self.log
@@ -552,7 +595,35 @@ impl Worker {
             if done {
                 self.reap();
             }
-            self.serve_available();
+            // Doorbells stay off while polling, and also when this pass is about to interrupt
+            // the driver and open a window: re-arming them first would have the driver ring
+            // for the very requests the window is there to catch (with EVENT_IDX, re-arming
+            // moves `avail_event` up to the ring's index).
+            let suppress =
+                poll_until.is_some() || (self.poll.may_poll() && self.to_notify.iter().any(|n| *n));
+            self.serve_available(suppress);
+            self.after_pass(&mut poll_until, suppress);
+        }
+    }
+
+    /// Sends the interrupts a pass earned and moves the polling window: driver work closes
+    /// it, an interrupt opens it. Doorbells left off by a pass (`suppressed`) are turned back
+    /// on unless a window is open.
+    fn after_pass(&mut self, poll_until: &mut Option<Instant>, suppressed: bool) {
+        let interrupts = self.interrupts;
+        self.notify();
+        let now = Instant::now();
+        let mut rearm = suppressed;
+        if self.popped != self.seen_popped {
+            self.seen_popped = self.popped;
+            self.poll.driver_work(now);
+            rearm |= poll_until.take().is_some();
+        }
+        if self.interrupts != interrupts {
+            *poll_until = self.poll.interrupted(now);
+        }
+        if rearm && poll_until.is_none() {
+            self.serve_available(false);
             self.notify();
         }
     }
@@ -564,7 +635,8 @@ impl Worker {
     /// the next completion (as QEMU's and vhost's virtio-blk do, and as blkback's
     /// `req_event` does). Only while the engine is full (a backlog waits) is the driver told
     /// not to ring (VRING_USED_F_NO_NOTIFY): the next completion wakes this thread anyway.
-    fn serve_available(&mut self) {
+    /// With `polling`, doorbells stay off on a drained ring too: this thread is looking.
+    fn serve_available(&mut self, polling: bool) {
         while !self.stopping.load(Ordering::Relaxed) {
             for q in 0..self.queues.len() {
                 self.pop_queue(q);
@@ -579,9 +651,9 @@ impl Worker {
                     continue;
                 }
                 let quiet = self.quiet.get_mut(q);
-                match (busy, quiet) {
+                match (busy || polling, quiet) {
                     (true, Some(quiet)) if !*quiet => {
-                        *quiet = queue.disable_notification(map.memory()).is_ok();
+                        *quiet = super::suppress_doorbells(queue, map.memory());
                     }
                     // Drained: always re-arm, since with EVENT_IDX `avail_event` must move up to
                     // where we stopped even if doorbells were never turned off.
@@ -639,6 +711,7 @@ impl Worker {
                 };
                 if needs {
                     self.notifier.queue(q);
+                    self.interrupts += 1;
                 }
             }
         }
@@ -727,6 +800,7 @@ impl Worker {
                     return;
                 }
             };
+            self.popped += 1;
             let head = chain.head_index();
             self.descs.clear();
             let mut count = 0usize;

@@ -13,6 +13,7 @@
 
 pub mod blk;
 pub mod net;
+pub mod poll;
 
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -165,6 +166,28 @@ pub(crate) fn wants_interrupt(
         .map(u16::from_le)
         .unwrap_or(0);
     flags & 1 == 0
+}
+
+/// Tells the driver not to ring for the chains it adds next. Without EVENT_IDX that is
+/// VRING_USED_F_NO_NOTIFY; with it, `avail_event` is set one behind the index this device
+/// has reached, which no publish crosses before the ring has wrapped (virtio-queue's
+/// `disable_notification` leaves `avail_event` where the last re-arm put it, at that index,
+/// so the driver's next publish rings). `enable_notification` undoes either.
+pub(crate) fn suppress_doorbells(
+    q: &mut virtio_queue::Queue,
+    mem: &vm_memory::GuestMemoryMmap,
+) -> bool {
+    use virtio_queue::QueueT;
+    use vm_memory::Bytes;
+    if !q.event_idx_enabled() {
+        return q.disable_notification(mem).is_ok();
+    }
+    // struct virtq_used { le16 flags; le16 idx; struct virtq_used_elem ring[size] (8 bytes
+    // each); le16 avail_event; }
+    let at = q.used_ring() + 4 + 8 * u64::from(q.size());
+    let v = q.next_avail().wrapping_sub(1).to_le();
+    mem.store(v, vm_memory::GuestAddress(at), Ordering::Release)
+        .is_ok()
 }
 
 /// Puts `head` on the device ring, refusing a head outside the queue before virtio-queue
