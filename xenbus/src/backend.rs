@@ -1312,16 +1312,16 @@ impl Engine {
             }
             XenbusState::InitWait => {}
             XenbusState::Initialised => {
-                if self.driver.connect_on_initialised() {
-                    self.restart_without_initialising(dev, fe);
+                if self.driver.connect_on_initialised()
+                    && self.restart_without_initialising(dev, fe)
+                {
                     self.connect(dev);
                 }
             }
             XenbusState::Connected => {
                 if dev.state == XenbusState::Reconfigured && dev.connected {
                     set_state(dev, XenbusState::Connected);
-                } else {
-                    self.restart_without_initialising(dev, fe);
+                } else if self.restart_without_initialising(dev, fe) {
                     self.connect(dev);
                 }
             }
@@ -1360,15 +1360,30 @@ impl Engine {
     /// unbound and bound again, goes from Closed straight to Initialised with a new ring.
     /// Linux's blkback connects in that case (frontend_changed: Initialised or Connected while
     /// not Connected), and so do we, after a fresh probe: never a connect on a stale probe.
-    fn restart_without_initialising(&self, dev: &mut Dev, fe: XenbusState) {
+    ///
+    /// Returns whether to go on and connect. After such a probe the frontend state is read
+    /// again: the state this step acted on may be stale (read before the probe, which can
+    /// take a while), and a driver that came back meanwhile (Initialising) would take the
+    /// probe's InitWait as its answer and write new ring keys while we connected to the old
+    /// ones. Its own state change brings another step.
+    fn restart_without_initialising(&self, dev: &mut Dev, fe: XenbusState) -> bool {
         let closed_after_a_session =
             dev.state == XenbusState::Closed && dev.attempted && !dev.connected;
-        if closed_after_a_session && !dev.await_restart {
-            limited!(
-                dev.log,
-                info!(frontend = %fe, "frontend came back without Initialising; probing again")
-            );
-            self.probe(dev);
+        if !closed_after_a_session || dev.await_restart {
+            return true;
+        }
+        limited!(
+            dev.log,
+            info!(frontend = %fe, "frontend came back without Initialising; probing again")
+        );
+        self.probe(dev);
+        match dev.ctx.frontend_state() {
+            Ok(now) if now == fe => true,
+            Ok(now) => {
+                debug!(was = %fe, now = %now, "frontend moved on during the probe; not connecting");
+                false
+            }
+            Err(_) => false,
         }
     }
 

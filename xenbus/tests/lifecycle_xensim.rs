@@ -175,6 +175,34 @@ fn test_lifecycle_frontend_back_from_closed_without_initialising_reconnects() {
 }
 
 #[test]
+fn test_lifecycle_a_driver_back_during_a_probe_is_not_connected_to_its_old_ring() {
+    // Arrange: a session ends (Closed) and the frontend's old keys are still there. A state
+    // the backend reads as "back without Initialising" (here Initialised with ring 11, as
+    // after a storm of state changes) makes it probe; while that probe runs, the guest's
+    // driver comes back properly (Initialising), takes the probe's InitWait as its answer
+    // and publishes ring 12.
+    let mut s = setup("vbd");
+    s.connected();
+    fe_state(&s.guest, DOMID, DEVID, b"6");
+    wait_state(&s.sim.dom0, &s.be, XenbusState::Closed);
+    s.driver
+        .log
+        .wait("disconnect", |c| c.contains(&Call::Disconnect(DEVID)));
+    let guest = s.guest.clone();
+    *s.driver.during_probe.lock().unwrap() = Some(Box::new(move || {
+        fe_state(&guest, DOMID, DEVID, b"1");
+    }));
+    // Act
+    frontend_publish(&s.guest, DOMID, DEVID, "11");
+    wait_state(&s.sim.dom0, &s.be, XenbusState::InitWait);
+    frontend_publish(&s.guest, DOMID, DEVID, "12");
+    wait_state(&s.sim.dom0, &s.be, XenbusState::Connected);
+    // Assert: connected once, to the ring the returning driver published.
+    assert_eq!(*s.driver.rings.lock().unwrap(), vec![8, 12]);
+    s.stop();
+}
+
+#[test]
 fn test_lifecycle_backend_node_removed_disconnects_and_drops_device() {
     // Arrange
     let mut s = setup("vbd");

@@ -281,6 +281,10 @@ pub struct RecDriver {
     pub hotplug: Mutex<Hotplug>,
     /// The context of the last probed device (to report fatal errors as a ring would).
     pub last_ctx: Mutex<Option<DeviceCtx>>,
+    /// Runs once, inside the next probe (what the guest does while a slow probe runs).
+    pub during_probe: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// The `ring-ref` each successful connect read.
+    pub rings: Arc<Mutex<Vec<u32>>>,
 }
 
 impl RecDriver {
@@ -291,6 +295,8 @@ impl RecDriver {
             fail_probe: Default::default(),
             hotplug: Mutex::new(Hotplug::Connected),
             last_ctx: Mutex::new(None),
+            during_probe: Mutex::new(None),
+            rings: Arc::new(Mutex::new(Vec::new())),
         })
     }
 }
@@ -317,10 +323,14 @@ impl BackendDriver for RecDriver {
         ])?;
         self.log.push(Call::Probe(ctx.devid()));
         *self.last_ctx.lock().unwrap() = Some(ctx.clone());
+        if let Some(f) = self.during_probe.lock().unwrap().take() {
+            f();
+        }
         Ok(Box::new(RecDevice {
             log: Arc::clone(&self.log),
             devid: ctx.devid(),
             hotplug: self.hotplug.lock().unwrap().clone(),
+            rings: Arc::clone(&self.rings),
         }))
     }
 }
@@ -329,6 +339,7 @@ pub struct RecDevice {
     log: Arc<Log>,
     devid: u32,
     hotplug: Hotplug,
+    rings: Arc<Mutex<Vec<u32>>>,
 }
 
 impl Device for RecDevice {
@@ -337,9 +348,10 @@ impl Device for RecDevice {
     }
     fn connect(&mut self, ctx: &DeviceCtx) -> Result<(), DriverError> {
         let r = (|| -> Result<(), DriverError> {
-            ctx.frontend_required_u32("ring-ref", 1..=(1 << 20))?;
+            let ring = ctx.frontend_required_u32("ring-ref", 1..=(1 << 20))?;
             ctx.frontend_required_u32("event-channel", 1..=4095)?;
             ctx.frontend_choice("protocol", &["x86_64-abi", "x86_32-abi", "arm-abi"])?;
+            self.rings.lock().unwrap().push(ring);
             Ok(())
         })();
         self.log.push(Call::Connect(self.devid, r.is_ok()));
