@@ -71,6 +71,19 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const MAX_QUEUES: usize = 16;
 const SECTOR: u64 = 512;
 
+/// An engine tag: the activation it belongs to (high 32 bits), the queue and the chain head.
+/// A reset whose drain timed out leaves requests in flight on the engine, which the next
+/// activation keeps; their completions must not be taken for a new request on the same
+/// queue and head.
+fn make_tag(generation: u32, q: usize, head: u16) -> u64 {
+    (u64::from(generation) << 32) | ((q as u64 & 0xffff) << 16) | u64::from(head)
+}
+
+/// The queue and head of a completion's tag, if it belongs to activation `generation`.
+fn split_tag(tag: u64, generation: u32) -> Option<(usize, u16)> {
+    ((tag >> 32) as u32 == generation).then_some((((tag >> 16) & 0xffff) as usize, tag as u16))
+}
+
 struct Pending {
     status_gpa: u64,
     used_len: u32,
@@ -103,6 +116,8 @@ struct Worker {
     interrupts: u64,
     /// How long to poll the driver rings after an interrupt.
     poll: PollWindow,
+    /// Which activation this is (see [`make_tag`]).
+    generation: u32,
     /// The driver broke this queue's ring; it is not served until the device is reset.
     broken: Vec<bool>,
     serial: [u8; 20],
@@ -193,6 +208,8 @@ pub struct VirtioBlk {
     log: Arc<RateLog>,
     describe: String,
     poll: Duration,
+    /// Activations so far (see [`make_tag`]).
+    generation: u32,
 }
 
 impl std::fmt::Debug for VirtioBlk {
@@ -221,6 +238,7 @@ impl VirtioBlk {
             running: None,
             log: Arc::new(RateLog::new()),
             poll: Duration::ZERO,
+            generation: 0,
             describe: format!(
                 "virtio-blk {name} {} ({} MiB{}, {} queue{})",
                 info.describe,
@@ -314,12 +332,14 @@ impl VirtioBackend for VirtioBlk {
                 return Err(os("eventfd", &self.name)(e.into()).into());
             }
         };
+        self.generation = self.generation.wrapping_add(1);
         let disk = DiskParams {
             serial: self.serial,
             capacity: self.capacity,
             read_only: self.read_only,
             name: self.name.clone(),
             poll: self.poll,
+            generation: self.generation,
         };
         let mut w = match Worker::prepare(engine, act, stop.clone(), disk, self.log.clone()) {
             Ok(w) => w,
@@ -372,6 +392,7 @@ struct DiskParams {
     read_only: bool,
     name: String,
     poll: Duration,
+    generation: u32,
 }
 
 /// Serves one queue synchronously on the calling thread with the same code as the queue
@@ -423,6 +444,7 @@ pub fn serve_queue_once(
         read_only: engine.info().read_only,
         name: name(),
         poll: Duration::ZERO,
+        generation: 0,
     };
     let mut w =
         Worker::prepare(engine, act, stop, disk, Arc::new(RateLog::new())).map_err(|(_, e)| e)?;
@@ -525,6 +547,7 @@ impl Worker {
             seen_popped: 0,
             interrupts: 0,
             poll: PollWindow::new(disk.poll),
+            generation: disk.generation,
             broken: vec![false; nq],
             serial: disk.serial,
             capacity: disk.capacity,
@@ -750,10 +773,16 @@ impl Worker {
         let map = self.ram.get();
         let mut comps = std::mem::take(&mut self.completions);
         for c in comps.drain(..) {
-            let (q, head) = ((c.tag >> 16) as usize, c.tag as u16);
             let mut segs = c.segs;
             segs.clear();
             self.seg_pool.push(segs);
+            let Some((q, head)) = split_tag(c.tag, self.generation) else {
+                self.log.warn(format_args!(
+                    "virtio-blk {}: dropping the completion of a request from before the last reset",
+                    self.name
+                ));
+                continue;
+            };
             let Some(p) = self
                 .pending
                 .get_mut(q)
@@ -899,7 +928,7 @@ impl Worker {
         if data.len() > SEG_MAX as usize {
             return fail("more data descriptors than seg_max");
         }
-        let tag = ((q as u64) << 16) | u64::from(head);
+        let tag = make_tag(self.generation, q, head);
         let slot_free = self
             .pending
             .get(q)
@@ -1024,5 +1053,23 @@ impl Worker {
             segs,
             fua: false,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_a_completion_from_an_earlier_activation_is_not_matched() {
+        let t = make_tag(7, 3, 0x1234);
+        assert_eq!(split_tag(t, 7), Some((3, 0x1234)));
+        // Same queue and head, one reset later: not ours.
+        assert_eq!(split_tag(t, 8), None);
+        assert_eq!(
+            split_tag(make_tag(u32::MAX, 15, 255), u32::MAX),
+            Some((15, 255))
+        );
+        assert_eq!(split_tag(make_tag(u32::MAX, 15, 255), 0), None);
     }
 }
