@@ -632,12 +632,19 @@ impl VirtioPci {
         let map = self.ram.get();
         // A ring at 0 is what an unset address reads as (virtio-queue and QEMU treat it as
         // "not ready"), never where a driver puts one.
+        // virtio-queue's own check (`is_valid`) also wants the address just past a ring to be
+        // guest memory, and logs an error of its own (through `log`, no rate limit) for a ring
+        // that ends exactly where RAM ends: refuse that here first, with our limited log.
         let inside = |gpa: u64, len: u64, align: u64| {
             gpa != 0 && gpa.is_multiple_of(align) && gpa.checked_add(len).is_some() && {
+                use vm_memory::GuestMemory;
                 let mut probe = [0u8; 1];
                 map.read(gpa, &mut probe)
                     && map.read(gpa + len - 1, &mut probe)
                     && map.seg(gpa, len as usize, true).is_some()
+                    && map
+                        .memory()
+                        .address_in_range(vm_memory::GuestAddress(gpa + len))
             }
         };
         if !inside(q.desc, 16 * n, 16) {
