@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use backends::blk::{default_engine_factory, BlkConfig, BlkDriver, BlkStats};
+use backends::blk::{default_engine_factory, BlkConfig, BlkDriver, BlkStats, GrantMode};
 use backends::console::{ConsoleDriver, ConsoleLimits, ConsoleSink, ConsoleStats, LogSink};
 use backends::net::tap::tap_engine_factory;
 use backends::net::{NetConfig, NetDriver, NetStats};
@@ -48,6 +48,38 @@ pub struct ServeArgs {
     /// The domain domio runs in (the backend domain).
     #[arg(long, default_value_t = 0)]
     pub backend_domid: DomId,
+    /// How disks reach the guest's data pages: `persistent` (mapped once and kept, when the
+    /// frontend agrees, else mapped per request), `map` (mapped per request; no
+    /// `feature-persistent`) or `copy` (grant-copied to and from domio's own pages: no guest
+    /// page is ever mapped). docs/PERFORMANCE.md has the three measured.
+    #[arg(long, value_enum, default_value_t = BlkGrants::Persistent)]
+    pub blk_grants: BlkGrants,
+}
+
+/// `--blk-grants`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BlkGrants {
+    /// Persistent grants when the frontend offers them (the default, as Linux's blkback).
+    Persistent,
+    /// Map and unmap each request's pages.
+    Map,
+    /// Grant copy into and out of private pages.
+    Copy,
+}
+
+impl BlkGrants {
+    /// The block backend's settings for this choice (the rest at their defaults).
+    pub fn config(self) -> BlkConfig {
+        BlkConfig {
+            grant_mode: if self == BlkGrants::Copy {
+                GrantMode::Copy
+            } else {
+                GrantMode::Map
+            },
+            persistent_grants: self == BlkGrants::Persistent,
+            ..BlkConfig::default()
+        }
+    }
 }
 
 /// xenstore transport choice.
@@ -110,7 +142,7 @@ pub struct Service {
 }
 
 impl Service {
-    /// Starts serving `types` of guest `domid` on `host`.
+    /// Starts serving `types` of guest `domid` on `host`, disks with the default settings.
     pub fn start(
         host: Arc<dyn XenHost>,
         xs: XsClient,
@@ -118,6 +150,19 @@ impl Service {
         domid: DomId,
         types: &[String],
         sink: Arc<dyn ConsoleSink>,
+    ) -> anyhow::Result<Service> {
+        Self::start_with(host, xs, own, domid, types, sink, BlkConfig::default())
+    }
+
+    /// [`Service::start`] with the block backend's settings.
+    pub fn start_with(
+        host: Arc<dyn XenHost>,
+        xs: XsClient,
+        own: DomId,
+        domid: DomId,
+        types: &[String],
+        sink: Arc<dyn ConsoleSink>,
+        blk: BlkConfig,
     ) -> anyhow::Result<Service> {
         let span = info_span!("domio", domid);
         let _g = span.enter();
@@ -146,12 +191,7 @@ impl Service {
                     d
                 }
                 "vbd" | "qdisk" => {
-                    let d = BlkDriver::new(
-                        host.clone(),
-                        t,
-                        BlkConfig::default(),
-                        default_engine_factory(),
-                    );
+                    let d = BlkDriver::new(host.clone(), t, blk, default_engine_factory());
                     svc.blk.push(d.clone());
                     d
                 }
@@ -284,13 +324,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let released = xs
         .watch("@releaseDomain", "domio-release")
         .context("watching @releaseDomain")?;
-    let svc = Service::start(
+    let svc = Service::start_with(
         host.clone(),
         xs,
         args.backend_domid,
         args.domid,
         &types,
         Arc::new(LogSink),
+        args.blk_grants.config(),
     )?;
     let svc = Arc::new(svc);
     let control = match &args.control {

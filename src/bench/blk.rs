@@ -34,7 +34,7 @@ use xensim::toolstack::DeviceSpec;
 
 use super::cpu::process_cpu_time;
 use super::hist::Histogram;
-use crate::serve::{open_xenstore, Service, XsKind, AVAILABLE_TYPES};
+use crate::serve::{open_xenstore, BlkGrants, Service, XsKind, AVAILABLE_TYPES};
 
 /// xvda, as xl names the first disk.
 const DEVID: u32 = 51712;
@@ -125,6 +125,10 @@ pub struct BlkArgs {
     /// Do not offer persistent grants (every request's pages are granted and revoked).
     #[arg(long)]
     pub no_persistent: bool,
+    /// How blkback reaches the data pages (`domio serve --blk-grants`): `persistent`, `map`
+    /// or `copy`.
+    #[arg(long, value_enum, default_value_t = BlkGrants::Persistent)]
+    pub blk_grants: BlkGrants,
     /// Segments per indirect request the frontend accepts (0 disables indirect requests;
     /// Linux's default is 32).
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(0..=4096))]
@@ -444,6 +448,9 @@ fn drive_queue(
     let bs = args.bs as usize;
     let data: Vec<u8> = (0..bs).map(|i| (i as u8) ^ 0x5a).collect();
     let mut read_buf = vec![0u8; bs];
+    // With persistent grants the data lands in pool pages the guest copies from (Linux's
+    // blkfront copies into the bio's pages); otherwise it lands in the guest's own pages.
+    let copy_out = q.persistent();
     let mut offsets = Offsets::new(args.pattern, q.index(), args.queues, blocks, args.bs);
     let mut started = vec![Instant::now(); q.size() as usize];
     let stall = Duration::from_secs(10);
@@ -482,7 +489,7 @@ fn drive_queue(
         q.reap(|c, d| {
             let now = Instant::now();
             // The guest consumes what it read, as Linux copies out of persistent pages.
-            if c.operation == BLKIF_OP_READ && d.copy_to(&mut read_buf).is_err() {
+            if copy_out && c.operation == BLKIF_OP_READ && d.copy_to(&mut read_buf).is_err() {
                 copy_failed = true;
             }
             let t0 = started.get(c.id as usize).copied().unwrap_or(now);
@@ -546,6 +553,8 @@ pub struct BlkReport {
     pub ring_order_requested: u32,
     /// Persistent grants in use.
     pub persistent: bool,
+    /// blkback's grant handling (`--blk-grants`).
+    pub blk_grants: String,
     /// Indirect segments in use (0: none).
     pub indirect_segments: usize,
     /// The ring ABI (`protocol`).
@@ -622,23 +631,28 @@ pub(super) enum Backend {
 }
 
 impl Backend {
-    pub(super) fn start(sim: Arc<dyn XenHost>, domid: DomId) -> anyhow::Result<Backend> {
+    pub(super) fn start(
+        sim: Arc<dyn XenHost>,
+        domid: DomId,
+        cfg: BlkConfig,
+    ) -> anyhow::Result<Backend> {
         let xs = open_xenstore(sim.as_ref(), XsKind::Socket, None)?;
         if AVAILABLE_TYPES.contains(&BACKEND_TYPE) {
-            let svc = Service::start(
+            let svc = Service::start_with(
                 sim,
                 xs,
                 0,
                 domid,
                 &[BACKEND_TYPE.to_string()],
                 Arc::new(LogSink),
+                cfg,
             )?;
             return Ok(Backend::Service(svc));
         }
         tracing::warn!(
             "`domio serve` does not list {BACKEND_TYPE} in this build: starting backends::blk::BlkDriver on a BackendWatcher directly, as serve's Service does per type"
         );
-        let driver = BlkDriver::new(sim, BACKEND_TYPE, BlkConfig::default(), engine_factory());
+        let driver = BlkDriver::new(sim, BACKEND_TYPE, cfg, engine_factory());
         let w = BackendWatcher::start(xs, driver, 0, u32::from(domid))
             .with_context(|| format!("watching {BACKEND_TYPE} backends of dom{domid}"))?;
         Ok(Backend::Watcher(w))
@@ -663,7 +677,7 @@ pub fn measure(args: &BlkArgs) -> anyhow::Result<BlkReport> {
     let sim: Arc<dyn XenHost> = Arc::new(
         SimHost::connect(rig.socket(), 0).context("attaching domio to the simulated host")?,
     );
-    let backend = Backend::start(sim, rig.domid)?;
+    let backend = Backend::start(sim, rig.domid, args.blk_grants.config())?;
     let result = run_frontend(args, &rig);
     let (mut front, rep) = match result {
         Ok(x) => x,
@@ -805,6 +819,7 @@ fn run_frontend(args: &BlkArgs, rig: &SimRig) -> anyhow::Result<(BlkFront, BlkRe
         ring_order,
         ring_order_requested: args.ring_order,
         persistent,
+        blk_grants: format!("{:?}", args.blk_grants).to_lowercase(),
         indirect_segments: indirect,
         abi: args.abi.protocol().as_str().to_string(),
         seconds,
@@ -832,8 +847,8 @@ fn run_frontend(args: &BlkArgs, rig: &SimRig) -> anyhow::Result<(BlkFront, BlkRe
 
 fn print_report(r: &BlkReport, json: bool) {
     println!(
-        "domio bench blk: engine {} ({} at {}), {} bs={} qd={} queues={} ring-order={} persistent={} indirect={} abi={}",
-        r.engine, r.params, r.backend, r.pattern, r.bs, r.qd, r.queues, r.ring_order, r.persistent, r.indirect_segments, r.abi
+        "domio bench blk: engine {} ({} at {}), {} bs={} qd={} queues={} ring-order={} persistent={} blk-grants={} indirect={} abi={}",
+        r.engine, r.params, r.backend, r.pattern, r.bs, r.qd, r.queues, r.ring_order, r.persistent, r.blk_grants, r.indirect_segments, r.abi
     );
     if r.queues < r.queues_requested as usize || r.ring_order < r.ring_order_requested {
         println!(

@@ -49,7 +49,8 @@ fn file_bytes(d: &Disk, off: u64, len: usize) -> Vec<u8> {
 fn rig_with_blkback(params: &str) -> (SimRig, super::blk::Backend) {
     let rig = SimRig::start(16384, |d| vbd_spec(d, params, true)).unwrap();
     let sim: Arc<dyn XenHost> = Arc::new(SimHost::connect(rig.socket(), 0).unwrap());
-    let be = super::blk::Backend::start(sim, rig.domid).unwrap();
+    let be =
+        super::blk::Backend::start(sim, rig.domid, backends::blk::BlkConfig::default()).unwrap();
     (rig, be)
 }
 
@@ -213,6 +214,7 @@ fn test_bench_measure_raw_randrw_against_blkback_has_no_errors() {
         duration: 0.3,
         ring_order: 0,
         no_persistent: false,
+        blk_grants: crate::serve::BlkGrants::Persistent,
         indirect_segments: 32,
         abi: super::blk::Abi::X86_32,
         json: false,
