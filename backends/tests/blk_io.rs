@@ -290,6 +290,40 @@ fn test_blk_grant_copy_mode_round_trips_without_mapping_data() {
     assert_eq!(s.grant_maps, 1, "only the ring page is mapped");
 }
 
+#[test]
+fn test_blk_grant_copy_mode_sends_the_reads_of_one_reap_in_one_copy() {
+    // Three reads finish together; the middle one's page is not granted to dom0. The other
+    // two arrive in one grant copy, the bad one alone fails.
+    let cfg = BlkConfig {
+        grant_mode: GrantMode::Copy,
+        ..BlkConfig::default()
+    };
+    let r = rig_with(&[(0, "w")], cfg);
+    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    r.disk.write_at(0, &pattern(1));
+    r.disk.write_at(2 * PAGE_SIZE, &pattern(3));
+    let (g1, r1) = f.data_page(0xee, false);
+    let (g3, r3) = f.data_page(0xee, false);
+    let before = r.stats(0);
+    r.disk.hold();
+    f.put(0, &rw(BLKIF_OP_READ, 1, 0, &[(r1, 0, 7)]));
+    f.put(0, &rw(BLKIF_OP_READ, 2, 8, &[(0x7fff, 0, 7)]));
+    f.put(0, &rw(BLKIF_OP_READ, 3, 16, &[(r3, 0, 7)]));
+    f.push(0);
+    wait_for("the three reads held", || r.disk.held() == 3);
+    r.disk.release();
+    let mut rsps = f.responses(0, 3);
+    rsps.sort_by_key(|x| x.id);
+
+    let st: Vec<i16> = rsps.iter().map(|x| x.status).collect();
+    assert_eq!(st, vec![BLKIF_RSP_OKAY, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY]);
+    assert_eq!(f.page(g1), pattern(1));
+    assert_eq!(f.page(g3), pattern(3));
+    let s = r.stats(0);
+    assert_eq!(s.grant_copies - before.grant_copies, 1, "{s:?}");
+    assert_eq!(s.grant_errors - before.grant_errors, 1, "{s:?}");
+}
+
 fn indirect_request(
     f: &TestFront,
     op: u8,

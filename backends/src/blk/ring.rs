@@ -200,6 +200,9 @@ struct Queue {
     indirect_segs: Vec<BlkifRequestSegment>,
     bounce_pool: Vec<Arc<SharedMem>>,
     scratch: Vec<u8>,
+    /// Grant-copy mode: the reads a reap finished, and whether each one's copy went through.
+    copy_reads: Vec<Completion>,
+    copy_ok: Vec<bool>,
     /// Reused list of a request's uncached grant refs (large requests, batch map).
     miss_grefs: Vec<GrantRef>,
     responses: u32,
@@ -310,6 +313,8 @@ pub(crate) fn start(p: QueueParams) -> Result<QueueHandle, BlkError> {
         indirect_segs: vec![BlkifRequestSegment::default(); usize::from(MAX_INDIRECT_SEGMENTS)],
         bounce_pool: Vec::new(),
         scratch: Vec::new(),
+        copy_reads: Vec::new(),
+        copy_ok: Vec::new(),
         miss_grefs: Vec::with_capacity(256),
         responses: 0,
         work: 0,
@@ -986,8 +991,29 @@ impl Queue {
                 }
             }
             let mut done = std::mem::take(&mut self.done);
-            for c in done.drain(..) {
-                self.complete(c);
+            if self.grant_mode == GrantMode::Copy {
+                // Every read this reap finished goes to the guest in one grant copy.
+                let mut reads = std::mem::take(&mut self.copy_reads);
+                for c in done.drain(..) {
+                    if self.is_copied_read(&c) {
+                        reads.push(c);
+                    } else {
+                        self.complete(c, None);
+                    }
+                }
+                if !reads.is_empty() {
+                    let mut ok = std::mem::take(&mut self.copy_ok);
+                    self.copy_reads_to_guest(&reads, &mut ok);
+                    for (c, good) in reads.drain(..).zip(ok.iter().copied()) {
+                        self.complete(c, Some(good));
+                    }
+                    self.copy_ok = ok;
+                }
+                self.copy_reads = reads;
+            } else {
+                for c in done.drain(..) {
+                    self.complete(c, None);
+                }
             }
             self.done = done;
             // Room in the engine again: move the backlog in.
@@ -1006,7 +1032,87 @@ impl Queue {
         }
     }
 
-    fn complete(&mut self, c: Completion) {
+    /// A read that completed well in grant-copy mode: its data still has to reach the guest.
+    fn is_copied_read(&self, c: &Completion) -> bool {
+        c.result.is_ok()
+            && self
+                .slots
+                .get(c.tag as usize)
+                .and_then(|s| s.req.as_ref())
+                .is_some_and(|r| r.op == Op::Read)
+    }
+
+    /// Grant-copies the data of finished reads from their bounce pages to the guest, all in
+    /// one batch; `ok[i]` says whether every segment of `reads[i]` arrived.
+    fn copy_reads_to_guest(&mut self, reads: &[Completion], ok: &mut Vec<bool>) {
+        ok.clear();
+        let mut nsegs = 0usize;
+        for c in reads {
+            nsegs += self.read_segments(c.tag as usize).len();
+        }
+        let need = nsegs * PAGE_SIZE;
+        if self.scratch.len() < need {
+            self.scratch.resize(need, 0);
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        // Out of the bounce pages first (a page that cannot be read fails its request).
+        let mut chunks = scratch.chunks_mut(PAGE_SIZE);
+        for c in reads {
+            let idx = c.tag as usize;
+            let list = self.read_segments(idx);
+            let bounce = &self.slots[idx].bounce;
+            let mut good = list.len() == bounce.len();
+            for (s, b) in list.iter().zip(bounce) {
+                let Some(chunk) = chunks.next() else {
+                    good = false;
+                    break;
+                };
+                good &= b.read(s.offset(), &mut chunk[..s.len()]).is_ok();
+            }
+            ok.push(good);
+        }
+        let mut cs: Vec<CopySegment<'_>> = Vec::with_capacity(nsegs);
+        let mut chunks = scratch.chunks_mut(PAGE_SIZE);
+        for c in reads {
+            for s in self.read_segments(c.tag as usize) {
+                let Some(chunk) = chunks.next() else { break };
+                cs.push(CopySegment {
+                    domid: self.domid,
+                    gref: s.gref,
+                    offset: s.offset() as u16,
+                    local: CopyDir::ToGuest(&chunk[..s.len()]),
+                    status: 0,
+                });
+            }
+        }
+        add(&self.shared.metrics.grant_copies, 1);
+        let copied = self.gnttab.copy(&mut cs).is_ok();
+        let mut at = 0usize;
+        for (i, c) in reads.iter().enumerate() {
+            let n = self.read_segments(c.tag as usize).len();
+            let segs_ok = cs
+                .get(at..at + n)
+                .is_some_and(|v| v.iter().all(|x| x.status == 0));
+            ok[i] = ok[i] && copied && segs_ok;
+            at += n;
+        }
+        drop(cs);
+        self.scratch = scratch;
+    }
+
+    /// The guest segments of the request in slot `idx` (its indirect list, or the direct one).
+    fn read_segments(&self, idx: usize) -> &[Seg] {
+        let slot = &self.slots[idx];
+        match slot.req.as_ref().map(|r| &r.segments) {
+            Some(Segments::Indirect { .. }) => &slot.iseg,
+            Some(_) => slot.req.as_ref().map_or(&[], |r| r.direct_segments()),
+            None => &[],
+        }
+    }
+
+    /// Finishes the request of `c`. `copied`: for a read in grant-copy mode, whether its data
+    /// already reached the guest (batched by `reap`); `None` copies here if needed.
+    fn complete(&mut self, c: Completion, copied: Option<bool>) {
         let idx = c.tag as usize;
         let Some(slot) = self.slots.get_mut(idx) else {
             return;
@@ -1024,7 +1130,15 @@ impl Queue {
             Err(errno) if errno == libc::EOPNOTSUPP => BLKIF_RSP_EOPNOTSUPP,
             Err(_) => BLKIF_RSP_ERROR,
         };
-        if status == BLKIF_RSP_OKAY && req.op == Op::Read && self.grant_mode == GrantMode::Copy {
+        if let (Some(false), BLKIF_RSP_OKAY) = (copied, status) {
+            add(&self.shared.metrics.grant_errors, 1);
+            status = BLKIF_RSP_ERROR;
+        }
+        if copied.is_none()
+            && status == BLKIF_RSP_OKAY
+            && req.op == Op::Read
+            && self.grant_mode == GrantMode::Copy
+        {
             let bounce = std::mem::take(&mut self.slots[idx].bounce);
             let iseg = std::mem::take(&mut self.slots[idx].iseg);
             let list: &[Seg] = match req.segments {
