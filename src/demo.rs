@@ -621,6 +621,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         domid,
         &["console".to_string(), "qdisk".to_string()],
         narrator.clone(),
+        backends::blk::BlkConfig::default(),
     )?;
     say(
         "domio serving dom{domid}: waiting for the frontend to connect"

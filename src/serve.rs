@@ -142,20 +142,8 @@ pub struct Service {
 }
 
 impl Service {
-    /// Starts serving `types` of guest `domid` on `host`, disks with the default settings.
+    /// Starts serving `types` of guest `domid` on `host`, disks with the settings `blk`.
     pub fn start(
-        host: Arc<dyn XenHost>,
-        xs: XsClient,
-        own: DomId,
-        domid: DomId,
-        types: &[String],
-        sink: Arc<dyn ConsoleSink>,
-    ) -> anyhow::Result<Service> {
-        Self::start_with(host, xs, own, domid, types, sink, BlkConfig::default())
-    }
-
-    /// [`Service::start`] with the block backend's settings.
-    pub fn start_with(
         host: Arc<dyn XenHost>,
         xs: XsClient,
         own: DomId,
@@ -324,7 +312,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let released = xs
         .watch("@releaseDomain", "domio-release")
         .context("watching @releaseDomain")?;
-    let svc = Service::start_with(
+    let svc = Service::start(
         host.clone(),
         xs,
         args.backend_domid,

@@ -216,35 +216,63 @@ fn test_serve_exits_nonzero_when_xenstore_goes_away() {
     assert_eq!(status.code(), Some(1), "{status}");
 }
 
-#[test]
-fn test_control_socket_reports_stats_resizes_a_disk_and_survives_garbage() {
-    // Arrange: a guest with a 4 MiB raw disk (qdisk, as xl writes it) served by a domio
-    // process with a control socket.
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("xensim.sock");
-    let ctl = dir.path().join("control.sock");
-    let image = dir.path().join("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
-    let host = Host::new().unwrap();
-    let _server = Server::start(host.clone(), &sock).unwrap();
-    let domid = host.create_domain("g", 1024).unwrap();
-    let spec = DeviceSpec::qdisk(domid, 51712, &image.display().to_string(), true);
-    host.toolstack().unwrap().add_device(&spec).unwrap();
-    let guest = Guest::new(host.clone(), domid).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_domio"))
-        .args(["serve", "--domid", &domid.to_string(), "--control"])
-        .arg(&ctl)
+/// A xensim host serving `sock` in `dir`, with one guest whose 4 MiB raw `image` is a
+/// qdisk (device 51712, as xl writes it).
+struct QdiskGuest {
+    sock: std::path::PathBuf,
+    image: std::path::PathBuf,
+    domid: u16,
+    guest: Guest,
+    _server: Server,
+}
+
+/// `domio serve` for `domid` on the daemon at `sock`, with `extra` arguments; output dropped.
+fn spawn_serve(sock: &std::path::Path, domid: u16, extra: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_domio"))
+        .args(["serve", "--domid", &domid.to_string()])
+        .args(extra)
         .arg("--xen")
         .arg(format!("sim:{}", sock.display()))
         .stderr(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
+        .unwrap()
+}
+
+fn qdisk_guest(dir: &std::path::Path) -> QdiskGuest {
+    let sock = dir.join("xensim.sock");
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4 << 20)
         .unwrap();
+    let host = Host::new().unwrap();
+    let server = Server::start(host.clone(), &sock).unwrap();
+    let domid = host.create_domain("g", 1024).unwrap();
+    let spec = DeviceSpec::qdisk(domid, 51712, &image.display().to_string(), true);
+    host.toolstack().unwrap().add_device(&spec).unwrap();
+    let guest = Guest::new(host.clone(), domid).unwrap();
+    QdiskGuest {
+        sock,
+        image,
+        domid,
+        guest,
+        _server: server,
+    }
+}
+
+#[test]
+fn test_control_socket_reports_stats_resizes_a_disk_and_survives_garbage() {
+    // Arrange: a guest with a 4 MiB raw disk (qdisk, as xl writes it) served by a domio
+    // process with a control socket.
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = dir.path().join("control.sock");
+    let rig = qdisk_guest(dir.path());
+    let (sock, image, domid, guest) = (&rig.sock, &rig.image, rig.domid, &rig.guest);
+    let ctl_arg = ctl.display().to_string();
+    let mut child = spawn_serve(sock, domid, &["--control", &ctl_arg]);
     let mut front =
-        BlkFront::connect(&guest, 51712, BlkFrontOptions::default()).expect("blkback connects");
+        BlkFront::connect(guest, 51712, BlkFrontOptions::default()).expect("blkback connects");
     let q = front.queue(0).unwrap();
     let c = q
         .run_one(
@@ -274,7 +302,7 @@ fn test_control_socket_reports_stats_resizes_a_disk_and_survives_garbage() {
     let unknown = ask(r#"{"execute":"self-destruct"}"#);
     std::fs::OpenOptions::new()
         .write(true)
-        .open(&image)
+        .open(image)
         .unwrap()
         .set_len(8 << 20)
         .unwrap();
@@ -311,36 +339,13 @@ fn test_control_socket_reports_stats_resizes_a_disk_and_survives_garbage() {
 fn test_serve_blk_grants_copy_serves_the_disk_without_mapping_guest_pages() {
     // Arrange: a 4 MiB raw disk served by `domio serve --blk-grants copy`.
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("xensim.sock");
-    let image = dir.path().join("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
-    let host = Host::new().unwrap();
-    let _server = Server::start(host.clone(), &sock).unwrap();
-    let domid = host.create_domain("g", 1024).unwrap();
-    let spec = DeviceSpec::qdisk(domid, 51712, &image.display().to_string(), true);
-    host.toolstack().unwrap().add_device(&spec).unwrap();
-    let guest = Guest::new(host.clone(), domid).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_domio"))
-        .args([
-            "serve",
-            "--domid",
-            &domid.to_string(),
-            "--blk-grants",
-            "copy",
-        ])
-        .arg("--xen")
-        .arg(format!("sim:{}", sock.display()))
-        .stderr(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let rig = qdisk_guest(dir.path());
+    let (sock, image, domid, guest) = (&rig.sock, &rig.image, rig.domid, &rig.guest);
+    let mut child = spawn_serve(sock, domid, &["--blk-grants", "copy"]);
 
     // Act: the guest writes a block, reads it back, and looks at what was offered.
     let mut front =
-        BlkFront::connect(&guest, 51712, BlkFrontOptions::default()).expect("blkback connects");
+        BlkFront::connect(guest, 51712, BlkFrontOptions::default()).expect("blkback connects");
     let be = format!("/local/domain/0/backend/qdisk/{domid}/51712");
     let offered = front
         .link()
@@ -386,7 +391,7 @@ fn test_serve_blk_grants_copy_serves_the_disk_without_mapping_guest_pages() {
     assert_eq!((w.status, r.status), (0, 0));
     assert_eq!(back, pattern, "read back differs");
     assert_eq!(
-        std::fs::read(&image).unwrap()[16 * 512..16 * 512 + 4096],
+        std::fs::read(image).unwrap()[16 * 512..16 * 512 + 4096],
         pattern[..]
     );
     assert!(status.success(), "{status:?}");

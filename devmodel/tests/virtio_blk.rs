@@ -91,11 +91,7 @@ fn qemu_img(args: &[&str]) -> (bool, String) {
 #[test]
 fn virtio_blk_writes_and_reads_back_64mib_on_a_raw_image_over_4_queues() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(MIB64 + (1 << 20))
-        .unwrap();
+    let img = common::raw_image(dir.path(), MIB64 + (1 << 20));
     let (bus, mut drv) = up(
         &format!(
             "virtio_queues = 4\ndisk = [ '{},raw,xvda,rw' ]",
@@ -272,11 +268,7 @@ impl Raw<'_> {
 #[test]
 fn xsa_211_bad_descriptor_chains_are_answered_and_the_queue_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let img = common::raw_image(dir.path(), 1 << 20);
     let (bus, mut drv) = up(&format!("disk = [ '{},raw,xvda,rw' ]", img.display()), 1, 8);
     let mut r = Raw {
         bus: &bus,
@@ -392,11 +384,7 @@ fn xsa_211_bad_descriptor_chains_are_answered_and_the_queue_goes_on() {
 #[test]
 fn xsa_211_bad_queue_sizes_and_rings_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let img = common::raw_image(dir.path(), 1 << 20);
     let bus = DirectBus::new(&config(&format!(
         "disk = [ '{},raw,xvda,rw' ]",
         img.display()
@@ -491,11 +479,7 @@ fn msi_without_msix_delivers_the_programmed_message() {
     use xensim::hvm::Irq;
 
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let img = common::raw_image(dir.path(), 1 << 20);
     let bus = DirectBus::new(&config(&format!(
         "disk = [ '{},raw,xvda,rw' ]",
         img.display()
@@ -599,11 +583,7 @@ fn xsa_139_repeated_unplug_writes_leave_the_disks_working() {
     // unplug writes, old-style BAR0 writes included.
     use xensim::guestos::platform::{self, Unplug};
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
+    let img = common::raw_image(dir.path(), 8 << 20);
     let (bus, mut drv) = up(
         &format!("disk = [ '{},raw,xvda,rw' ]", img.display()),
         1,
@@ -668,11 +648,7 @@ fn wait_used(bus: &DirectBus, q: &mut xensim::guestos::virtio::Virtqueue) -> (u1
 /// second one rang and skipped.
 fn second_read_doorbells(poll_us: u32) -> (u64, u64) {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let img = common::raw_image(dir.path(), 1 << 20);
     let (bus, mut drv) = up(
         &format!(
             "virtio_poll_us = {poll_us}\ndisk = [ '{},raw,xvda,rw' ]",

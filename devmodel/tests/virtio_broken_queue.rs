@@ -447,11 +447,7 @@ fn rings_ending_exactly_at_the_end_of_ram_are_refused_with_a_bounded_log() {
     // reset and DRIVER_OK with such a ring must not flood the log (XSA-180).
     let _g = counted();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let img = common::raw_image(dir.path(), 1 << 20);
     let bus = DirectBus::new(&config(&format!(
         "disk = [ '{},raw,xvda,rw' ]",
         img.display()

@@ -638,7 +638,7 @@ impl Backend {
     ) -> anyhow::Result<Backend> {
         let xs = open_xenstore(sim.as_ref(), XsKind::Socket, None)?;
         if AVAILABLE_TYPES.contains(&BACKEND_TYPE) {
-            let svc = Service::start_with(
+            let svc = Service::start(
                 sim,
                 xs,
                 0,

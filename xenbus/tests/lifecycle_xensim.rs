@@ -48,6 +48,15 @@ impl Setup {
         fe_state(&self.guest, DOMID, DEVID, b"4");
     }
 
+    /// The frontend goes straight to Closed; waits for the backend to close and disconnect.
+    fn closed(&self) {
+        fe_state(&self.guest, DOMID, DEVID, b"6");
+        wait_state(&self.sim.dom0, &self.be, XenbusState::Closed);
+        self.driver
+            .log
+            .wait("disconnect", |c| c.contains(&Call::Disconnect(DEVID)));
+    }
+
     fn stop(&mut self) {
         self.watcher.take().unwrap().stop();
         self.driver.log.check_invariants(true);
@@ -151,11 +160,7 @@ fn test_lifecycle_frontend_back_from_closed_without_initialising_reconnects() {
     // Closed straight to Initialised with a new ring (no Initialising in between).
     let mut s = setup("vbd");
     s.connected();
-    fe_state(&s.guest, DOMID, DEVID, b"6");
-    wait_state(&s.sim.dom0, &s.be, XenbusState::Closed);
-    s.driver
-        .log
-        .wait("disconnect", |c| c.contains(&Call::Disconnect(DEVID)));
+    s.closed();
     // Act
     frontend_publish(&s.guest, DOMID, DEVID, "11");
     wait_state(&s.sim.dom0, &s.be, XenbusState::Connected);
@@ -183,11 +188,7 @@ fn test_lifecycle_a_driver_back_during_a_probe_is_not_connected_to_its_old_ring(
     // and publishes ring 12.
     let mut s = setup("vbd");
     s.connected();
-    fe_state(&s.guest, DOMID, DEVID, b"6");
-    wait_state(&s.sim.dom0, &s.be, XenbusState::Closed);
-    s.driver
-        .log
-        .wait("disconnect", |c| c.contains(&Call::Disconnect(DEVID)));
+    s.closed();
     let guest = s.guest.clone();
     *s.driver.during_probe.lock().unwrap() = Some(Box::new(move || {
         fe_state(&guest, DOMID, DEVID, b"1");

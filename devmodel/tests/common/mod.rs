@@ -431,3 +431,10 @@ impl tracing::Subscriber for LogCount {
     fn enter(&self, _: &tracing::span::Id) {}
     fn exit(&self, _: &tracing::span::Id) {}
 }
+
+/// A raw image `d.raw` of `len` bytes (all zero) in `dir`.
+pub fn raw_image(dir: &std::path::Path, len: u64) -> std::path::PathBuf {
+    let img = dir.join("d.raw");
+    std::fs::File::create(&img).unwrap().set_len(len).unwrap();
+    img
+}
