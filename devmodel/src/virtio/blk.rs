@@ -109,10 +109,9 @@ struct Worker {
     quiet: Vec<bool>,
     /// Requests queued on the engine since its last kick.
     unkicked: u32,
-    /// Chains taken from the driver rings (and the count `after_pass` last saw), and
-    /// interrupts sent: what drives `poll`.
-    popped: u64,
-    seen_popped: u64,
+    /// Chains were taken from the driver rings since `after_pass` last looked, and interrupts
+    /// sent so far: what drives `poll`.
+    popped: bool,
     interrupts: u64,
     /// How long to poll the driver rings after an interrupt.
     poll: PollWindow,
@@ -249,9 +248,7 @@ impl VirtioBlk {
             ),
         }
     }
-}
 
-impl VirtioBlk {
     /// Polls the driver rings for up to `max` after each interrupt, with doorbells off,
     /// adapting the window to how fast the driver answers (see [`super::poll`]); zero (the
     /// default) never polls.
@@ -543,8 +540,7 @@ impl Worker {
             to_notify: vec![false; nq],
             quiet: vec![false; nq],
             unkicked: 0,
-            popped: 0,
-            seen_popped: 0,
+            popped: false,
             interrupts: 0,
             poll: PollWindow::new(disk.poll),
             generation: disk.generation,
@@ -637,8 +633,7 @@ impl Worker {
         self.notify();
         let now = Instant::now();
         let mut rearm = suppressed;
-        if self.popped != self.seen_popped {
-            self.seen_popped = self.popped;
+        if std::mem::take(&mut self.popped) {
             self.poll.driver_work(now);
             rearm |= poll_until.take().is_some();
         }
@@ -829,7 +824,7 @@ impl Worker {
                     return;
                 }
             };
-            self.popped += 1;
+            self.popped = true;
             let head = chain.head_index();
             self.descs.clear();
             let mut count = 0usize;
