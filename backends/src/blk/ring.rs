@@ -32,6 +32,9 @@ use super::request::{BadRequest, DiskLimits, Op, Request, Seg, Segments, MAX_IND
 use super::{BlkError, DevShared, GrantMode, Protocol};
 use crate::ratelimit::TokenBucket;
 
+/// Grant-copy mode: writes whose data is copied in by one grant copy, at most.
+const COPY_IN_BATCH: usize = 16;
+
 /// Wakes a ring thread (stop, or a control message).
 #[derive(Debug)]
 pub(crate) struct Waker {
@@ -203,6 +206,9 @@ struct Queue {
     /// Grant-copy mode: the reads a reap finished, and whether each one's copy went through.
     copy_reads: Vec<Completion>,
     copy_ok: Vec<bool>,
+    /// Grant-copy mode: slots of writes whose data is still to be copied in from the guest
+    /// (all of them in one grant copy at the next kick, then submitted in ring order).
+    copy_in: Vec<usize>,
     /// Reused list of a request's uncached grant refs (large requests, batch map).
     miss_grefs: Vec<GrantRef>,
     responses: u32,
@@ -315,6 +321,7 @@ pub(crate) fn start(p: QueueParams) -> Result<QueueHandle, BlkError> {
         scratch: Vec::new(),
         copy_reads: Vec::new(),
         copy_ok: Vec::new(),
+        copy_in: Vec::new(),
         miss_grefs: Vec::with_capacity(256),
         responses: 0,
         work: 0,
@@ -484,7 +491,13 @@ impl Queue {
                         // are still being read from the ring; but hold a request that
                         // continues the previous one, so the block layer can merge a
                         // sequential stream into larger I/Os at the next kick.
-                        if !follows {
+                        if !self.copy_in.is_empty() {
+                            // A write waiting for its data (grant-copy mode): copied in with
+                            // the others at the next kick, or now if enough are waiting.
+                            if self.copy_in.len() >= COPY_IN_BATCH {
+                                self.kick();
+                            }
+                        } else if !follows {
                             self.unkicked += 1;
                             if self.unkicked >= self.submit_batch {
                                 self.kick();
@@ -509,6 +522,8 @@ impl Queue {
     }
 
     fn go_rogue(&mut self, e: RingError) {
+        // Requests taken before the ring broke are still served and answered.
+        self.kick();
         self.rogue = true;
         add(&self.shared.metrics.rogue_rings, 1);
         warn!(
@@ -599,10 +614,19 @@ impl Queue {
                 return self.refuse(bad);
             }
         }
+        let deferred = self.grant_mode == GrantMode::Copy && matches!(req.op, Op::Write { .. });
+        if !deferred {
+            // Writes waiting for their data go first: requests reach the engine in ring order.
+            self.flush_copy_in();
+        }
         self.slots[idx].req = Some(req);
         if let Err(status) = self.attach_memory(idx, &req) {
             add(&self.shared.metrics.grant_errors, 1);
             return self.fail_slot(idx, status);
+        }
+        if deferred {
+            self.copy_in.push(idx);
+            return;
         }
         if req.op == Op::Barrier && self.submitted > 0 {
             self.barrier = Barrier::Waiting(idx);
@@ -696,7 +720,10 @@ impl Queue {
             Ok(())
         } else {
             match self.grant_mode {
-                GrantMode::Copy => self.attach_copy(idx, list, device_writes, &mut segs),
+                GrantMode::Copy => {
+                    let defer = matches!(req.op, Op::Write { .. });
+                    self.attach_copy(idx, list, device_writes, defer, &mut segs)
+                }
                 GrantMode::Map => self.attach_map(idx, list, device_writes, &mut segs),
             }
         };
@@ -848,11 +875,14 @@ impl Queue {
         }
     }
 
+    /// Bounce pages for the request in slot `idx`. The guest's data for a device read of
+    /// memory (a write) is copied in now, or with `defer` by `flush_copy_in`.
     fn attach_copy(
         &mut self,
         idx: usize,
         list: &[Seg],
         device_writes: bool,
+        defer: bool,
         segs: &mut Vec<IoSeg>,
     ) -> Result<(), i16> {
         let err = BLKIF_RSP_ERROR;
@@ -867,7 +897,7 @@ impl Queue {
             }
         }
         let r = (|| {
-            if !device_writes {
+            if !device_writes && !defer {
                 self.copy_segments(list, &bounce, false)?;
             }
             for (s, b) in list.iter().zip(&bounce) {
@@ -969,6 +999,7 @@ impl Queue {
     }
 
     fn kick(&mut self) {
+        self.flush_copy_in();
         self.unkicked = 0;
         if let Err(e) = self.engine.kick() {
             if self.log_bucket.take(1.0) {
@@ -1048,7 +1079,7 @@ impl Queue {
         ok.clear();
         let mut nsegs = 0usize;
         for c in reads {
-            nsegs += self.read_segments(c.tag as usize).len();
+            nsegs += self.request_segments(c.tag as usize).len();
         }
         let need = nsegs * PAGE_SIZE;
         if self.scratch.len() < need {
@@ -1056,25 +1087,26 @@ impl Queue {
         }
         let mut scratch = std::mem::take(&mut self.scratch);
         // Out of the bounce pages first (a page that cannot be read fails its request).
+        // (Every segment takes its chunk, so a failed request leaves the next ones aligned.)
         let mut chunks = scratch.chunks_mut(PAGE_SIZE);
         for c in reads {
             let idx = c.tag as usize;
-            let list = self.read_segments(idx);
             let bounce = &self.slots[idx].bounce;
-            let mut good = list.len() == bounce.len();
-            for (s, b) in list.iter().zip(bounce) {
-                let Some(chunk) = chunks.next() else {
-                    good = false;
-                    break;
-                };
-                good &= b.read(s.offset(), &mut chunk[..s.len()]).is_ok();
+            let mut good = true;
+            for (j, s) in self.request_segments(idx).iter().enumerate() {
+                let chunk = chunks.next();
+                good = good
+                    && match (chunk, bounce.get(j)) {
+                        (Some(c), Some(b)) => b.read(s.offset(), &mut c[..s.len()]).is_ok(),
+                        _ => false,
+                    };
             }
             ok.push(good);
         }
         let mut cs: Vec<CopySegment<'_>> = Vec::with_capacity(nsegs);
         let mut chunks = scratch.chunks_mut(PAGE_SIZE);
         for c in reads {
-            for s in self.read_segments(c.tag as usize) {
+            for s in self.request_segments(c.tag as usize) {
                 let Some(chunk) = chunks.next() else { break };
                 cs.push(CopySegment {
                     domid: self.domid,
@@ -1089,7 +1121,7 @@ impl Queue {
         let copied = self.gnttab.copy(&mut cs).is_ok();
         let mut at = 0usize;
         for (i, c) in reads.iter().enumerate() {
-            let n = self.read_segments(c.tag as usize).len();
+            let n = self.request_segments(c.tag as usize).len();
             let segs_ok = cs
                 .get(at..at + n)
                 .is_some_and(|v| v.iter().all(|x| x.status == 0));
@@ -1100,8 +1132,83 @@ impl Queue {
         self.scratch = scratch;
     }
 
+    /// Grant-copies the data of the writes in `copy_in` from the guest into their bounce pages,
+    /// all in one batch, then submits each (or fails it: a segment the guest did not grant).
+    fn flush_copy_in(&mut self) {
+        if self.copy_in.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.copy_in);
+        let nsegs: usize = pending
+            .iter()
+            .map(|&i| self.request_segments(i).len())
+            .sum();
+        let need = nsegs * PAGE_SIZE;
+        if self.scratch.len() < need {
+            self.scratch.resize(need, 0);
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut cs: Vec<CopySegment<'_>> = Vec::with_capacity(nsegs);
+        for (s, chunk) in pending
+            .iter()
+            .flat_map(|&i| self.request_segments(i))
+            .zip(scratch.chunks_mut(PAGE_SIZE))
+        {
+            cs.push(CopySegment {
+                domid: self.domid,
+                gref: s.gref,
+                offset: s.offset() as u16,
+                local: CopyDir::FromGuest(&mut chunk[..s.len()]),
+                status: 0,
+            });
+        }
+        add(&self.shared.metrics.grant_copies, 1);
+        let copied = self.gnttab.copy(&mut cs).is_ok();
+        let mut ok = std::mem::take(&mut self.copy_ok);
+        ok.clear();
+        let mut at = 0usize;
+        for &i in &pending {
+            let n = self.request_segments(i).len();
+            ok.push(
+                copied
+                    && cs
+                        .get(at..at + n)
+                        .is_some_and(|v| v.iter().all(|x| x.status == 0)),
+            );
+            at += n;
+        }
+        drop(cs);
+        // Into the bounce pages the engine will read.
+        // (Every segment takes its chunk, so a failed request leaves the next ones aligned.)
+        let mut chunks = scratch.chunks(PAGE_SIZE);
+        for (k, &i) in pending.iter().enumerate() {
+            let bounce = &self.slots[i].bounce;
+            let mut good = ok[k];
+            for (j, s) in self.request_segments(i).iter().enumerate() {
+                let chunk = chunks.next();
+                good = good
+                    && matches!((chunk, bounce.get(j)), (Some(c), Some(b))
+                        if b.write(s.offset(), &c[..s.len()]).is_ok());
+            }
+            ok[k] = good;
+        }
+        self.scratch = scratch;
+        for (k, &i) in pending.iter().enumerate() {
+            if ok[k] {
+                self.submit(i);
+            } else {
+                add(&self.shared.metrics.grant_errors, 1);
+                self.fail_slot(i, BLKIF_RSP_ERROR);
+            }
+        }
+        self.copy_ok = ok;
+        let mut pending = pending;
+        pending.clear();
+        self.copy_in = pending;
+    }
+
     /// The guest segments of the request in slot `idx` (its indirect list, or the direct one).
-    fn read_segments(&self, idx: usize) -> &[Seg] {
+    fn request_segments(&self, idx: usize) -> &[Seg] {
         let slot = &self.slots[idx];
         match slot.req.as_ref().map(|r| &r.segments) {
             Some(Segments::Indirect { .. }) => &slot.iseg,
@@ -1187,6 +1294,7 @@ impl Queue {
 
     /// Waits for in-flight I/O, flushes, and releases every mapping.
     fn shutdown(&mut self) {
+        self.kick();
         if let Barrier::Waiting(idx) = self.barrier {
             if self.submitted == 0 {
                 self.submit(idx);
