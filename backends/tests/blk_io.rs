@@ -274,14 +274,20 @@ fn test_blk_non_persistent_grants_unmapped_before_response() {
     );
 }
 
-#[test]
-fn test_blk_grant_copy_mode_round_trips_without_mapping_data() {
+/// One writable disk served in grant-copy mode, and a connected frontend.
+fn copy_mode_disk() -> (Rig, TestFront) {
     let cfg = BlkConfig {
         grant_mode: GrantMode::Copy,
         ..BlkConfig::default()
     };
     let r = rig_with(&[(0, "w")], cfg);
-    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    let f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    (r, f)
+}
+
+#[test]
+fn test_blk_grant_copy_mode_round_trips_without_mapping_data() {
+    let (r, mut f) = copy_mode_disk();
 
     write_read_roundtrip(&r, &mut f, 0);
 
@@ -294,12 +300,7 @@ fn test_blk_grant_copy_mode_round_trips_without_mapping_data() {
 fn test_blk_grant_copy_mode_sends_the_reads_of_one_reap_in_one_copy() {
     // Three reads finish together; the middle one's page is not granted to dom0. The other
     // two arrive in one grant copy, the bad one alone fails.
-    let cfg = BlkConfig {
-        grant_mode: GrantMode::Copy,
-        ..BlkConfig::default()
-    };
-    let r = rig_with(&[(0, "w")], cfg);
-    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    let (r, mut f) = copy_mode_disk();
     r.disk.write_at(0, &pattern(1));
     r.disk.write_at(2 * PAGE_SIZE, &pattern(3));
     let (g1, r1) = f.data_page(0xee, false);
@@ -328,12 +329,7 @@ fn test_blk_grant_copy_mode_sends_the_reads_of_one_reap_in_one_copy() {
 fn test_blk_grant_copy_mode_copies_in_the_writes_of_one_pass_in_one_copy() {
     // Three writes published together, the middle one's page not granted to dom0: their
     // data comes in by one grant copy, the good two reach the disk, the bad one alone fails.
-    let cfg = BlkConfig {
-        grant_mode: GrantMode::Copy,
-        ..BlkConfig::default()
-    };
-    let r = rig_with(&[(0, "w")], cfg);
-    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    let (r, mut f) = copy_mode_disk();
     let (g1, r1) = f.data_page(0, true);
     let (g3, r3) = f.data_page(0, true);
     f.guest.write_page(g1, 0, &pattern(1)).unwrap();
