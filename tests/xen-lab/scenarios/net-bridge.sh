@@ -96,9 +96,10 @@ log "guest->dom0 10 MiB in $(awk "BEGIN{print $(up)-$t}")s"
 up_ok() { [ -n "$UP_SUM" ] && [ "$(sha256sum /root/up.bin | cut -d' ' -f1)" = "$UP_SUM" ] ||
   { echo "dom0 got $(sha256sum /root/up.bin | cut -d' ' -f1), the guest served '$UP_SUM'"; return 1; }; }
 check guest-to-dom0-sha256 up_ok
-check guest-fetched wait_for "the guest's download (DOMU-NET: down sha256)" 120 guest_line "down sha256 "
+# "down sha256 ..." or "down FAILED (...)": a failed download fails here at once, with its reason.
+check guest-fetched wait_for "the guest's download (DOMU-NET: down ...)" 120 guest_line "down "
 down_ok() { local g; g=$(guest_line "down sha256 " | cut -d' ' -f1)
-  [ "$g" = "$DOWN_SUM" ] || { echo "the guest got '$g', dom0 served $DOWN_SUM"; return 1; }; }
+  [ "$g" = "$DOWN_SUM" ] || { echo "the guest got '$g' (it said: down $(guest_line "down " || true)), dom0 served $DOWN_SUM"; return 1; }; }
 check dom0-to-guest-sha256 down_ok
 log "guest: $(guest_line "down sha256 " || true); $(guest_line "rx/tx bytes " || true)"
 { xenstore-ls -fp "/local/domain/0/backend/vif/$D"; xenstore-ls -fp "/local/domain/$D/device/vif"; } \
