@@ -604,3 +604,113 @@ fn test_raw_engine_with_locks_refuses_and_is_refused_by_qemu() {
     assert!(!qemu_refused.status.success());
     assert!(String::from_utf8_lossy(&qemu_refused.stderr).contains("lock"));
 }
+
+/// Reads of `n` 4 KiB blocks (block `i` into page `i` of `buf`), tags `base..base + n`.
+fn block_reads(buf: &Arc<xen::SharedMem>, base: u64, n: usize) -> Vec<IoRequest> {
+    (0..n)
+        .map(|i| {
+            let off = (i as u64) * 4096;
+            req(
+                base + i as u64,
+                IoOp::Read,
+                off,
+                vec![seg(buf, i * 4096, 4096, true)],
+                4096,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn test_raw_engine_io_uring_defers_completion_work_where_the_kernel_can() {
+    // Arrange
+    let dir = tempfile::tempdir().unwrap();
+    let p = image(dir.path(), MIB);
+    let kernel_has_it = {
+        let mut b = io_uring::IoUring::<io_uring::squeue::Entry>::builder();
+        b.setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .setup_single_issuer()
+            .setup_defer_taskrun();
+        b.build(8).is_ok()
+    };
+    // Act
+    let e = open(&p, Mechanism::IoUring, 8, true);
+    // Assert
+    assert_eq!(e.uring_deferred(), kernel_has_it, "{}", e.info().describe);
+    if kernel_has_it {
+        assert!(e.info().describe.starts_with("raw io_uring(deferred)"));
+    }
+}
+
+#[test]
+fn test_raw_engine_io_uring_keeps_working_when_another_thread_takes_it_over() {
+    // Arrange: opened on this thread (as at probe), used by one thread, then by another (as a
+    // virtio queue thread after a reset). A deferred ring answers only the thread that
+    // enabled it, so each new user must get a ring of its own.
+    let dir = tempfile::tempdir().unwrap();
+    let p = image(dir.path(), MIB);
+    let expected = pattern(MIB as usize, 7);
+    let mut e = open(&p, Mechanism::IoUring, 16, true);
+    for round in 0..3u64 {
+        // Act
+        let (got, back) = std::thread::spawn(move || {
+            let buf = mem(16 * 4096);
+            let cs = run(&mut e, block_reads(&buf, round * 100, 16));
+            let mut data = vec![0u8; 16 * 4096];
+            buf.read(0, &mut data).unwrap();
+            ((results(&cs), data), e)
+        })
+        .join()
+        .unwrap();
+        e = back;
+        // Assert
+        assert_eq!(got.0, vec![Ok(4096); 16], "round {round}");
+        assert!(
+            got.1 == expected[..16 * 4096],
+            "round {round}: data differs"
+        );
+    }
+}
+
+#[test]
+fn test_raw_engine_io_uring_taken_over_with_requests_in_flight_fails_them_and_goes_on() {
+    // Arrange: a thread queues and kicks reads, then hands the engine on without reaping (a
+    // virtio reset whose drain gave up) and exits.
+    let dir = tempfile::tempdir().unwrap();
+    let p = image(dir.path(), MIB);
+    let expected = pattern(MIB as usize, 7);
+    let e = open(&p, Mechanism::IoUring, 32, true);
+    let deferred = e.uring_deferred();
+    let first = mem(16 * 4096);
+    let f2 = first.clone();
+    let mut e = std::thread::spawn(move || {
+        let mut e = e;
+        for r in block_reads(&f2, 0, 16) {
+            e.queue(r).unwrap();
+        }
+        e.kick().unwrap();
+        e
+    })
+    .join()
+    .unwrap();
+    // Act: this thread runs reads of its own and reaps everything.
+    let second = mem(16 * 4096);
+    for r in block_reads(&second, 100, 16) {
+        e.queue(r).unwrap();
+    }
+    e.kick().unwrap();
+    let cs = wait(&mut e, 32);
+    // Assert: the old thread's reads are written off with EIO where its ring could only be
+    // reaped by it (deferred), else they finish; this thread's reads finish with the data.
+    let tags: Vec<u64> = cs.iter().map(|c| c.tag).collect();
+    let want: Vec<u64> = (0..16).chain(100..116).collect();
+    assert_eq!(tags, want);
+    let old = if deferred { Err(libc::EIO) } else { Ok(4096) };
+    assert_eq!(results(&cs[..16]), vec![old; 16]);
+    assert_eq!(results(&cs[16..]), vec![Ok(4096); 16]);
+    let mut data = vec![0u8; 16 * 4096];
+    second.read(0, &mut data).unwrap();
+    assert!(data == expected[..16 * 4096], "data differs");
+    drop(e);
+}

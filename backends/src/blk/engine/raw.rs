@@ -28,7 +28,7 @@ use super::lock::{lock_image, ImageLock};
 use super::null::validate;
 use super::pool::{Job, Pool};
 use super::sys::{self, IoVecs};
-use super::uring::Uring;
+use super::uring::{TaskRun, Uring};
 use super::{
     Completion, Engine, EngineError, EngineInfo, IoOp, IoRequest, IoSeg, MAX_QUEUE_DEPTH,
     MAX_THREADS,
@@ -375,8 +375,11 @@ impl RawEngine {
         let pool = Pool::new(threads, efd.clone(), "blk-io")?;
         let describe = format!(
             "raw {} {}{} {}",
-            if uring.is_some() {
-                "io_uring".to_string()
+            if let Some(u) = &uring {
+                match u.taskrun() {
+                    TaskRun::Deferred => "io_uring(deferred)".to_string(),
+                    TaskRun::Immediate => "io_uring".to_string(),
+                }
             } else {
                 format!("thread-pool({threads})")
             },
@@ -472,6 +475,14 @@ impl RawEngine {
     /// Whether requests go through io_uring.
     pub fn uses_io_uring(&self) -> bool {
         self.uring.is_some()
+    }
+
+    /// Whether the io_uring runs its completion work deferred, in one batch per reap
+    /// (`IORING_SETUP_DEFER_TASKRUN`, Linux 6.1+).
+    pub fn uring_deferred(&self) -> bool {
+        self.uring
+            .as_ref()
+            .is_some_and(|u| u.taskrun() == TaskRun::Deferred)
     }
 
     /// Whether the main descriptor is O_DIRECT.

@@ -152,6 +152,21 @@ pub(crate) fn push_fdatasync(
     unsafe { sq.push(&sqe) }
 }
 
+/// `IORING_ENTER_GETEVENTS` (include/uapi/linux/io_uring.h).
+const IORING_ENTER_GETEVENTS: u32 = 1;
+
+/// `io_uring_enter(fd, 0, 0, IORING_ENTER_GETEVENTS)`: submits nothing and waits for nothing,
+/// but runs the ring's deferred completion work (`IORING_SETUP_DEFER_TASKRUN`), which only
+/// an enter carrying GETEVENTS does.
+pub(crate) fn run_deferred_completions(ring: &IoUring) -> io::Result<usize> {
+    // SAFETY: no argument structure is passed (`None`) and nothing is submitted, so the
+    // kernel reads no memory of ours; it only posts completions into the rings it mapped.
+    unsafe {
+        ring.submitter()
+            .enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None)
+    }
+}
+
 const BLK: u8 = 0x12;
 
 /// `BLKGETSIZE64`: a block device's size in bytes.
