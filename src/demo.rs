@@ -622,6 +622,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         &["console".to_string(), "qdisk".to_string()],
         narrator.clone(),
         backends::blk::BlkConfig::default(),
+        backends::net::tap::tap_engine_factory(),
     )?;
     say(
         "domio serving dom{domid}: waiting for the frontend to connect"

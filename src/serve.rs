@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use backends::blk::{default_engine_factory, BlkConfig, BlkDriver, BlkStats, GrantMode};
 use backends::console::{ConsoleDriver, ConsoleLimits, ConsoleSink, ConsoleStats, LogSink};
 use backends::net::tap::tap_engine_factory;
-use backends::net::{NetConfig, NetDriver, NetStats};
+use backends::net::{NetConfig, NetDriver, NetEngineFactory, NetStats};
 use clap::Args;
 use tracing::{info, info_span, warn};
 use xen::{DomId, XenHost, XsTransport};
@@ -142,7 +142,9 @@ pub struct Service {
 }
 
 impl Service {
-    /// Starts serving `types` of guest `domid` on `host`, disks with the settings `blk`.
+    /// Starts serving `types` of guest `domid` on `host`, disks with the settings `blk`, NICs'
+    /// host sides from `net` ([`tap_engine_factory`] unless the toolstack runs the scripts).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         host: Arc<dyn XenHost>,
         xs: XsClient,
@@ -151,6 +153,7 @@ impl Service {
         types: &[String],
         sink: Arc<dyn ConsoleSink>,
         blk: BlkConfig,
+        net: NetEngineFactory,
     ) -> anyhow::Result<Service> {
         let span = info_span!("domio", domid);
         let _g = span.enter();
@@ -184,8 +187,7 @@ impl Service {
                     d
                 }
                 "vif" | "qnic" => {
-                    let d =
-                        NetDriver::new(host.clone(), t, NetConfig::default(), tap_engine_factory());
+                    let d = NetDriver::new(host.clone(), t, NetConfig::default(), net.clone());
                     svc.net.push(d.clone());
                     d
                 }
@@ -302,6 +304,57 @@ pub fn open_xenstore(
     XsClient::new(stream).context("starting the xenstore client")
 }
 
+/// Waits until the service should end: a termination signal, a `quit` from `quit`, the
+/// guest destroyed (after it was `seen` to exist: a toolstack that destroys the domain as
+/// soon as we report ready must not find us not yet knowing it was there), or the service
+/// failing. Returns the reason and whether it is a failure.
+pub fn wait_for_end<T>(
+    svc: &Service,
+    mut seen: bool,
+    signals: &crossbeam_channel::Receiver<nix::sys::signal::Signal>,
+    released: xenbus::Watch,
+    quit: &crossbeam_channel::Receiver<T>,
+) -> anyhow::Result<(String, bool)> {
+    let (rel_tx, rel_rx) = crossbeam_channel::bounded::<()>(1);
+    std::thread::Builder::new()
+        .name("release-watch".into())
+        .spawn(move || {
+            // Ends (dropping the sender) when the watch closes, i.e. xenstore is gone.
+            while released.recv().is_some() {
+                let _ = rel_tx.try_send(());
+            }
+        })
+        .context("starting the @releaseDomain thread")?;
+    let domid = svc.domid();
+    Ok(loop {
+        crossbeam_channel::select! {
+            recv(signals) -> s => break (format!("signal {}", s.map(|s| s.as_str()).unwrap_or("?")), false),
+            recv(quit) -> _ => break ("asked to quit".to_string(), false),
+            recv(rel_rx) -> r => {
+                if r.is_err() {
+                    break (svc.failure().unwrap_or_else(|| "the @releaseDomain watch closed".into()), true);
+                }
+                match svc.domain_exists() {
+                    Some(true) => seen = true,
+                    Some(false) if seen => break (format!("dom{domid} was destroyed"), false),
+                    _ => {}
+                }
+            }
+            // Health check: a dead xenstore connection or a stopped watcher ends the service.
+            default(Duration::from_secs(1)) => {
+                if let Some(why) = svc.failure() {
+                    break (why, true);
+                }
+                match svc.domain_exists() {
+                    Some(true) => seen = true,
+                    Some(false) if seen => break (format!("dom{domid} was destroyed"), false),
+                    _ => {}
+                }
+            }
+        }
+    })
+}
+
 /// Runs `domio serve`.
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let types = check_types(&args.backend_types)?;
@@ -320,53 +373,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         &types,
         Arc::new(LogSink),
         args.blk_grants.config(),
+        tap_engine_factory(),
     )?;
     let svc = Arc::new(svc);
     let control = match &args.control {
         Some(p) => Some(crate::control::Control::start(p, svc.clone())?),
         None => None,
     };
-    // The domain counts as destroyed only once we have seen it exist. Looked at before the
-    // "domio serving" line: a toolstack (or test) that destroys the domain as soon as it
-    // reads that line must not find us not yet knowing the domain was there.
-    let mut seen = svc.domain_exists() == Some(true);
+    // Looked at before the "domio serving" line (see `wait_for_end`).
+    let seen = svc.domain_exists() == Some(true);
     info!(domid = args.domid, xen = %host.describe(), types = %types.join(","), "domio serving");
-    let (rel_tx, rel_rx) = crossbeam_channel::bounded::<()>(1);
-    std::thread::Builder::new()
-        .name("release-watch".into())
-        .spawn(move || {
-            // Ends (dropping the sender) when the watch closes, i.e. xenstore is gone.
-            while released.recv().is_some() {
-                let _ = rel_tx.try_send(());
-            }
-        })
-        .context("starting the @releaseDomain thread")?;
-    let (reason, failed) = loop {
-        crossbeam_channel::select! {
-            recv(signals) -> s => break (format!("signal {}", s.map(|s| s.as_str()).unwrap_or("?")), false),
-            recv(rel_rx) -> r => {
-                if r.is_err() {
-                    break (svc.failure().unwrap_or_else(|| "the @releaseDomain watch closed".into()), true);
-                }
-                match svc.domain_exists() {
-                    Some(true) => seen = true,
-                    Some(false) if seen => break (format!("dom{} was destroyed", args.domid), false),
-                    _ => {}
-                }
-            }
-            // Health check: a dead xenstore connection or a stopped watcher ends the service.
-            default(Duration::from_secs(1)) => {
-                if let Some(why) = svc.failure() {
-                    break (why, true);
-                }
-                match svc.domain_exists() {
-                    Some(true) => seen = true,
-                    Some(false) if seen => break (format!("dom{} was destroyed", args.domid), false),
-                    _ => {}
-                }
-            }
-        }
-    };
+    let (reason, failed) = wait_for_end(
+        &svc,
+        seen,
+        &signals,
+        released,
+        &crossbeam_channel::never::<()>(),
+    )?;
     info!(%reason, "shutting down: closing devices");
     for (t, devs) in svc.devices() {
         for d in devs {

@@ -646,6 +646,7 @@ impl Backend {
                 &[BACKEND_TYPE.to_string()],
                 Arc::new(LogSink),
                 cfg,
+                backends::net::tap::tap_engine_factory(),
             )?;
             return Ok(Backend::Service(svc));
         }

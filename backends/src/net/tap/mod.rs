@@ -26,7 +26,7 @@ mod sys;
 pub mod uapi;
 pub mod vif;
 
-pub use vif::{tap_engine_factory, TapVifHost};
+pub use vif::{tap_engine_factory, tap_engine_factory_toolstack_hotplug, TapVifHost};
 
 use std::fs::OpenOptions;
 use std::io::{self, IoSlice, IoSliceMut};

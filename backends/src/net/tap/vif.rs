@@ -32,6 +32,13 @@ fn io(e: TapError) -> io::Error {
 impl TapVifHost {
     /// Creates the tap for `p` and brings its host side online.
     pub fn open(p: &VifParams) -> io::Result<TapVifHost> {
+        TapVifHost::open_with(p, false)
+    }
+
+    /// Like [`TapVifHost::open`]; with `toolstack_hotplug` the tap is only created: the
+    /// toolstack runs the hotplug script itself (libxl does for a device model's vifs once
+    /// the backend reaches InitWait), so neither the `script` nor the `bridge` key is acted on.
+    pub fn open_with(p: &VifParams, toolstack_hotplug: bool) -> io::Result<TapVifHost> {
         let domid = xen::DomId::try_from(p.domid).map_err(|_| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -63,7 +70,12 @@ impl TapVifHost {
                 })
             })?;
         }
-        let setup = match HostSetup::from_keys(p.script.as_deref(), p.bridge.as_deref()) {
+        let keys = if toolstack_hotplug {
+            HostSetup::None
+        } else {
+            HostSetup::from_keys(p.script.as_deref(), p.bridge.as_deref())
+        };
+        let setup = match keys {
             HostSetup::Script { script, bridge, .. } => HostSetup::Script {
                 script,
                 bridge,
@@ -139,4 +151,9 @@ impl NetQueueIo for SharedQueue {
 /// The engine factory for [`crate::net::NetDriver`]: a real tap per vif, with its host side.
 pub fn tap_engine_factory() -> NetEngineFactory {
     Arc::new(|p: &VifParams| Ok(Box::new(TapVifHost::open(p)?) as Box<dyn VifHost>))
+}
+
+/// Taps whose hotplug script the toolstack runs (see [`TapVifHost::open_with`]).
+pub fn tap_engine_factory_toolstack_hotplug() -> NetEngineFactory {
+    Arc::new(|p: &VifParams| Ok(Box::new(TapVifHost::open_with(p, true)?) as Box<dyn VifHost>))
 }
