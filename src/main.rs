@@ -2,12 +2,14 @@
 //!
 //! Subcommands: `serve` (the per-guest service a toolstack starts), `sim` (the simulated Xen
 //! host as a daemon), `demo` (host, guest and domio in one command), `probe` (checks that the
-//! Xen interfaces of this host work: used by the real-Xen lab).
+//! Xen interfaces of this host work: used by the real-Xen lab), `qemu-compat` (the device
+//! model xl spawns; also chosen when argv[1] is `-xen-domid`, as libxl passes it).
 #![deny(unsafe_code)]
 
 mod bench;
 mod control;
 mod demo;
+mod dm;
 mod hvm;
 mod logging;
 mod probe;
@@ -49,23 +51,50 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Be the ioreq server and device model of one HVM guest, built from its `.hvm` config.
     Hvm(hvm::HvmArgs),
+    /// Be the device model xl spawns (`device_model_override=`), from libxl's qemu-style
+    /// command line. Chosen without this word when the first argument is `-xen-domid`.
+    QemuCompat {
+        /// The qemu-style arguments, e.g. `-xen-domid 3 -machine xenpv ...`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
+    },
+    /// A QMP client: connects to a device model's QMP socket, sends standard input as it is
+    /// (or the commands given with --execute, after qmp_capabilities) and prints what comes
+    /// back.
+    Qmp(dm::client::QmpArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Err(e) = logging::init(cli.log_format, cli.log.as_deref()) {
-        eprintln!("domio: {e:#}");
-        return ExitCode::from(2);
+    // libxl runs its device model with qemu's command line: `domio -xen-domid N ...`.
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if dm::argv::looks_like_qemu(&argv) {
+        return run_logged(logging::Format::Human, None, || dm::run(&argv));
     }
-    let r = match cli.cmd {
+    let cli = Cli::parse();
+    let cmd = cli.cmd;
+    run_logged(cli.log_format, cli.log.as_deref(), move || match cmd {
         Command::Serve(a) => serve::run(a),
         Command::Sim(a) => sim::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Probe(a) => probe::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Hvm(a) => hvm::run(a),
-    };
-    match r {
+        Command::QemuCompat { args } => dm::run(&args),
+        Command::Qmp(a) => dm::client::run(a),
+    })
+}
+
+/// Sets up logging, runs `f`, and reports its error on stderr.
+fn run_logged(
+    format: logging::Format,
+    filter: Option<&str>,
+    f: impl FnOnce() -> anyhow::Result<ExitCode>,
+) -> ExitCode {
+    if let Err(e) = logging::init(format, filter) {
+        eprintln!("domio: {e:#}");
+        return ExitCode::from(2);
+    }
+    match f() {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -223,6 +223,7 @@ struct QdiskGuest {
     image: std::path::PathBuf,
     domid: u16,
     guest: Guest,
+    host: std::sync::Arc<Host>,
     _server: Server,
 }
 
@@ -257,6 +258,7 @@ fn qdisk_guest(dir: &std::path::Path) -> QdiskGuest {
         image,
         domid,
         guest,
+        host,
         _server: server,
     }
 }
@@ -395,4 +397,154 @@ fn test_serve_blk_grants_copy_serves_the_disk_without_mapping_guest_pages() {
         pattern[..]
     );
     assert!(status.success(), "{status:?}");
+}
+
+/// libxl 4.17's argv for a PV guest's device model, with the QMP sockets in `dir`.
+fn libxl_pv_argv(domid: u16, dir: &std::path::Path) -> Vec<String> {
+    let libxl = dir.join(format!("qmp-libxl-{domid}"));
+    let stat = dir.join(format!("qmp-libxenstat-{domid}"));
+    let mut v: Vec<String> = ["-xen-domid", &domid.to_string(), "-no-shutdown"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for (id, p) in [("libxl-cmd", &libxl), ("libxenstat-cmd", &stat)] {
+        v.push("-chardev".into());
+        v.push(format!(
+            "socket,id={id},path={},server=on,wait=off",
+            p.display()
+        ));
+        v.push("-mon".into());
+        v.push(format!("chardev={id},mode=control"));
+    }
+    for s in [
+        "-nodefaults",
+        "-no-user-config",
+        "-xen-attach",
+        "-name",
+        "g",
+        "-vnc",
+        "none",
+        "-display",
+        "none",
+        "-nographic",
+        "-machine",
+        "xenpv",
+        "-m",
+        "4",
+    ] {
+        v.push(s.into());
+    }
+    v
+}
+
+/// Sends `req` lines on a fresh QMP connection and returns every JSON reply (greeting first).
+fn qmp_session(path: &std::path::Path, reqs: &[&str]) -> Vec<serde_json::Value> {
+    use std::io::Write;
+    let s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut out = Vec::new();
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    out.push(serde_json::from_str(&line).unwrap());
+    for q in reqs {
+        w.write_all(format!("{q}\r\n").as_bytes()).unwrap();
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        out.push(serde_json::from_str(&line).unwrap());
+    }
+    out
+}
+
+#[test]
+fn test_qemu_style_device_model_serves_qdisk_answers_qmp_and_stops_on_sighup() {
+    // Arrange: a guest with a qdisk, and domio started as libxl starts a PV device model.
+    let dir = tempfile::tempdir().unwrap();
+    let rig = qdisk_guest(dir.path());
+    let domid = rig.domid;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_domio"))
+        .args(libxl_pv_argv(domid, dir.path()))
+        .env("DOMIO_XEN", format!("sim:{}", rig.sock.display()))
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let toolstack = rig.host.toolstack().unwrap();
+    let xs = toolstack.xs();
+    let state = format!("/local/domain/0/device-model/{domid}/state");
+
+    // Act: wait for the readiness libxl waits for, talk QMP as libxl does, use the disk.
+    wait_for(
+        "device-model state running",
+        Duration::from_secs(20),
+        || xs.try_read(&state).ok().flatten().as_deref() == Some(&b"running"[..]),
+    );
+    let qmp = dir.path().join(format!("qmp-libxl-{domid}"));
+    let replies = qmp_session(
+        &qmp,
+        &[
+            r#"{"execute":"qmp_capabilities","id":1}"#,
+            r#"{"execute":"query-chardev","id":2}"#,
+            r#"{"execute":"query-status","id":3}"#,
+            "{this is not json",
+        ],
+    );
+    let mut front =
+        BlkFront::connect(&rig.guest, 51712, BlkFrontOptions::default()).expect("qdisk connects");
+    let q = front.queue(0).unwrap();
+    let data = vec![0x5au8; 4096];
+    let w = q
+        .run_one(
+            BlkOp::Write {
+                sector: 8,
+                data: &data,
+            },
+            None,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    let _ = front.close();
+    let backends = xs
+        .directory(&format!("/local/domain/0/device-model/{domid}/backends"))
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let status = wait_exit(&mut child);
+
+    // Assert
+    assert_eq!(replies[0]["QMP"]["version"]["qemu"]["major"], 7);
+    assert_eq!(replies[1]["return"], serde_json::json!({}));
+    let labels: Vec<&str> = replies[2]["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["libxl-cmd", "libxenstat-cmd"]);
+    assert_eq!(replies[3]["return"]["status"], "running");
+    assert_eq!(replies[4]["error"]["class"], "GenericError");
+    assert!(backends.contains(&"qdisk".to_string()), "{backends:?}");
+    assert_eq!(w.status, 0);
+    assert_eq!(
+        std::fs::read(&rig.image).unwrap()[8 * 512..8 * 512 + 4096],
+        data[..]
+    );
+    assert!(status.success(), "{status:?}");
+    assert!(!qmp.exists(), "the QMP socket is removed at exit");
+}
+
+#[test]
+fn test_qemu_style_device_model_refuses_an_unknown_option_by_name() {
+    let out = Command::new(env!("CARGO_BIN_EXE_domio"))
+        .args(["-xen-domid", "3", "-machine", "xenpv", "-frobnicate"])
+        .env("DOMIO_XEN", "sim:/nonexistent")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("unknown qemu option -frobnicate"), "{err}");
 }

@@ -1,0 +1,247 @@
+//! domio as the device model xl spawns for a guest (`device_model_override=`): the qemu-style
+//! command line libxl builds ([`argv`]), QMP on the sockets it names ([`qmp`]), and the
+//! readiness handshake it waits for (`/local/domain/0/device-model/<domid>/state = running`).
+//!
+//! For a PV guest (`-machine xenpv`) the device model serves the guest's `qdisk` disks, and
+//! its `vif` NICs where the kernel's netback is not loaded. libxl runs the NICs' hotplug
+//! scripts itself once a backend reaches InitWait, so domio only creates the taps. The
+//! primary console stays with xenconsoled. An HVM guest (`-machine xenfv`) is refused for
+//! now, with a message that says so: its firmware needs chipset devices domio does not
+//! emulate yet.
+
+pub mod argv;
+pub mod client;
+pub mod qmp;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use backends::console::LogSink;
+use backends::net::tap::tap_engine_factory_toolstack_hotplug;
+use tracing::{info, warn};
+use xen::{DomId, XenHost};
+use xenbus::wire::{Perm, PermKind};
+use xenbus::{XsClient, XsOps};
+
+use crate::serve::{open_xenstore, wait_for_end, BlkGrants, Service, XsKind};
+use argv::{DmArgs, Machine};
+
+/// Whether the kernel's netback serves `vif` backends on this host.
+fn kernel_netback_loaded() -> bool {
+    std::path::Path::new("/sys/module/xen_netback").exists()
+}
+
+/// The backend types a PV device model serves here.
+fn pv_backend_types(kernel_netback: bool) -> Vec<String> {
+    let mut t = vec!["qdisk".to_string()];
+    if !kernel_netback {
+        t.push("vif".to_string());
+    }
+    t
+}
+
+/// Why the command line cannot be served at all, if it cannot.
+fn refusal(a: &DmArgs) -> Option<String> {
+    if let Some(acc) = &a.foreign_accel {
+        return Some(format!(
+            "accelerator {acc:?}: domio is a Xen device model and only runs with accel=xen"
+        ));
+    }
+    if let Some(inc) = &a.incoming {
+        return Some(format!(
+            "-incoming {inc}: domio cannot restore a device model's state from a stream; save and restore of guests with domio as device model are not supported"
+        ));
+    }
+    if a.machine == Machine::XenFv {
+        return Some(
+            "-machine xenfv: domio cannot yet be the device model of an HVM guest started by xl (hvmloader and SeaBIOS need chipset devices it does not emulate); use `domio hvm` with a .hvm file, or qemu-xen"
+                .into(),
+        );
+    }
+    None
+}
+
+/// What was asked for and is not emulated (said once in the device-model log).
+fn not_emulated(a: &DmArgs) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in &a.drives {
+        out.push(format!(
+            "-drive if={} {} (the guest's disks are served through PV)",
+            d.interface, d.file
+        ));
+    }
+    for d in &a.devices {
+        let mac = d
+            .prop("mac")
+            .map(|m| format!(" mac={m}"))
+            .unwrap_or_default();
+        out.push(format!("-device {}{mac}", d.driver));
+    }
+    for n in &a.netdevs {
+        out.push(format!(
+            "-netdev {} {}",
+            n.kind,
+            n.ifname.as_deref().unwrap_or("")
+        ));
+    }
+    out.extend(a.serial.iter().map(|s| format!("-serial {s}")));
+    out
+}
+
+/// The device-model directory libxl watches.
+fn dm_path(domid: DomId) -> String {
+    format!("/local/domain/0/device-model/{domid}")
+}
+
+/// Writes `backends/<type>` for every type served (readable by the guest, as QEMU writes
+/// them) and then `state = running`, the line libxl waits for.
+fn announce(xs: &XsClient, domid: DomId, types: &[String]) -> anyhow::Result<()> {
+    let dir = dm_path(domid);
+    let perms = [
+        Perm {
+            kind: PermKind::None,
+            domid: 0,
+        },
+        Perm {
+            kind: PermKind::Read,
+            domid: u32::from(domid),
+        },
+    ];
+    for t in types {
+        let p = format!("{dir}/backends/{t}");
+        xs.write(&p, b"").with_context(|| format!("writing {p}"))?;
+        xs.set_perms(&p, &perms)
+            .with_context(|| format!("setting the permissions of {p}"))?;
+    }
+    xs.write(&format!("{dir}/state"), b"running")
+        .with_context(|| format!("writing {dir}/state"))?;
+    Ok(())
+}
+
+/// Runs domio from libxl's qemu-style argv (without argv[0]).
+pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
+    // Before any thread exists, so that every thread inherits the blocked mask.
+    let signals = crate::signals::termination()?;
+    let a = argv::parse(args).context("reading the device model command line")?;
+    let name = a.name.clone().unwrap_or_else(|| format!("dom{}", a.domid));
+    if let Some(why) = refusal(&a) {
+        bail!("cannot be the device model of {name}: {why}");
+    }
+    let domid = DomId::try_from(a.domid).context("domid out of range")?;
+    let skipped = not_emulated(&a);
+    if !skipped.is_empty() {
+        warn!(guest = %name, "not emulated by domio, ignored: {}", skipped.join("; "));
+    }
+    if !a.ignored.is_empty() {
+        info!(guest = %name, "options without effect here: {}", a.ignored.join(" "));
+    }
+    // The Xen host: this dom0's, or a xensim daemon named in DOMIO_XEN (`sim:PATH`), since a
+    // qemu command line has no place to say so.
+    let target: crate::target::Target = match std::env::var("DOMIO_XEN") {
+        Ok(t) => t
+            .parse()
+            .map_err(|e| anyhow::anyhow!("DOMIO_XEN={t:?}: {e}"))?,
+        Err(_) => crate::target::Target::Linux,
+    };
+    let host: Arc<dyn XenHost> = Arc::from(target.open(0)?);
+    let xs = open_xenstore(host.as_ref(), XsKind::Socket, None)?;
+    let released = xs
+        .watch("@releaseDomain", "domio-release")
+        .context("watching @releaseDomain")?;
+    let types = pv_backend_types(kernel_netback_loaded());
+    let (quit_tx, quit_rx) = crossbeam_channel::bounded(1);
+    let st = qmp::DmState::new(a.domid, true, quit_tx);
+    for m in &a.monitors {
+        st.add_chardev(&m.id, &format!("unix:{},server=on", m.path.display()));
+    }
+    let paths: Vec<PathBuf> = a.monitors.iter().map(|m| m.path.clone()).collect();
+    let qmp = qmp::QmpServer::start(st.clone(), &paths)?;
+    let svc = Service::start(
+        host.clone(),
+        xs.clone(),
+        0,
+        domid,
+        &types,
+        Arc::new(LogSink),
+        BlkGrants::Persistent.config(),
+        tap_engine_factory_toolstack_hotplug(),
+    )?;
+    let seen = svc.domain_exists() == Some(true);
+    announce(&xs, domid, &types)?;
+    info!(
+        guest = %name, domid, machine = "xenpv", types = %types.join(","),
+        qmp = %paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(","),
+        "domio device model running"
+    );
+    let (reason, failed) = wait_for_end(&svc, seen, &signals, released, &quit_rx)?;
+    info!(%reason, "device model shutting down: closing devices");
+    drop(qmp);
+    svc.stop();
+    if failed {
+        tracing::error!(%reason, "domio stopped because it could no longer serve");
+        return Ok(ExitCode::from(1));
+    }
+    info!("domio device model stopped cleanly");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &[&str]) -> DmArgs {
+        argv::parse(&s.iter().map(|x| x.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn test_pv_device_model_serves_vif_only_without_the_kernel_netback() {
+        assert_eq!(pv_backend_types(true), vec!["qdisk"]);
+        assert_eq!(pv_backend_types(false), vec!["qdisk", "vif"]);
+    }
+
+    #[test]
+    fn test_refusals_name_what_cannot_work() {
+        assert_eq!(
+            refusal(&parse(&["-xen-domid", "3", "-machine", "xenpv"])),
+            None
+        );
+        let r = refusal(&parse(&["-xen-domid", "3", "-machine", "xenfv"])).unwrap();
+        assert!(r.contains("HVM"), "{r}");
+        let r = refusal(&parse(&[
+            "-xen-domid",
+            "3",
+            "-machine",
+            "xenpv",
+            "-incoming",
+            "fd:5",
+        ]))
+        .unwrap();
+        assert!(r.contains("-incoming fd:5"), "{r}");
+        let r = refusal(&parse(&["-xen-domid", "3", "-machine", "xenpv,accel=tcg"])).unwrap();
+        assert!(r.contains("\"tcg\""), "{r}");
+    }
+
+    #[test]
+    fn test_emulated_devices_asked_for_are_listed_once() {
+        let a = parse(&[
+            "-xen-domid",
+            "3",
+            "-machine",
+            "xenpv",
+            "-serial",
+            "pty",
+            "-device",
+            "rtl8139,id=nic0,netdev=net0",
+            "-netdev",
+            "type=tap,id=net0,ifname=vif3.0-emu",
+            "-drive",
+            "file=/d.img,if=ide,index=0,media=disk,format=raw",
+        ]);
+        let l = not_emulated(&a);
+        assert_eq!(l.len(), 4, "{l:?}");
+        assert!(l[0].contains("if=ide /d.img"));
+        assert!(l.iter().any(|x| x == "-device rtl8139"), "{l:?}");
+    }
+}
