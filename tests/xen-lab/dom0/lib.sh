@@ -60,6 +60,11 @@ CFG
 # guest_console_has NAME TEXT   (xenconsoled logs each guest console to a file)
 guest_console_has() { grep -q -- "$2" "/var/log/xen/console/guest-$1.log" 2>/dev/null; }
 domain_gone() { ! xl domid "$1" >/dev/null 2>&1; }
+# net_guest_line NAME TEXT: guest NAME printed "DOMU-NET: TEXT..." (prints the rest of that line)
+net_guest_line() {
+  tr -d '\r' < "/var/log/xen/console/guest-$1.log" 2>/dev/null |
+    awk -v p="DOMU-NET: $2" 'index($0, p) == 1 && !d { print substr($0, length(p) + 1); d = 1 } END { exit !d }'
+}
 
 # --- block devices (blk-* scenarios) ------------------------------------------------------
 # Layout of the test disks, shared with guest/blk.sh (keep in sync):

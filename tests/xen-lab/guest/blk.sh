@@ -75,5 +75,7 @@ case ${BLK_RECONNECT:-} in
     else say "xvda still there 60s after ready for detach (frontend state $(fe_state))"; fi ;;
 esac
 
+# BLK_THEN_RETURN (guest/xlpv.sh): the caller goes on with more work and waits itself.
+if [ -n "${BLK_THEN_RETURN:-}" ]; then say "io done"; return 0; fi
 say "io done, waiting for xl shutdown"
 if wait_until 900 test -e /tmp/blk-go; then say "shutdown requested, powering off"; else say "no shutdown request in 90s, powering off"; fi

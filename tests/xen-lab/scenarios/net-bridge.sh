@@ -38,10 +38,7 @@ net_write_nodes() { # DOMID: the nodes libxl writes for a vif, with its permissi
 net_state() { case $2 in backend) xenstore-read "/local/domain/0/backend/vif/$1/$DEVID/state" ;;
   *) xenstore-read "/local/domain/$1/device/vif/$DEVID/state" ;; esac 2>/dev/null; }
 net_connected() { [ "$(net_state "$@")" = 4 ]; }
-guest_line() { # TEXT: the guest printed "DOMU-NET: TEXT..." (prints the rest of that line)
-  tr -d '\r' < "/var/log/xen/console/guest-$NAME.log" 2>/dev/null |
-    awk -v p="DOMU-NET: $1" 'index($0, p) == 1 && !d { print substr($0, length(p) + 1); d = 1 } END { exit !d }'
-}
+guest_line() { net_guest_line "$NAME" "$@"; }
 tap_on_bridge() { [ "$(basename "$(readlink "/sys/class/net/vif$D.$DEVID/master" 2>/dev/null)")" = xenbr0 ]; }
 cleanup() {
   [ -z "${HTTPD_PID:-}" ] || kill "$HTTPD_PID" 2>/dev/null || true
