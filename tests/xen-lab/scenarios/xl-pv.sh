@@ -10,8 +10,13 @@
 # net-bridge traffic (ping both ways, 10 MiB each way over HTTP, sha256 at both ends); a
 # hostile QMP client on libxenstat's socket changes nothing; `xl destroy` leaves no domio
 # process, no tap and no xenstore residue (backend/qdisk, backend/vif, device-model).
+# With XLPV_FORMAT=qcow2 (scenarios/xl-pv-qcow2.sh) the disk is a qcow2 overlay over a raw
+# base that holds dom0's marker: also checked are `qemu-img check`, the base unchanged, and
+# the guest's writes in the overlay (`qemu-img convert` to raw).
 source /xenlab/lib.sh
-NAME=xlpv IMG=/root/xlpv.img TOKEN=xlpv-$RANDOM$RANDOM
+XLPV_FORMAT=${XLPV_FORMAT:-raw}
+NAME=${XLPV_NAME:-xlpv} IMG=/root/xlpv.img TOKEN=xlpv-$RANDOM$RANDOM
+BASE=/root/xlpv-base.raw OV=/root/xlpv.qcow2
 DOM0_IP=169.254.77.1 GUEST_IP=169.254.77.2 MAC=00:16:3e:77:00:02
 WWW=/root/www
 cleanup() {
@@ -35,13 +40,22 @@ dm_is_domio() { local p; p=$(dm_pid) || { echo "no image/device-model-pid"; retu
 check kernel-netback-absent no_kernel_netback
 check tun-module modprobe tun
 check dom0-address ip addr add "$DOM0_IP/24" dev xenbr0
-check make-image sh -c "truncate -s 64M $IMG"
-check write-marker blk_put_line "$IMG" "$BLK_MARK_OFF" "DOMIO-MARKER $TOKEN"
+if [ "$XLPV_FORMAT" = qcow2 ]; then
+  check make-base sh -c "truncate -s 64M $BASE"
+  check write-marker-into-base blk_put_line "$BASE" "$BLK_MARK_OFF" "DOMIO-MARKER $TOKEN"
+  BASE_SUM=$(sha256sum "$BASE" | cut -d' ' -f1)
+  check make-overlay qemu-img create -f qcow2 -b "$BASE" -F raw "$OV"
+  DISK_TARGET=$OV
+else
+  check make-image sh -c "truncate -s 64M $IMG"
+  check write-marker blk_put_line "$IMG" "$BLK_MARK_OFF" "DOMIO-MARKER $TOKEN"
+  DISK_TARGET=$IMG
+fi
 mkdir -p "$WWW"; head -c 10485760 /dev/urandom > "$WWW/down.bin"
 DOWN_SUM=$(sha256sum "$WWW/down.bin" | cut -d' ' -f1)
 httpd -f -p "$DOM0_IP:8080" -h "$WWW" & HTTPD_PID=$!
 XENLAB_GUEST=xlpv pv_guest_cfg "$NAME" \
-  "disk=['format=raw, vdev=xvda, access=rw, backendtype=qdisk, target=$IMG']" \
+  "disk=['format=$XLPV_FORMAT, vdev=xvda, access=rw, backendtype=qdisk, target=$DISK_TARGET']" \
   "vif=['bridge=xenbr0,mac=$MAC']" \
   "device_model_version=\"qemu-xen\"" "device_model_override=\"$DOMIO\""
 t=$(up)
@@ -58,9 +72,14 @@ check guest-io-done wait_for "the guest's disk I/O (DOMU-BLK: io done)" 90 blk_g
 check guest-read-marker blk_guest_said "marker read: " "DOMIO-MARKER $TOKEN"
 check guest-data-read-back blk_guest_line "data read back ok"
 SUM=$(blk_guest_line "data written sha256 " || true)
-image_ok() {
-  [ "$(blk_get_line "$IMG" "$BLK_GUEST_OFF")" = "DOMIO-GUEST-WROTE $TOKEN" ] || { echo "line at 2MiB: '$(blk_get_line "$IMG" "$BLK_GUEST_OFF")'"; return 1; }
-  [ -n "$SUM" ] && [ "$(blk_sha "$IMG" "$BLK_DATA_OFF" "$BLK_DATA_LEN")" = "$SUM" ] || { echo "sha256 at 4MiB $(blk_sha "$IMG" "$BLK_DATA_OFF" "$BLK_DATA_LEN"), guest wrote '$SUM'"; return 1; }
+image_ok() { # the guest's line and data in the disk (a qcow2 overlay is flattened first)
+  local img=$IMG
+  if [ "$XLPV_FORMAT" = qcow2 ]; then
+    img=/root/xlpv-flat.raw; qemu-img convert -U -f qcow2 -O raw "$OV" "$img" || return 1
+    [ "$(blk_get_line "$img" "$BLK_MARK_OFF")" = "DOMIO-MARKER $TOKEN" ] || { echo "marker at 1MiB: '$(blk_get_line "$img" "$BLK_MARK_OFF")'"; return 1; }
+  fi
+  [ "$(blk_get_line "$img" "$BLK_GUEST_OFF")" = "DOMIO-GUEST-WROTE $TOKEN" ] || { echo "line at 2MiB: '$(blk_get_line "$img" "$BLK_GUEST_OFF")'"; return 1; }
+  [ -n "$SUM" ] && [ "$(blk_sha "$img" "$BLK_DATA_OFF" "$BLK_DATA_LEN")" = "$SUM" ] || { echo "sha256 at 4MiB $(blk_sha "$img" "$BLK_DATA_OFF" "$BLK_DATA_LEN"), guest wrote '$SUM'"; return 1; }
 }
 check image-has-guest-writes image_ok
 
@@ -119,6 +138,12 @@ no_residue() {
 check no-residue wait_for "the tap, xenstore nodes and sockets to go" 15 no_residue
 no_residue || true
 check image-has-guest-writes-after-destroy image_ok
+if [ "$XLPV_FORMAT" = qcow2 ]; then
+  check qemu-img-check qemu-img check "$OV"
+  base_same() { local now; now=$(sha256sum "$BASE" | cut -d' ' -f1); [ "$now" = "$BASE_SUM" ] || { echo "base sha256 was $BASE_SUM, now $now"; return 1; }; }
+  check base-unchanged base_same
+  rm -f /root/xlpv-flat.raw
+fi
 
 echo "--- device model log (/var/log/xen/qemu-dm-$NAME.log)"; sed 's/^/    | /' "/var/log/xen/qemu-dm-$NAME.log" 2>/dev/null || true
 echo "--- xl create -vvv (QMP and device-model lines)"; grep -E "qmp|QMP|device.model|device-model|vif|hotplug" "$XENLAB_ARTIFACTS/xl-create.log" | cut -c1-220 | sed 's/^/    | /' || true
