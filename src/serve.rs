@@ -397,13 +397,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     }
     drop(control);
+    Ok(stop(&svc, &reason, failed))
+}
+
+/// Stops the service and says how it ended: exit status 1 if it ended because it could no
+/// longer serve.
+pub fn stop(svc: &Service, reason: &str, failed: bool) -> ExitCode {
     svc.stop();
     if failed {
         tracing::error!(%reason, "domio stopped because it could no longer serve");
-        return Ok(ExitCode::from(1));
+        return ExitCode::from(1);
     }
     info!("domio stopped cleanly");
-    Ok(ExitCode::SUCCESS)
+    ExitCode::SUCCESS
 }
 
 #[cfg(test)]

@@ -178,13 +178,7 @@ pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
     let (reason, failed) = wait_for_end(&svc, seen, &signals, released, &quit_rx)?;
     info!(%reason, "device model shutting down: closing devices");
     drop(qmp);
-    svc.stop();
-    if failed {
-        tracing::error!(%reason, "domio stopped because it could no longer serve");
-        return Ok(ExitCode::from(1));
-    }
-    info!("domio device model stopped cleanly");
-    Ok(ExitCode::SUCCESS)
+    Ok(crate::serve::stop(&svc, &reason, failed))
 }
 
 #[cfg(test)]

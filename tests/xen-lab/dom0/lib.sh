@@ -60,6 +60,12 @@ CFG
 # guest_console_has NAME TEXT   (xenconsoled logs each guest console to a file)
 guest_console_has() { grep -q -- "$2" "/var/log/xen/console/guest-$1.log" 2>/dev/null; }
 domain_gone() { ! xl domid "$1" >/dev/null 2>&1; }
+# net_no_kernel_netback: unload xen-netback (dom0's /init loads it) so that nothing but domio
+# serves vif devices; fails if it is still there (scenarios reload it on exit)
+net_no_kernel_netback() {
+  if [ -d /sys/module/xen_netback ]; then rmmod xen_netback || return 1; fi
+  [ ! -d /sys/module/xen_netback ] && [ ! -e /sys/bus/xen-backend/drivers/vif ]
+}
 # net_guest_line NAME TEXT: guest NAME printed "DOMU-NET: TEXT..." (prints the rest of that line)
 net_guest_line() {
   tr -d '\r' < "/var/log/xen/console/guest-$1.log" 2>/dev/null |

@@ -18,10 +18,6 @@ source /xenlab/lib.sh
 NET_SCRIPT=${NET_SCRIPT:-}
 NAME=${NET_NAME:-netbr} DOM0_IP=169.254.77.1 GUEST_IP=169.254.77.2 MAC=00:16:3e:77:00:02 DEVID=0
 WWW=/root/www
-net_no_kernel_netback() {
-  if [ -d /sys/module/xen_netback ]; then rmmod xen_netback || return 1; fi
-  [ ! -d /sys/module/xen_netback ] && [ ! -e /sys/bus/xen-backend/drivers/vif ]
-}
 net_write_nodes() { # DOMID: the nodes libxl writes for a vif, with its permissions
   local d=$1 be fe
   be=/local/domain/0/backend/vif/$d/$DEVID; fe=/local/domain/$d/device/vif/$DEVID

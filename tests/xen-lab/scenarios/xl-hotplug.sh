@@ -18,10 +18,6 @@ cleanup() {
   modprobe xen-netback 2>/dev/null || true
 }
 trap cleanup EXIT
-no_kernel_netback() {
-  if [ -d /sys/module/xen_netback ]; then rmmod xen_netback || return 1; fi
-  [ ! -d /sys/module/xen_netback ]
-}
 BLK_NAME=$NAME
 hot_line() { # TEXT: the guest printed "DOMU-HOT: TEXT..." (prints the rest of that line)
   tr -d '\r' < "/var/log/xen/console/guest-$NAME.log" 2>/dev/null |
@@ -32,7 +28,7 @@ hot_said() { local v; v=$(hot_line "$1") || { echo "the guest did not print 'DOM
 gone() { ! xenstore-read "$1" >/dev/null 2>&1 && ! xenstore-ls "$1" >/dev/null 2>&1; }
 dm_alive() { [ -n "${DM_PID:-}" ] && ! proc_exited "$DM_PID"; }
 
-check kernel-netback-absent no_kernel_netback
+check kernel-netback-absent net_no_kernel_netback
 check tun-module modprobe tun
 check dom0-address ip addr add "$DOM0_IP/24" dev xenbr0
 check make-images sh -c "truncate -s 64M $IMG && truncate -s 16M $HOT"

@@ -26,10 +26,6 @@ cleanup() {
   modprobe xen-netback 2>/dev/null || true
 }
 trap cleanup EXIT
-no_kernel_netback() {
-  if [ -d /sys/module/xen_netback ]; then rmmod xen_netback || return 1; fi
-  [ ! -d /sys/module/xen_netback ]
-}
 BLK_NAME=$NAME
 guest_line() { net_guest_line "$NAME" "$@"; }
 dm_pid() { xenstore-read "/local/domain/$D/image/device-model-pid" 2>/dev/null; }
@@ -37,7 +33,7 @@ dm_is_domio() { local p; p=$(dm_pid) || { echo "no image/device-model-pid"; retu
   [ "$(readlink "/proc/$p/exe")" = "$DOMIO" ] || { echo "pid $p runs $(readlink "/proc/$p/exe")"; return 1; }
   echo "device model pid $p: $(tr '\0' ' ' < "/proc/$p/cmdline" | cut -c1-200)"; }
 
-check kernel-netback-absent no_kernel_netback
+check kernel-netback-absent net_no_kernel_netback
 check tun-module modprobe tun
 check dom0-address ip addr add "$DOM0_IP/24" dev xenbr0
 if [ "$XLPV_FORMAT" = qcow2 ]; then
