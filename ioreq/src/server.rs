@@ -2,9 +2,9 @@
 //!
 //! Setup (as QEMU's xen-hvm-common.c and demu do): XEN_DMOP_create_ioreq_server with a
 //! buffered ring, map the server's resource frames (0 = buffered page, 1 = synchronous page),
-//! bind one event channel per vCPU (the port Xen put in the vCPU's slot, `vp_eport`) and one
-//! for the buffered ring, let the machine register its ranges, enable. On shutdown: disable,
-//! destroy.
+//! enable it (only then does Xen write each vCPU's port into its slot, `vp_eport`), bind one
+//! event channel per vCPU and one for the buffered ring, let the machine register its ranges,
+//! start the thread. On shutdown: disable, destroy.
 //!
 //! The synchronous protocol: see READY, an acquire (read barrier), set INPROCESS, copy the
 //! `ioreq_t` out once, decode and dispatch the copy, write `data`, a release (write barrier),
@@ -205,7 +205,7 @@ struct Core {
     bad_ring_logged: bool,
 }
 
-/// One ioreq server. Created disabled; [`IoreqServer::run`] enables it and starts its thread.
+/// One ioreq server. Created enabled with no range; [`IoreqServer::run`] starts its thread.
 /// Dropping it stops the thread, disables and destroys the server.
 pub struct IoreqServer {
     domid: DomId,
@@ -229,9 +229,9 @@ impl std::fmt::Debug for IoreqServer {
 }
 
 impl IoreqServer {
-    /// Creates the server on `host` for `cfg.domid`, maps its pages and binds its event
-    /// channels. It is not enabled yet: register ranges through [`IoreqServer::ranges`], then
-    /// [`IoreqServer::run`].
+    /// Creates the server on `host` for `cfg.domid`, maps its pages, enables it and binds its
+    /// event channels. No range is registered yet: register them through
+    /// [`IoreqServer::ranges`], then [`IoreqServer::run`].
     pub fn create(host: &dyn XenHost, cfg: IoreqConfig) -> Result<IoreqServer, IoreqError> {
         let domid = cfg.domid;
         if cfg.vcpus == 0 || cfg.vcpus as usize * IOREQ_SIZE > PAGE_SIZE {
@@ -299,6 +299,17 @@ impl IoreqServer {
             .map_err(|source| IoreqError::Map { domid, id, source })?;
         let sync_off = if buffered { PAGE_SIZE } else { 0 };
         let buf_off = buffered.then_some(0);
+        // Xen writes each vCPU's `vp_eport` into its slot only when the server is enabled
+        // (ioreq_server_enable): enable now, as QEMU does, then read the ports. No range is
+        // registered yet, so no access reaches us before the thread runs.
+        self.dm
+            .set_ioreq_server_state(domid, id, true)
+            .map_err(|source| IoreqError::Dm {
+                domid,
+                id: Some(id),
+                what: "set_ioreq_server_state(enabled)",
+                source,
+            })?;
         // Xen fills `vp_eport` for every vCPU the guest has: a port in the slot after the
         // last one we serve means vCPUs we would never answer.
         let next = sync_off + cfg.vcpus as usize * IOREQ_SIZE + 24;
@@ -394,22 +405,14 @@ impl IoreqServer {
         })
     }
 
-    /// Enables the server and starts the ioreq thread, which calls `handler` for every
-    /// access. Fails if already running.
+    /// Starts the ioreq thread, which calls `handler` for every access. Fails if already
+    /// running.
     pub fn run(&mut self, handler: Box<dyn IoHandler>) -> Result<(), IoreqError> {
         let (domid, id) = (self.domid, self.id);
         let core = self.core.take().ok_or_else(|| IoreqError::Config {
             domid,
             why: format!("ioreq server {id} is already running"),
         })?;
-        self.dm
-            .set_ioreq_server_state(domid, id, true)
-            .map_err(|source| IoreqError::Dm {
-                domid,
-                id: Some(id),
-                what: "set_ioreq_server_state(enabled)",
-                source,
-            })?;
         let stop = self.stop.clone();
         let dm = self.dm.clone();
         let t = std::thread::Builder::new()

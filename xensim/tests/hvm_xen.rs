@@ -178,11 +178,12 @@ impl HandDm {
         let h = host.hvm_domain(d).unwrap();
         let id = h.create_server(host, 0, bufioreq).unwrap();
         let page = h.map_resource(0, id, 1, 1).unwrap();
+        // As QEMU: enable first, since Xen writes vp_eport only then.
+        h.set_state(0, id, true).unwrap();
         let vp = page.load_u32(24, Ordering::Acquire).unwrap();
         let bound = host.evtchn_bind_interdomain(0, d, vp).unwrap();
         h.map_range(0, id, XEN_DMOP_IO_RANGE_PORT, ports.0, ports.1)
             .unwrap();
-        h.set_state(0, id, true).unwrap();
         (HandDm { bound, page }, id)
     }
 
@@ -428,6 +429,12 @@ fn test_daemon_dmops_and_resource_mapping_match_the_host() {
     let page = fm.map_resource(d, Resource::IoreqServer(id), 1, 1).unwrap();
     let h = host.hvm_domain(d).unwrap();
     let xen_view = h.server(id).unwrap();
+    // Xen writes the vCPUs' ports into their slots when the server is enabled, not before
+    // (ioreq_server_enable -> ioreq_server_update_evtchn; found when domio first ran on Xen).
+    for v in 0..2usize {
+        assert_eq!(page.load_u32(v * 32 + 24, Ordering::Relaxed).unwrap(), 0);
+    }
+    dm.set_ioreq_server_state(d, id, true).unwrap();
     for v in 0..2usize {
         let port = page.load_u32(v * 32 + 24, Ordering::Relaxed).unwrap();
         assert_ne!(port, 0);

@@ -369,9 +369,9 @@ impl HvmDomain {
         for v in 0..self.nr_vcpus {
             match host.evtchn_alloc_unbound(self.domid, emulator) {
                 Ok((port, incoming)) => {
-                    let slot = SYNC_PAGE_OFFSET + v as usize * IOREQ_SIZE;
-                    // ioreq_server_update_evtchn: the DM finds the vCPU's port in its slot.
-                    let _ = pages.mem().store_u32(slot + 24, port, Ordering::Release);
+                    // Not in the page yet: Xen writes `vp_eport` when the server is enabled
+                    // (ioreq_server_enable -> ioreq_server_update_evtchn), see set_state.
+                    let _ = v;
                     vcpus.push(VcpuChannel { port, incoming });
                 }
                 Err(e) => {
@@ -514,6 +514,15 @@ impl HvmDomain {
     /// XEN_DMOP_set_ioreq_server_state.
     pub fn set_state(&self, caller: DomId, id: IoServId, enabled: bool) -> Result<(), HvmError> {
         let s = self.owned("set_ioreq_server_state", caller, id)?;
+        if enabled {
+            // ioreq_server_enable -> ioreq_server_update_evtchn: only now does the device
+            // model find each vCPU's port in its slot (a DM that reads it before enabling
+            // the server reads 0, as on Xen).
+            for (v, ch) in s.vcpus.iter().enumerate() {
+                let slot = SYNC_PAGE_OFFSET + v * IOREQ_SIZE;
+                let _ = s.pages.mem().store_u32(slot + 24, ch.port, Ordering::Release);
+            }
+        }
         lock(&s.state).enabled = enabled;
         Ok(())
     }
