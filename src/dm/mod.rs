@@ -5,9 +5,10 @@
 //! For a PV guest (`-machine xenpv`) the device model serves the guest's `qdisk` disks, and
 //! its `vif` NICs where the kernel's netback is not loaded. libxl runs the NICs' hotplug
 //! scripts itself once a backend reaches InitWait, so domio only creates the taps. The
-//! primary console stays with xenconsoled. An HVM guest (`-machine xenfv`) is refused for
-//! now, with a message that says so: its firmware needs chipset devices domio does not
-//! emulate yet.
+//! primary console stays with xenconsoled. For an HVM guest (`-machine xenfv`) domio is also
+//! the ioreq server: the machine of `domio hvm` (i440FX, PIIX3, the Xen platform device, COM1
+//! on a pty that `query-chardev` reports as `serial0`), with the disks and NICs served PV.
+//! Direct kernel boot (`-kernel`, fw_cfg) is not emulated yet.
 
 pub mod argv;
 pub mod client;
@@ -54,13 +55,28 @@ fn refusal(a: &DmArgs) -> Option<String> {
             "-incoming {inc}: domio cannot restore a device model's state from a stream; save and restore of guests with domio as device model are not supported"
         ));
     }
-    if a.machine == Machine::XenFv {
-        return Some(
-            "-machine xenfv: domio cannot yet be the device model of an HVM guest started by xl (hvmloader and SeaBIOS need chipset devices it does not emulate); use `domio hvm` with a .hvm file, or qemu-xen"
-                .into(),
-        );
-    }
     None
+}
+
+/// The HVM machine a `-machine xenfv` command line asks for: memory, vCPUs and COM1 from
+/// `-m`, `-smp` and the first `-serial`. Disks and NICs stay PV (served as backends, as the
+/// guest's PV drivers use them after the unplug handshake).
+fn hvm_config(a: &DmArgs, name: &str) -> anyhow::Result<devmodel::config::MachineConfig> {
+    let serial = match a.serial.first().map(String::as_str) {
+        None | Some("none" | "null" | "/dev/null") => "none".to_string(),
+        Some("pty") => "pty".to_string(),
+        Some(s) if s.starts_with("unix:") || s.starts_with("file:") => s.to_string(),
+        Some(other) => bail!("-serial {other}: domio's COM1 takes pty, unix:PATH,server, file:PATH or none"),
+    };
+    let memory = a
+        .memory_mib
+        .context("-m is missing: an HVM device model needs the guest's memory size")?;
+    let text = format!(
+        "name = \"{}\"\ntype = \"hvm\"\nmemory = {memory}\nvcpus = {}\nserial = \"{serial}\"\n",
+        name.replace(['"', '\\', '\n'], "_"),
+        a.vcpus.unwrap_or(1)
+    );
+    devmodel::config::MachineConfig::parse(&text).context("the machine from the command line")
 }
 
 /// What was asked for and is not emulated (said once in the device-model log).
@@ -152,10 +168,31 @@ pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
         .context("watching @releaseDomain")?;
     let types = pv_backend_types(kernel_netback_loaded());
     let (quit_tx, quit_rx) = crossbeam_channel::bounded(1);
-    let st = qmp::DmState::new(a.domid, true, quit_tx);
+    let st = qmp::DmState::new(a.domid, a.machine == Machine::XenPv, quit_tx);
     for m in &a.monitors {
         st.add_chardev(&m.id, &format!("unix:{},server=on", m.path.display()));
     }
+    // An HVM guest: the ioreq server and its machine are up (and the server enabled) before
+    // libxl reads state=running and unpauses the guest into hvmloader.
+    let hvm = if a.machine == Machine::XenFv {
+        if a.kernel.is_some() {
+            warn!(guest = %name, "-kernel: direct kernel boot needs fw_cfg, which domio does not emulate yet; the firmware will find no boot device");
+        }
+        let cfg = hvm_config(&a, &name)?;
+        let hvm = crate::hvm::Hvm::start(
+            host.as_ref(),
+            domid,
+            &cfg,
+            std::time::Duration::from_micros(20),
+        )?;
+        info!(guest = %name, devices = %hvm.info().devices_json(), "HVM machine");
+        if let Some(c) = &hvm.info().console {
+            st.add_chardev("serial0", c);
+        }
+        Some(hvm)
+    } else {
+        None
+    };
     let paths: Vec<PathBuf> = a.monitors.iter().map(|m| m.path.clone()).collect();
     let qmp = qmp::QmpServer::start(st.clone(), &paths)?;
     let svc = Service::start(
@@ -171,13 +208,17 @@ pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
     let seen = svc.domain_exists() == Some(true);
     announce(&xs, domid, &types)?;
     info!(
-        guest = %name, domid, machine = "xenpv", types = %types.join(","),
+        guest = %name, domid, machine = if hvm.is_some() { "xenfv" } else { "xenpv" },
+        types = %types.join(","),
         qmp = %paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(","),
         "domio device model running"
     );
     let (reason, failed) = wait_for_end(&svc, seen, &signals, released, &quit_rx)?;
     info!(%reason, "device model shutting down: closing devices");
     drop(qmp);
+    if let Some(h) = hvm {
+        h.stop();
+    }
     Ok(crate::serve::stop(&svc, &reason, failed))
 }
 
@@ -201,8 +242,7 @@ mod tests {
             refusal(&parse(&["-xen-domid", "3", "-machine", "xenpv"])),
             None
         );
-        let r = refusal(&parse(&["-xen-domid", "3", "-machine", "xenfv"])).unwrap();
-        assert!(r.contains("HVM"), "{r}");
+        assert_eq!(refusal(&parse(&["-xen-domid", "3", "-machine", "xenfv"])), None);
         let r = refusal(&parse(&[
             "-xen-domid",
             "3",
@@ -215,6 +255,18 @@ mod tests {
         assert!(r.contains("-incoming fd:5"), "{r}");
         let r = refusal(&parse(&["-xen-domid", "3", "-machine", "xenpv,accel=tcg"])).unwrap();
         assert!(r.contains("\"tcg\""), "{r}");
+    }
+
+    #[test]
+    fn test_hvm_machine_from_the_command_line() {
+        let a = parse(&["-xen-domid", "3", "-machine", "xenfv", "-m", "256", "-smp", "2", "-serial", "pty"]);
+        let c = hvm_config(&a, "g\"x").unwrap();
+        assert_eq!((c.name.as_str(), c.memory_mib, c.vcpus), ("g_x", 256, 2));
+        assert_eq!(c.serial, devmodel::uart::SerialSpec::Pty);
+        let e = hvm_config(&parse(&["-xen-domid", "3", "-machine", "xenfv"]), "g").unwrap_err();
+        assert!(e.to_string().contains("-m is missing"), "{e}");
+        let a = parse(&["-xen-domid", "3", "-machine", "xenfv", "-m", "64", "-serial", "tcp:1:2"]);
+        assert!(hvm_config(&a, "g").unwrap_err().to_string().contains("-serial tcp:1:2"));
     }
 
     #[test]

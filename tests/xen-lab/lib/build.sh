@@ -120,6 +120,11 @@ cp "$XENLAB_HERE/dom0/init.sh" "$O/init"; chmod +x "$O/init"
 cp "$XENLAB_HERE/dom0/runner.sh" "$XENLAB_HERE/dom0/lib.sh" "$O/xenlab/"
 cp "$XENLAB_HERE"/scenarios/*.sh "$O/xenlab/scenarios/"
 cp "$XENLAB_DIR/domU.cpio.gz" "$O/root/domU.cpio.gz"
+# HVM guests (xl-hvm): the SeaBIOS image libxl loads as the guest's firmware, and QEMU's
+# linuxboot option ROM, from the same Debian packages as the host QEMU's (qemu-data).
+mkdir -p "$O/usr/share/seabios" "$O/usr/share/qemu"
+cp "$XENLAB_DIR/qemu-data/bios-256k.bin" "$O/usr/share/seabios/"
+cp "$XENLAB_DIR/qemu-data/linuxboot.bin" "$O/usr/share/qemu/"
 add_domio "$O"
 cpio_gz "$O" "$XENLAB_DIR/overlay.cpio.gz"
 cat "$BASE" "$XENLAB_DIR/overlay.cpio.gz" > "$XENLAB_DIR/dom0.cpio.gz"
