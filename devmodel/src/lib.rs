@@ -16,6 +16,7 @@ pub mod pci;
 pub mod platform;
 #[allow(unsafe_code)]
 mod sys;
+pub mod fwcfg;
 pub mod uart;
 pub mod virtio;
 
