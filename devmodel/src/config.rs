@@ -409,6 +409,22 @@ pub struct MachineConfig {
     pub virtio_poll_us: u32,
     /// Platform-device driver product numbers that are blacklisted.
     pub platform_blacklist: Vec<u16>,
+    /// A direct kernel boot through fw_cfg (qemu's `-kernel`), if asked for.
+    pub kernel: Option<KernelBoot>,
+}
+
+/// A direct kernel boot: the files, the command line, and the option ROM SeaBIOS runs to
+/// load them (QEMU's `linuxboot.bin` protocol).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelBoot {
+    /// The bzImage.
+    pub kernel: std::path::PathBuf,
+    /// The initrd.
+    pub initrd: Option<std::path::PathBuf>,
+    /// The command line.
+    pub cmdline: String,
+    /// The linuxboot option ROM.
+    pub rom: std::path::PathBuf,
 }
 
 fn want_str(key: &str, v: &Value) -> Result<String, ConfigError> {
@@ -446,6 +462,7 @@ impl MachineConfig {
             virtio_queues: 1,
             virtio_poll_us: DEFAULT_VIRTIO_POLL_US,
             platform_blacklist: Vec::new(),
+            kernel: None,
         };
         let mut ty = None;
         for (k, v) in parse_xl(text)? {

@@ -284,7 +284,8 @@ impl FwCfg {
             self.set(key::INITRD_DATA, data.to_vec());
         }
         // The setup header, as a boot loader fills it (boot.rst, "Details of header fields").
-        let put32 = |s: &mut Vec<u8>, o: usize, v: u32| s[o..o + 4].copy_from_slice(&v.to_le_bytes());
+        let put32 =
+            |s: &mut Vec<u8>, o: usize, v: u32| s[o..o + 4].copy_from_slice(&v.to_le_bytes());
         put32(&mut setup, 0x228, CMDLINE_ADDR); // cmd_line_ptr
         setup[0x210] = 0xb0; // type_of_loader: "undefined", as QEMU
         setup[0x211] |= 0x80; // loadflags: CAN_USE_HEAP
@@ -373,7 +374,10 @@ mod tests {
         assert_eq!(read_item(&mut f, key::ID, 4), [1, 0, 0, 0]);
         assert_eq!(read_item(&mut f, key::NB_CPUS, 2), [2, 0]);
         assert_eq!(read_item(&mut f, 0x8000, 2), [0, 0]);
-        assert_eq!(read_item(&mut f, key::SIGNATURE, 6), [b'Q', b'E', b'M', b'U', 0, 0]);
+        assert_eq!(
+            read_item(&mut f, key::SIGNATURE, 6),
+            [b'Q', b'E', b'M', b'U', 0, 0]
+        );
     }
 
     #[test]
@@ -398,8 +402,14 @@ mod tests {
         let k = bzimage(64 * 1024);
         let initrd = vec![0xabu8; 10_000];
         let ram = 256u64 << 20;
-        f.load_linux(("vmlinuz", &k), Some(("initrd", &initrd)), "console=ttyS0", ("rom", &rom()), ram)
-            .unwrap();
+        f.load_linux(
+            ("vmlinuz", &k),
+            Some(("initrd", &initrd)),
+            "console=ttyS0",
+            ("rom", &rom()),
+            ram,
+        )
+        .unwrap();
         let u32_of = |f: &FwCfg, k: u16| u32::from_le_bytes(f.item(k).unwrap().try_into().unwrap());
         assert_eq!(u32_of(&f, key::SETUP_SIZE), 5 * 512);
         assert_eq!(u32_of(&f, key::KERNEL_SIZE), 64 * 1024);
@@ -426,21 +436,36 @@ mod tests {
     fn test_load_linux_refuses_what_cannot_boot_by_name() {
         let mut f = FwCfg::new(1);
         let r = rom();
-        let e = f.load_linux(("/x", &[0u8; 4096]), None, "", ("rom", &r), 64 << 20).unwrap_err();
+        let e = f
+            .load_linux(("/x", &[0u8; 4096]), None, "", ("rom", &r), 64 << 20)
+            .unwrap_err();
         assert!(e.to_string().contains("not a bzImage"), "{e}");
         let mut old = bzimage(4096);
         old[0x206..0x208].copy_from_slice(&0x0201u16.to_le_bytes());
-        let e = f.load_linux(("/x", &old), None, "", ("rom", &r), 64 << 20).unwrap_err();
+        let e = f
+            .load_linux(("/x", &old), None, "", ("rom", &r), 64 << 20)
+            .unwrap_err();
         assert!(e.to_string().contains("older than 2.02"), "{e}");
         let k = bzimage(4096);
-        let e = f.load_linux(("/x", &k), Some(("/i", &vec![0; 70 << 20])), "", ("rom", &r), 64 << 20)
+        let e = f
+            .load_linux(
+                ("/x", &k),
+                Some(("/i", &vec![0; 70 << 20])),
+                "",
+                ("rom", &r),
+                64 << 20,
+            )
             .unwrap_err();
         assert!(e.to_string().contains("the initrd"), "{e}");
-        let e = f.load_linux(("/x", &k), None, &"a".repeat(3000), ("rom", &r), 64 << 20).unwrap_err();
+        let e = f
+            .load_linux(("/x", &k), None, &"a".repeat(3000), ("rom", &r), 64 << 20)
+            .unwrap_err();
         assert!(e.to_string().contains("2047"), "{e}");
         let mut bad_rom = r.clone();
         bad_rom[100] ^= 1;
-        let e = f.load_linux(("/x", &k), None, "", ("/r.bin", &bad_rom), 64 << 20).unwrap_err();
+        let e = f
+            .load_linux(("/x", &k), None, "", ("/r.bin", &bad_rom), 64 << 20)
+            .unwrap_err();
         assert!(e.to_string().contains("checksum"), "{e}");
     }
 }

@@ -7,7 +7,9 @@
 //! mappings) and the private `sys` module (opening a pty); everything else denies it.
 #![deny(unsafe_code)]
 
+pub mod chipset;
 pub mod config;
+pub mod fwcfg;
 pub mod irq;
 pub mod machine;
 #[allow(unsafe_code)]
@@ -16,7 +18,6 @@ pub mod pci;
 pub mod platform;
 #[allow(unsafe_code)]
 mod sys;
-pub mod fwcfg;
 pub mod uart;
 pub mod virtio;
 

@@ -12,7 +12,9 @@ use backends::net::engine::NetQueueIo;
 use backends::net::tap::hotplug::{HostSetup, HostSide};
 use backends::net::tap::{Tap, TapOptions, VifId};
 
-use crate::config::{MachineConfig, VifSpec};
+use crate::chipset::{Chipset, Request, RANGES as CHIPSET_PORTS};
+use crate::config::{KernelBoot, MachineConfig, VifSpec};
+use crate::fwcfg::{FwCfg, FwCfgError};
 use crate::irq::IrqSink;
 use crate::mem::{GuestRam, MemMapError, RamSource};
 use crate::pci::{ones, HostBridge, IsaBridge, PciBus, PciError};
@@ -69,6 +71,15 @@ pub enum MachineError {
         index: usize,
         /// What failed.
         why: String,
+    },
+    /// The direct kernel boot cannot be set up.
+    #[error("dom{domid}: direct kernel boot: {source}")]
+    Boot {
+        /// Domain.
+        domid: DomId,
+        /// Why.
+        #[source]
+        source: crate::fwcfg::FwCfgError,
     },
     /// Something in the description this build cannot provide.
     #[error("dom{domid}: {key}: {why}")]
@@ -163,6 +174,7 @@ pub const FIRST_VIRTIO_DEV: u8 = 3;
 pub struct Machine {
     domid: DomId,
     bus: PciBus,
+    chipset: Chipset,
     uart: Option<Uart>,
     ram: Arc<GuestRam>,
     devices: Vec<String>,
@@ -206,7 +218,19 @@ impl Machine {
             u64::from(PORT_BASE),
             u64::from(PORT_LAST),
         )?;
+        let mut fw = FwCfg::new(cfg.vcpus.min(u32::from(u16::MAX)) as u16);
+        if let Some(k) = &cfg.kernel {
+            load_kernel(&mut fw, k, cfg.memory_mib << 20)
+                .map_err(|source| MachineError::Boot { domid, source })?;
+        }
+        for (s, e, what) in CHIPSET_PORTS {
+            fixed(what, u64::from(s), u64::from(e))?;
+        }
+        let chipset = Chipset::new(fw);
         let mut bus = PciBus::new(domid, registry.clone());
+        for (s, e, _) in CHIPSET_PORTS {
+            bus.reserve_ports(u64::from(s), u64::from(e));
+        }
         bus.reserve_ports(u64::from(PORT_BASE), u64::from(PORT_LAST));
         bus.reserve_ports(u64::from(COM1_BASE), u64::from(COM1_BASE) + 7);
         bus.reserve_ports(0xcf8, 0xcff);
@@ -328,9 +352,20 @@ impl Machine {
         for d in &devices {
             tracing::info!(domid, "device: {d}");
         }
+        if let Some(k) = &cfg.kernel {
+            devices.push(format!(
+                "fw_cfg 0x510: direct boot of {} (initrd {}) through {}",
+                k.kernel.display(),
+                k.initrd
+                    .as_ref()
+                    .map_or("none".into(), |p| p.display().to_string()),
+                k.rom.display()
+            ));
+        }
         Ok(Machine {
             domid,
             bus,
+            chipset,
             uart,
             ram,
             devices,
@@ -369,7 +404,21 @@ impl Machine {
             .find_map(|d| d.as_any_mut().and_then(|a| a.downcast_mut::<Platform>()))
     }
 
+    fn chipset_requests(&mut self) {
+        for r in self.chipset.take_requests() {
+            match r {
+                Request::PowerOff => self.log.warn(format_args!(
+                    "dom{}: the guest powered off through ACPI (S5); domio cannot shut the domain down yet: destroy it from the toolstack",
+                    self.domid
+                )),
+            }
+        }
+    }
+
     fn port_read(&mut self, port: u64, size: u8) -> Option<u64> {
+        if Chipset::claims(port) {
+            return Some(self.chipset.read(port, size));
+        }
         let last = port + u64::from(size) - 1;
         let com = u64::from(COM1_BASE)..=u64::from(COM1_BASE) + 7;
         let plat = u64::from(PORT_BASE)..=u64::from(PORT_LAST);
@@ -396,6 +445,11 @@ impl Machine {
     }
 
     fn port_write(&mut self, port: u64, size: u8, value: u64) -> bool {
+        if Chipset::claims(port) {
+            self.chipset.write(port, size, value);
+            self.chipset_requests();
+            return true;
+        }
         let last = port + u64::from(size) - 1;
         let com = u64::from(COM1_BASE)..=u64::from(COM1_BASE) + 7;
         let plat = u64::from(PORT_BASE)..=u64::from(PORT_LAST);
@@ -423,6 +477,36 @@ impl Machine {
         }
         self.bus.bar_write(true, port, size, value)
     }
+}
+
+/// Reads the files of a direct kernel boot and fills fw_cfg with them.
+fn load_kernel(fw: &mut FwCfg, k: &KernelBoot, memory: u64) -> Result<(), FwCfgError> {
+    let read = |what: &'static str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|source| FwCfgError::Read {
+            what,
+            path: p.display().to_string(),
+            source,
+        })
+    };
+    let kernel = read("kernel", &k.kernel)?;
+    let initrd = match &k.initrd {
+        Some(p) => Some(read("initrd", p)?),
+        None => None,
+    };
+    let rom = read("option ROM", &k.rom)?;
+    let kp = k.kernel.display().to_string();
+    let ip = k
+        .initrd
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    fw.load_linux(
+        (&kp, &kernel),
+        initrd.as_deref().map(|d| (ip.as_str(), d)),
+        &k.cmdline,
+        (&k.rom.display().to_string(), &rom),
+        memory.min(crate::mem::LOW_RAM_END_MAX),
+    )
 }
 
 impl IoHandler for Machine {

@@ -393,3 +393,106 @@ fn xsa_180_guest_triggered_device_logs_are_rate_limited() {
         "the suppression count is reported"
     );
 }
+
+/// A minimal bzImage (boot protocol 2.15, loaded high, 4 setup sectors) and a valid ROM.
+fn boot_files(dir: &tempfile::TempDir) -> (std::path::PathBuf, std::path::PathBuf) {
+    let mut k = vec![0u8; 5 * 512 + 8192];
+    k[0x202..0x206].copy_from_slice(b"HdrS");
+    k[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    k[0x211] = 0x01;
+    k[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+    k[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
+    let mut rom = vec![0u8; 512];
+    rom[..3].copy_from_slice(&[0x55, 0xaa, 1]);
+    rom[511] = 0u8.wrapping_sub(rom.iter().fold(0u8, |a, b| a.wrapping_add(*b)));
+    let (kp, rp) = (dir.path().join("vmlinuz"), dir.path().join("linuxboot.bin"));
+    std::fs::write(&kp, k).unwrap();
+    std::fs::write(&rp, rom).unwrap();
+    (kp, rp)
+}
+
+#[test]
+fn chipset_ports_hvmloader_seabios_and_linux_need() {
+    // Arrange: a machine with a direct kernel boot.
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, rom) = boot_files(&dir);
+    let mut cfg = config("");
+    cfg.kernel = Some(devmodel::config::KernelBoot {
+        kernel,
+        initrd: None,
+        cmdline: "console=ttyS0".into(),
+        rom,
+    });
+    let bus = DirectBus::new(&cfg);
+    let ranges = bus.ranges.0.lock().unwrap().clone();
+
+    // Act + Assert: fw_cfg as SeaBIOS reads it.
+    bus.pio_write(0x510, 2, 0).unwrap();
+    let sig: Vec<u8> = (0..4)
+        .map(|_| bus.pio_read(0x511, 1).unwrap() as u8)
+        .collect();
+    assert_eq!(sig, b"QEMU");
+    bus.pio_write(0x510, 2, 0x15).unwrap(); // CMDLINE_DATA
+    let cmd: Vec<u8> = (0..14)
+        .map(|_| bus.pio_read(0x511, 1).unwrap() as u8)
+        .collect();
+    assert_eq!(cmd, b"console=ttyS0\0");
+    // CMOS above the RTC: RAM above 4 GiB reads 0, hvmloader's writes stick.
+    bus.pio_write(0x70, 1, 0x5b).unwrap();
+    assert_eq!(bus.pio_read(0x71, 1).unwrap(), 0);
+    bus.pio_write(0x70, 1, 0x34).unwrap();
+    bus.pio_write(0x71, 1, 0x7f).unwrap();
+    assert_eq!(bus.pio_read(0x71, 1).unwrap(), 0x7f);
+    // ACPI: SCI enabled, GPE0 reads 0.
+    assert_eq!(bus.pio_read(0xb004, 2).unwrap() & 1, 1);
+    assert_eq!(bus.pio_read(0xafe0, 4).unwrap(), 0);
+    // 0xcf8 reads back (Linux's pci_check_type1), through the machine itself.
+    let mut m = bus.machine.lock().unwrap();
+    let at = |addr, size| ioreq::IoAccess {
+        space: ioreq::IoSpace::Port,
+        addr,
+        size,
+    };
+    assert!(ioreq::IoHandler::write(&mut *m, at(0xcf8, 4), 0x8000_0000));
+    assert_eq!(
+        ioreq::IoHandler::read(&mut *m, at(0xcf8, 4)),
+        Some(0x8000_0000)
+    );
+    // Every one of those port ranges was registered with the ioreq server.
+    for (s, e) in [
+        (0x70, 0x71),
+        (0xcf8, 0xcfb),
+        (0x510, 0x511),
+        (0xafe0, 0xafe3),
+        (0xb004, 0xb005),
+    ] {
+        assert!(
+            ranges.contains(&IoRange::Port { start: s, end: e }),
+            "{s:#x}: {ranges:?}"
+        );
+    }
+    assert!(m
+        .devices()
+        .iter()
+        .any(|d| d.starts_with("fw_cfg 0x510: direct boot")));
+}
+
+#[test]
+fn a_kernel_that_cannot_boot_is_refused_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, rom) = boot_files(&dir);
+    let bad = dir.path().join("notakernel");
+    std::fs::write(&bad, vec![0u8; 8192]).unwrap();
+    let mut cfg = config("");
+    cfg.kernel = Some(devmodel::config::KernelBoot {
+        kernel: bad.clone(),
+        initrd: None,
+        cmdline: String::new(),
+        rom,
+    });
+    let e = common::try_machine(&cfg).unwrap_err().to_string();
+    assert!(
+        e.contains("notakernel") && e.contains("not a bzImage"),
+        "{e}"
+    );
+}

@@ -7,8 +7,8 @@
 //! scripts itself once a backend reaches InitWait, so domio only creates the taps. The
 //! primary console stays with xenconsoled. For an HVM guest (`-machine xenfv`) domio is also
 //! the ioreq server: the machine of `domio hvm` (i440FX, PIIX3, the Xen platform device, COM1
-//! on a pty that `query-chardev` reports as `serial0`), with the disks and NICs served PV.
-//! Direct kernel boot (`-kernel`, fw_cfg) is not emulated yet.
+//! on a pty that `query-chardev` reports as `serial0`, the chipset ports Xen forwards, and
+//! fw_cfg for `-kernel`), with the disks and NICs served PV.
 
 pub mod argv;
 pub mod client;
@@ -66,7 +66,9 @@ fn hvm_config(a: &DmArgs, name: &str) -> anyhow::Result<devmodel::config::Machin
         None | Some("none" | "null" | "/dev/null") => "none".to_string(),
         Some("pty") => "pty".to_string(),
         Some(s) if s.starts_with("unix:") || s.starts_with("file:") => s.to_string(),
-        Some(other) => bail!("-serial {other}: domio's COM1 takes pty, unix:PATH,server, file:PATH or none"),
+        Some(other) => {
+            bail!("-serial {other}: domio's COM1 takes pty, unix:PATH,server, file:PATH or none")
+        }
     };
     let memory = a
         .memory_mib
@@ -76,8 +78,24 @@ fn hvm_config(a: &DmArgs, name: &str) -> anyhow::Result<devmodel::config::Machin
         name.replace(['"', '\\', '\n'], "_"),
         a.vcpus.unwrap_or(1)
     );
-    devmodel::config::MachineConfig::parse(&text).context("the machine from the command line")
+    let mut cfg = devmodel::config::MachineConfig::parse(&text)
+        .context("the machine from the command line")?;
+    if let Some(kernel) = &a.kernel {
+        cfg.kernel = Some(devmodel::config::KernelBoot {
+            kernel: kernel.clone(),
+            initrd: a.initrd.clone(),
+            cmdline: a.append.clone().unwrap_or_default(),
+            rom: std::env::var_os("DOMIO_LINUXBOOT_ROM")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(LINUXBOOT_ROM)),
+        });
+    }
+    Ok(cfg)
 }
+
+/// The option ROM that loads a `-kernel` through fw_cfg: QEMU's, as Debian installs it
+/// (package qemu-system-data); `DOMIO_LINUXBOOT_ROM` names another.
+pub const LINUXBOOT_ROM: &str = "/usr/share/qemu/linuxboot.bin";
 
 /// What was asked for and is not emulated (said once in the device-model log).
 fn not_emulated(a: &DmArgs) -> Vec<String> {
@@ -175,9 +193,6 @@ pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
     // An HVM guest: the ioreq server and its machine are up (and the server enabled) before
     // libxl reads state=running and unpauses the guest into hvmloader.
     let hvm = if a.machine == Machine::XenFv {
-        if a.kernel.is_some() {
-            warn!(guest = %name, "-kernel: direct kernel boot needs fw_cfg, which domio does not emulate yet; the firmware will find no boot device");
-        }
         let cfg = hvm_config(&a, &name)?;
         let hvm = crate::hvm::Hvm::start(
             host.as_ref(),
@@ -242,7 +257,10 @@ mod tests {
             refusal(&parse(&["-xen-domid", "3", "-machine", "xenpv"])),
             None
         );
-        assert_eq!(refusal(&parse(&["-xen-domid", "3", "-machine", "xenfv"])), None);
+        assert_eq!(
+            refusal(&parse(&["-xen-domid", "3", "-machine", "xenfv"])),
+            None
+        );
         let r = refusal(&parse(&[
             "-xen-domid",
             "3",
@@ -259,14 +277,55 @@ mod tests {
 
     #[test]
     fn test_hvm_machine_from_the_command_line() {
-        let a = parse(&["-xen-domid", "3", "-machine", "xenfv", "-m", "256", "-smp", "2", "-serial", "pty"]);
+        let a = parse(&[
+            "-xen-domid",
+            "3",
+            "-machine",
+            "xenfv",
+            "-m",
+            "256",
+            "-smp",
+            "2",
+            "-serial",
+            "pty",
+        ]);
         let c = hvm_config(&a, "g\"x").unwrap();
         assert_eq!((c.name.as_str(), c.memory_mib, c.vcpus), ("g_x", 256, 2));
         assert_eq!(c.serial, devmodel::uart::SerialSpec::Pty);
+        assert_eq!(c.kernel, None);
+        let a = parse(&[
+            "-xen-domid",
+            "3",
+            "-machine",
+            "xenfv",
+            "-m",
+            "64",
+            "-kernel",
+            "/k",
+            "-append",
+            "console=ttyS0",
+        ]);
+        let k = hvm_config(&a, "g").unwrap().kernel.unwrap();
+        assert_eq!(
+            (k.kernel.to_str(), k.initrd, k.cmdline.as_str()),
+            (Some("/k"), None, "console=ttyS0")
+        );
         let e = hvm_config(&parse(&["-xen-domid", "3", "-machine", "xenfv"]), "g").unwrap_err();
         assert!(e.to_string().contains("-m is missing"), "{e}");
-        let a = parse(&["-xen-domid", "3", "-machine", "xenfv", "-m", "64", "-serial", "tcp:1:2"]);
-        assert!(hvm_config(&a, "g").unwrap_err().to_string().contains("-serial tcp:1:2"));
+        let a = parse(&[
+            "-xen-domid",
+            "3",
+            "-machine",
+            "xenfv",
+            "-m",
+            "64",
+            "-serial",
+            "tcp:1:2",
+        ]);
+        assert!(hvm_config(&a, "g")
+            .unwrap_err()
+            .to_string()
+            .contains("-serial tcp:1:2"));
     }
 
     #[test]

@@ -354,6 +354,19 @@ impl HvmBus for DirectBus {
 }
 
 /// A machine description for tests.
+/// Builds a machine for `cfg` on plain memory, for tests of what it refuses.
+#[allow(dead_code)]
+pub fn try_machine(cfg: &MachineConfig) -> Result<Machine, devmodel::MachineError> {
+    let ram = Arc::new(SharedMem::anonymous((cfg.memory_mib << 20) as usize).unwrap());
+    Machine::new(
+        DOMID,
+        cfg,
+        Arc::new(Ranges::default()),
+        Arc::new(RecordingDm(Arc::new(Irqs::default()))),
+        Box::new(FixedRam(vec![RamRegion { gpa: 0, mem: ram }])),
+    )
+}
+
 pub fn config(extra: &str) -> MachineConfig {
     MachineConfig::parse(&format!(
         "name = \"t\"\ntype = \"hvm\"\nmemory = 80\n{extra}\n"
