@@ -366,12 +366,11 @@ impl HvmDomain {
                 let _ = host.evtchn_close(self.domid, v.port);
             }
         };
-        for v in 0..self.nr_vcpus {
+        for _ in 0..self.nr_vcpus {
             match host.evtchn_alloc_unbound(self.domid, emulator) {
                 Ok((port, incoming)) => {
                     // Not in the page yet: Xen writes `vp_eport` when the server is enabled
                     // (ioreq_server_enable -> ioreq_server_update_evtchn), see set_state.
-                    let _ = v;
                     vcpus.push(VcpuChannel { port, incoming });
                 }
                 Err(e) => {
@@ -520,7 +519,10 @@ impl HvmDomain {
             // the server reads 0, as on Xen).
             for (v, ch) in s.vcpus.iter().enumerate() {
                 let slot = SYNC_PAGE_OFFSET + v * IOREQ_SIZE;
-                let _ = s.pages.mem().store_u32(slot + 24, ch.port, Ordering::Release);
+                let _ = s
+                    .pages
+                    .mem()
+                    .store_u32(slot + 24, ch.port, Ordering::Release);
             }
         }
         lock(&s.state).enabled = enabled;
