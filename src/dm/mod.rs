@@ -275,57 +275,29 @@ mod tests {
         assert!(r.contains("\"tcg\""), "{r}");
     }
 
+    /// `-xen-domid 3 -machine xenfv` and `extra`.
+    fn fv(extra: &[&str]) -> DmArgs {
+        let mut v = vec!["-xen-domid", "3", "-machine", "xenfv"];
+        v.extend_from_slice(extra);
+        parse(&v)
+    }
+
     #[test]
     fn test_hvm_machine_from_the_command_line() {
-        let a = parse(&[
-            "-xen-domid",
-            "3",
-            "-machine",
-            "xenfv",
-            "-m",
-            "256",
-            "-smp",
-            "2",
-            "-serial",
-            "pty",
-        ]);
-        let c = hvm_config(&a, "g\"x").unwrap();
+        let c = hvm_config(&fv(&["-m", "256", "-smp", "2", "-serial", "pty"]), "g\"x").unwrap();
         assert_eq!((c.name.as_str(), c.memory_mib, c.vcpus), ("g_x", 256, 2));
         assert_eq!(c.serial, devmodel::uart::SerialSpec::Pty);
         assert_eq!(c.kernel, None);
-        let a = parse(&[
-            "-xen-domid",
-            "3",
-            "-machine",
-            "xenfv",
-            "-m",
-            "64",
-            "-kernel",
-            "/k",
-            "-append",
-            "console=ttyS0",
-        ]);
+        let a = fv(&["-m", "64", "-kernel", "/k", "-append", "console=ttyS0"]);
         let k = hvm_config(&a, "g").unwrap().kernel.unwrap();
         assert_eq!(
             (k.kernel.to_str(), k.initrd, k.cmdline.as_str()),
             (Some("/k"), None, "console=ttyS0")
         );
-        let e = hvm_config(&parse(&["-xen-domid", "3", "-machine", "xenfv"]), "g").unwrap_err();
+        let e = hvm_config(&fv(&[]), "g").unwrap_err();
         assert!(e.to_string().contains("-m is missing"), "{e}");
-        let a = parse(&[
-            "-xen-domid",
-            "3",
-            "-machine",
-            "xenfv",
-            "-m",
-            "64",
-            "-serial",
-            "tcp:1:2",
-        ]);
-        assert!(hvm_config(&a, "g")
-            .unwrap_err()
-            .to_string()
-            .contains("-serial tcp:1:2"));
+        let e = hvm_config(&fv(&["-m", "64", "-serial", "tcp:1:2"]), "g").unwrap_err();
+        assert!(e.to_string().contains("-serial tcp:1:2"), "{e}");
     }
 
     #[test]
