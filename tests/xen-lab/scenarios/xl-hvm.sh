@@ -24,7 +24,7 @@ ramdisk="/root/domU.cpio.gz"
 extra="console=ttyS0 console=hvc0 rdinit=/init xenlab.guest=default"
 memory=256
 vcpus=1
-serial="file:/var/log/xen/$NAME-serial.log"
+serial="${XLHVM_SERIAL:-file:/var/log/xen/$NAME-serial.log}"
 vga="none"
 vnc=0
 sdl=0
