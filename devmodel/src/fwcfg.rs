@@ -171,21 +171,41 @@ impl FwCfg {
         self.items.insert(key::FILE_DIR, d);
     }
 
-    /// A write to the selector: selects `k` and rewinds.
+    /// A write to the selector: selects `k` and rewinds. How much of the item selected
+    /// before was read is logged for the large ones (the kernel, initrd and setup), so that
+    /// a boot can be checked against what the firmware was served.
     pub fn select(&mut self, k: u16) {
+        let len = self.items.get(&self.selected).map_or(0, Vec::len);
+        if is_boot_blob(self.selected) && self.offset > 0 && self.offset != len {
+            tracing::warn!(
+                key = self.selected,
+                read = self.offset,
+                size = len,
+                "fw_cfg: the firmware read {} of {len} bytes of item {:#x}",
+                self.offset,
+                self.selected
+            );
+        }
         self.selected = k;
         self.offset = 0;
     }
 
     /// A read of the data port: the next byte of the selected item, 0 past its end.
     pub fn read_byte(&mut self) -> u8 {
-        let b = self
-            .items
-            .get(&self.selected)
-            .and_then(|d| d.get(self.offset))
-            .copied()
-            .unwrap_or(0);
+        let item = self.items.get(&self.selected);
+        let b = item.and_then(|d| d.get(self.offset)).copied().unwrap_or(0);
         self.offset = self.offset.saturating_add(1);
+        if let Some(d) = item {
+            if self.offset == d.len() && is_boot_blob(self.selected) {
+                tracing::info!(
+                    key = self.selected,
+                    size = d.len(),
+                    "fw_cfg: the firmware read all {} bytes of item {:#x}",
+                    d.len(),
+                    self.selected
+                );
+            }
+        }
         b
     }
 
@@ -308,6 +328,14 @@ impl FwCfg {
         self.add_file("bootorder", b"/rom@genroms/linuxboot.bin\n\0".to_vec());
         Ok(())
     }
+}
+
+/// The items of a direct boot, whose reads are logged.
+fn is_boot_blob(k: u16) -> bool {
+    matches!(
+        k,
+        key::KERNEL_DATA | key::INITRD_DATA | key::SETUP_DATA | key::CMDLINE_DATA
+    )
 }
 
 /// What SeaBIOS checks before it runs a ROM: the 0x55aa signature, a length byte that covers

@@ -175,6 +175,7 @@ pub struct Machine {
     domid: DomId,
     bus: PciBus,
     chipset: Chipset,
+    dm: Arc<dyn DeviceModel>,
     uart: Option<Uart>,
     ram: Arc<GuestRam>,
     devices: Vec<String>,
@@ -202,7 +203,7 @@ impl Machine {
         dm: Arc<dyn DeviceModel>,
         ram: Box<dyn RamSource>,
     ) -> Result<Machine, MachineError> {
-        let irq = IrqSink::new(dm, domid);
+        let irq = IrqSink::new(dm.clone(), domid);
         let ram = Arc::new(GuestRam::new(domid, ram)?);
         let fixed = |what, start: u64, end: u64| {
             registry
@@ -366,6 +367,7 @@ impl Machine {
             domid,
             bus,
             chipset,
+            dm,
             uart,
             ram,
             devices,
@@ -407,10 +409,18 @@ impl Machine {
     fn chipset_requests(&mut self) {
         for r in self.chipset.take_requests() {
             match r {
-                Request::PowerOff => self.log.warn(format_args!(
-                    "dom{}: the guest powered off through ACPI (S5); domio cannot shut the domain down yet: destroy it from the toolstack",
-                    self.domid
-                )),
+                Request::PowerOff => {
+                    tracing::info!(domid = self.domid, "the guest powered off (ACPI S5)");
+                    if let Err(e) = self
+                        .dm
+                        .remote_shutdown(self.domid, xen::abi::dm_op::SHUTDOWN_POWEROFF)
+                    {
+                        self.log.warn(format_args!(
+                            "dom{}: shutting the domain down after its ACPI poweroff failed: {e}",
+                            self.domid
+                        ));
+                    }
+                }
             }
         }
     }

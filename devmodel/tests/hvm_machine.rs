@@ -443,9 +443,13 @@ fn chipset_ports_hvmloader_seabios_and_linux_need() {
     bus.pio_write(0x70, 1, 0x34).unwrap();
     bus.pio_write(0x71, 1, 0x7f).unwrap();
     assert_eq!(bus.pio_read(0x71, 1).unwrap(), 0x7f);
-    // ACPI: SCI enabled, GPE0 reads 0.
+    // ACPI: SCI enabled, GPE0 reads 0, and the DSDT's _S5 (SLP_TYP 0 with SLP_EN) shuts
+    // the domain down for poweroff.
     assert_eq!(bus.pio_read(0xb004, 2).unwrap() & 1, 1);
     assert_eq!(bus.pio_read(0xafe0, 4).unwrap(), 0);
+    assert!(bus.irqs.shutdowns.lock().unwrap().is_empty());
+    bus.pio_write(0xb004, 2, 1 << 13).unwrap();
+    assert_eq!(*bus.irqs.shutdowns.lock().unwrap(), vec![0]);
     // 0xcf8 reads back (Linux's pci_check_type1), through the machine itself.
     let mut m = bus.machine.lock().unwrap();
     let at = |addr, size| ioreq::IoAccess {

@@ -129,6 +129,9 @@ pub trait DeviceModel: Send + Sync {
     ) -> Result<(), DmError>;
     /// XEN_DMOP_inject_msi.
     fn inject_msi(&self, domid: DomId, addr: u64, data: u32) -> Result<(), DmError>;
+    /// XEN_DMOP_remote_shutdown: shuts the domain down for `reason` (`SHUTDOWN_*`), as the
+    /// guest's ACPI S5 or reset asks; the toolstack then acts on it (`on_poweroff=`).
+    fn remote_shutdown(&self, domid: DomId, reason: u32) -> Result<(), DmError>;
     /// Limits this handle to `domid` (IOCTL_PRIVCMD_RESTRICT). It cannot be undone.
     fn restrict(&self, domid: DomId) -> Result<(), DmError>;
 }

@@ -1103,6 +1103,11 @@ fn check_xen_public(ch: &mut Checker) {
         XenDmOpSetIsaIrqLevel,
         level
     );
+    size!(
+        ch,
+        "struct xen_dm_op_remote_shutdown",
+        XenDmOpRemoteShutdown
+    );
     size!(ch, "struct xen_dm_op_inject_msi", XenDmOpInjectMsi);
     off!(
         ch,

@@ -1021,6 +1021,9 @@ impl DeviceModel for SimDm {
             DmOp::DestroyIoreqServer { id },
         )
     }
+    fn remote_shutdown(&self, domid: DomId, reason: u32) -> Result<(), DmError> {
+        self.call_ok("remote_shutdown", domid, DmOp::RemoteShutdown { reason })
+    }
     fn set_isa_irq_level(&self, domid: DomId, irq: u8, level: bool) -> Result<(), DmError> {
         if irq > 15 {
             return Err(DmError::Invalid {

@@ -166,6 +166,11 @@ pub enum DmOp {
         /// Server.
         id: u16,
     },
+    /// XEN_DMOP_remote_shutdown.
+    RemoteShutdown {
+        /// A SHUTDOWN_* reason.
+        reason: u32,
+    },
     /// XEN_DMOP_set_isa_irq_level.
     SetIsaIrqLevel {
         /// ISA IRQ.

@@ -499,6 +499,14 @@ fn test_daemon_dmops_and_resource_mapping_match_the_host() {
         .is_err());
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
+    // XEN_DMOP_remote_shutdown through the daemon reaches the domain (the toolstack acts on it).
+    assert_eq!(h.shutdown_reason(), None);
+    dm.remote_shutdown(d, xen::abi::dm_op::SHUTDOWN_POWEROFF)
+        .unwrap();
+    assert_eq!(
+        h.shutdown_reason(),
+        Some(xen::abi::dm_op::SHUTDOWN_POWEROFF)
+    );
 }
 
 #[test]

@@ -24,6 +24,8 @@ pub const DOMID: DomId = 7;
 pub struct Irqs {
     q: Mutex<Vec<Irq>>,
     cv: Condvar,
+    /// XEN_DMOP_remote_shutdown reasons, in order.
+    pub shutdowns: Mutex<Vec<u32>>,
 }
 
 impl Irqs {
@@ -91,6 +93,10 @@ impl DeviceModel for RecordingDm {
     }
     fn inject_msi(&self, _d: DomId, addr: u64, data: u32) -> Result<(), DmError> {
         self.0.push(Irq::Msi { addr, data });
+        Ok(())
+    }
+    fn remote_shutdown(&self, _d: DomId, reason: u32) -> Result<(), DmError> {
+        self.0.shutdowns.lock().unwrap().push(reason);
         Ok(())
     }
     fn restrict(&self, _d: DomId) -> Result<(), DmError> {

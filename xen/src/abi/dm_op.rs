@@ -176,6 +176,21 @@ pub struct XenDmOpSetIsaIrqLevel {
     pub level: u8,
 }
 
+/// `struct xen_dm_op_remote_shutdown`.
+#[repr(C)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct XenDmOpRemoteShutdown {
+    /// IN: a `SHUTDOWN_*` reason (sched.h).
+    pub reason: u32,
+}
+
+/// `SHUTDOWN_poweroff` (public/sched.h).
+pub const SHUTDOWN_POWEROFF: u32 = 0;
+/// `SHUTDOWN_reboot`.
+pub const SHUTDOWN_REBOOT: u32 = 1;
+
 /// `struct xen_dm_op_inject_msi`.
 #[repr(C)]
 #[derive(

@@ -436,6 +436,12 @@ impl DeviceModel for LinuxDm {
             .map(drop)
     }
 
+    fn remote_shutdown(&self, domid: DomId, reason: u32) -> Result<(), DmError> {
+        let arg = XenDmOpRemoteShutdown { reason };
+        self.call("remote_shutdown", domid, XEN_DMOP_REMOTE_SHUTDOWN, &arg)
+            .map(drop)
+    }
+
     fn restrict(&self, domid: DomId) -> Result<(), DmError> {
         let mut r = lock(&self.restricted);
         sys::privcmd_restrict(self.file.as_fd(), domid).map_err(|source| DmError::Op {

@@ -381,6 +381,7 @@ int main(void)
     OFF(struct xen_dm_op_set_pci_intx_level, level);
     SZ(struct xen_dm_op_set_isa_irq_level);
     OFF(struct xen_dm_op_set_isa_irq_level, level);
+    SZ(struct xen_dm_op_remote_shutdown);
     SZ(struct xen_dm_op_inject_msi);
     OFF(struct xen_dm_op_inject_msi, pad);
     OFF(struct xen_dm_op_inject_msi, addr);

@@ -243,6 +243,8 @@ pub struct HvmDomain {
     irqs: Mutex<VecDeque<Irq>>,
     irq_cv: Condvar,
     crashed: Mutex<Option<String>>,
+    /// The reason of XEN_DMOP_remote_shutdown, once asked.
+    shutdown: Mutex<Option<u32>>,
     /// One lock per vCPU: a vCPU has at most one ioreq in flight.
     pub(crate) vcpu_locks: Vec<Mutex<()>>,
 }
@@ -263,6 +265,7 @@ impl HvmDomain {
             irqs: Mutex::new(VecDeque::new()),
             irq_cv: Condvar::new(),
             crashed: Mutex::new(None),
+            shutdown: Mutex::new(None),
             vcpu_locks: (0..nr_vcpus).map(|_| Mutex::new(())).collect(),
         })
     }
@@ -623,6 +626,22 @@ impl HvmDomain {
     fn raise(&self, irq: Irq) {
         lock(&self.irqs).push_back(irq);
         self.irq_cv.notify_all();
+    }
+
+    /// XEN_DMOP_remote_shutdown (dm.c: `domain_shutdown(d, reason)`): recorded for the
+    /// toolstack; the domain is not destroyed here, as Xen leaves that to the toolstack's
+    /// `on_poweroff` handling.
+    pub fn remote_shutdown(&self, reason: u32) -> Result<(), HvmError> {
+        let mut s = lock(&self.shutdown);
+        if s.is_none() {
+            *s = Some(reason);
+        }
+        Ok(())
+    }
+
+    /// The reason the domain was shut down with (XEN_DMOP_remote_shutdown), if it was.
+    pub fn shutdown_reason(&self) -> Option<u32> {
+        *lock(&self.shutdown)
     }
 
     /// XEN_DMOP_set_isa_irq_level (dm.c: irq <= 15, level 0 or 1).

@@ -73,6 +73,7 @@ pub fn serve_dm(host: &Host, caller: xen::DomId, domid: xen::DomId, op: DmOp) ->
             level,
         } => ok(d.set_pci_intx_level(seg, bus, dev, intx, level)),
         DmOp::InjectMsi { addr, data } => ok(d.inject_msi(addr, data)),
+        DmOp::RemoteShutdown { reason } => ok(d.remote_shutdown(reason)),
     }
 }
 
