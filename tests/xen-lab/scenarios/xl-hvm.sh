@@ -69,7 +69,8 @@ if [ -n "$XLHVM_LINUX" ]; then
   no_triple_fault() { ! dmesg_has "d${D}v0 Triple fault"; }
   check no-triple-fault no_triple_fault
 fi
-destroy_or_gone() { domain_gone "$NAME" || timeout 30 xl destroy "$NAME"; }
+# The guest may be on its way out by itself (its S5 shuts the domain down, on_poweroff destroys it).
+destroy_or_gone() { domain_gone "$NAME" || timeout 30 xl destroy "$NAME" || wait_for "$NAME to go" 15 domain_gone "$NAME"; }
 check xl-destroy destroy_or_gone
 check domio-exits wait_for "domio (pid $DM_PID) to exit" 15 proc_exited "$DM_PID"
 gone() { ! xenstore-ls "$1" >/dev/null 2>&1; }
