@@ -115,6 +115,9 @@ pub struct FwCfg {
     files: Vec<(String, u16)>,
     selected: u16,
     offset: usize,
+    /// Boot items whose read has been logged (once each: the guest controls how often it
+    /// reads them).
+    logged: Vec<u16>,
 }
 
 impl FwCfg {
@@ -176,7 +179,11 @@ impl FwCfg {
     /// a boot can be checked against what the firmware was served.
     pub fn select(&mut self, k: u16) {
         let len = self.items.get(&self.selected).map_or(0, Vec::len);
-        if is_boot_blob(self.selected) && self.offset > 0 && self.offset != len {
+        if is_boot_blob(self.selected)
+            && self.offset > 0
+            && self.offset != len
+            && self.first_log(self.selected)
+        {
             tracing::warn!(
                 key = self.selected,
                 read = self.offset,
@@ -196,7 +203,11 @@ impl FwCfg {
         let b = item.and_then(|d| d.get(self.offset)).copied().unwrap_or(0);
         self.offset = self.offset.saturating_add(1);
         if let Some(d) = item {
-            if self.offset == d.len() && is_boot_blob(self.selected) {
+            if self.offset == d.len()
+                && is_boot_blob(self.selected)
+                && !self.logged.contains(&self.selected)
+            {
+                self.logged.push(self.selected);
                 tracing::info!(
                     key = self.selected,
                     size = d.len(),
@@ -207,6 +218,15 @@ impl FwCfg {
             }
         }
         b
+    }
+
+    /// Whether item `k`'s read is logged for the first time (it then counts as logged).
+    fn first_log(&mut self, k: u16) -> bool {
+        if self.logged.contains(&k) {
+            return false;
+        }
+        self.logged.push(k);
+        true
     }
 
     /// Item `k`, for tests and logs.
@@ -406,6 +426,19 @@ mod tests {
             read_item(&mut f, key::SIGNATURE, 6),
             [b'Q', b'E', b'M', b'U', 0, 0]
         );
+    }
+
+    #[test]
+    fn test_a_guest_rereading_boot_items_is_logged_once_per_item() {
+        let mut f = FwCfg::new(1);
+        for _ in 0..1000 {
+            for k in [key::KERNEL_DATA, key::CMDLINE_DATA, key::SETUP_DATA] {
+                f.select(k);
+                f.read_byte();
+                f.select(key::SIGNATURE);
+            }
+        }
+        assert!(f.logged.len() <= 4, "{:?}", f.logged);
     }
 
     #[test]

@@ -126,6 +126,8 @@ pub struct DmArgs {
     pub memory_mib: Option<u64>,
     /// `-smp` CPUs.
     pub vcpus: Option<u32>,
+    /// `-smp ...,maxcpus=` (libxl passes it when maxvcpus > vcpus).
+    pub max_vcpus: Option<u32>,
     /// `-serial` specs.
     pub serial: Vec<String>,
     /// `-kernel`, `-initrd`, `-append`.
@@ -299,6 +301,7 @@ pub fn parse(args: &[String]) -> Result<DmArgs, ArgvError> {
         chardevs: Vec::new(),
         memory_mib: None,
         vcpus: None,
+        max_vcpus: None,
         serial: Vec::new(),
         kernel: None,
         initrd: None,
@@ -420,11 +423,23 @@ pub fn parse(args: &[String]) -> Result<DmArgs, ArgvError> {
             "-smp" => {
                 let o = split_opts(v);
                 let n = get(&o, "cpus").or_else(|| get(&o, "")).unwrap_or(v);
-                let n: u32 = n.parse().map_err(|_| bad(opt, v, "not a CPU count"))?;
-                if n == 0 || n > 128 {
-                    return Err(bad(opt, v, "CPU count out of range (1..128)"));
+                let count = |n: &str| -> Result<u32, ArgvError> {
+                    let n: u32 = n.parse().map_err(|_| bad(opt, v, "not a CPU count"))?;
+                    if n == 0 || n > 128 {
+                        return Err(bad(opt, v, "CPU count out of range (1..128)"));
+                    }
+                    Ok(n)
+                };
+                let n = count(n)?;
+                let max = match get(&o, "maxcpus") {
+                    Some(m) => Some(count(m)?),
+                    None => None,
+                };
+                if max.is_some_and(|m| m < n) {
+                    return Err(bad(opt, v, "maxcpus is below the CPU count"));
                 }
                 out.vcpus = Some(n);
+                out.max_vcpus = max;
             }
             "-serial" => out.serial.push(v.to_string()),
             "-kernel" => out.kernel = Some(PathBuf::from(v)),
@@ -692,6 +707,9 @@ mod tests {
         assert!(parse_memory("0").is_err());
         let a = parse(&v(&["-xen-domid", "3", "-machine", "xenfv,accel=kvm"])).unwrap();
         assert_eq!(a.foreign_accel.as_deref(), Some("kvm"));
+        let a = parse(&v(&["-xen-domid", "3", "-smp", "2,maxcpus=4"])).unwrap();
+        assert_eq!((a.vcpus, a.max_vcpus), (Some(2), Some(4)));
+        assert!(parse(&v(&["-xen-domid", "3", "-smp", "4,maxcpus=2"])).is_err());
         let a = parse(&v(&["--xen-domid", "4", "-S", "-incoming", "fd:3"])).unwrap();
         assert_eq!(
             (a.domid, a.start_stopped, a.incoming.as_deref()),

@@ -76,6 +76,7 @@ pub fn run(a: QmpArgs) -> anyhow::Result<ExitCode> {
     let mut input = BufReader::new(s);
     let mut stdout = std::io::stdout();
     let mut lines = 0;
+    let mut errors = 0;
     loop {
         let mut line = Vec::new();
         match input.read_until(b'\n', &mut line) {
@@ -84,6 +85,11 @@ pub fn run(a: QmpArgs) -> anyhow::Result<ExitCode> {
                 stdout.write_all(&line)?;
                 stdout.flush()?;
                 lines += 1;
+                if serde_json::from_slice::<serde_json::Value>(&line)
+                    .is_ok_and(|v| v.get("error").is_some())
+                {
+                    errors += 1;
+                }
                 if expect.is_some_and(|e| lines >= e) {
                     break;
                 }
@@ -98,6 +104,10 @@ pub fn run(a: QmpArgs) -> anyhow::Result<ExitCode> {
     }
     if expect.is_some_and(|e| lines < e) {
         anyhow::bail!("{} of {} replies arrived", lines, expect.unwrap_or(0));
+    }
+    // With --execute, a QMP error reply is a failure of the command asked for.
+    if expect.is_some() && errors > 0 {
+        return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
 }

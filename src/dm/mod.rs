@@ -76,7 +76,9 @@ fn hvm_config(a: &DmArgs, name: &str) -> anyhow::Result<devmodel::config::Machin
     let text = format!(
         "name = \"{}\"\ntype = \"hvm\"\nmemory = {memory}\nvcpus = {}\nserial = \"{serial}\"\n",
         name.replace(['"', '\\', '\n'], "_"),
-        a.vcpus.unwrap_or(1)
+        // Every vCPU the guest may bring up has an ioreq slot (Xen fills vp_eport for
+        // maxvcpus), so the machine is sized for the maximum.
+        a.max_vcpus.or(a.vcpus).unwrap_or(1)
     );
     let mut cfg = devmodel::config::MachineConfig::parse(&text)
         .context("the machine from the command line")?;
@@ -120,7 +122,9 @@ fn not_emulated(a: &DmArgs) -> Vec<String> {
             n.ifname.as_deref().unwrap_or("")
         ));
     }
-    out.extend(a.serial.iter().map(|s| format!("-serial {s}")));
+    // An HVM machine's COM1 is the first -serial; a PV one has none.
+    let used = usize::from(a.machine == Machine::XenFv);
+    out.extend(a.serial.iter().skip(used).map(|s| format!("-serial {s}")));
     out
 }
 
@@ -286,6 +290,15 @@ mod tests {
     fn test_hvm_machine_from_the_command_line() {
         let c = hvm_config(&fv(&["-m", "256", "-smp", "2", "-serial", "pty"]), "g\"x").unwrap();
         assert_eq!((c.name.as_str(), c.memory_mib, c.vcpus), ("g_x", 256, 2));
+        let c4 = hvm_config(&fv(&["-m", "256", "-smp", "2,maxcpus=4"]), "g").unwrap();
+        assert_eq!(
+            c4.vcpus, 4,
+            "sized for maxvcpus: Xen gives each an ioreq slot"
+        );
+        assert!(
+            not_emulated(&fv(&["-serial", "pty"])).is_empty(),
+            "COM1 is used"
+        );
         assert_eq!(c.serial, devmodel::uart::SerialSpec::Pty);
         assert_eq!(c.kernel, None);
         let a = fv(&["-m", "64", "-kernel", "/k", "-append", "console=ttyS0"]);

@@ -24,6 +24,8 @@ use tracing::{debug, info, warn};
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// Connections served at once per socket.
 pub const MAX_CLIENTS: usize = 8;
+/// How long a client may stay silent before its connection is closed.
+pub const CLIENT_IDLE: Duration = Duration::from_secs(120);
 
 /// The QEMU version announced in the greeting: the one Xen 4.17's Debian packages ship
 /// (libxl compares versions to choose how to talk to the device model).
@@ -223,8 +225,7 @@ fn execute(st: &DmState, cmd: &str, args: &Map<String, Value>) -> Result<Value, 
         }
         "xen-load-devices-state" => {
             let path = str_arg(args, "filename")?;
-            let text = std::fs::read(path)
-                .map_err(|e| QmpError::generic(format!("cannot read {path}: {e}")))?;
+            let text = read_state_file(path)?;
             let v: Value = serde_json::from_slice(&text).map_err(|_| {
                 QmpError::generic(format!("{path} is not a device state domio wrote"))
             })?;
@@ -245,6 +246,29 @@ fn execute(st: &DmState, cmd: &str, args: &Map<String, Value>) -> Result<Value, 
             desc: format!("The command {cmd} has not been found"),
         }),
     }
+}
+
+/// Largest device-state file read back (ours are under 100 bytes).
+const MAX_STATE_FILE: u64 = 4096;
+
+/// A device-state file: a regular file, read up to [`MAX_STATE_FILE`] bytes (a path such as
+/// /dev/zero or a FIFO must not exhaust memory or block the client's thread).
+fn read_state_file(path: &str) -> Result<Vec<u8>, QmpError> {
+    let err = |e: std::io::Error| QmpError::generic(format!("cannot read {path}: {e}"));
+    let f = std::fs::File::open(path).map_err(err)?;
+    if !f.metadata().map_err(err)?.is_file() {
+        return Err(QmpError::generic(format!("{path} is not a regular file")));
+    }
+    let mut buf = Vec::new();
+    f.take(MAX_STATE_FILE + 1)
+        .read_to_end(&mut buf)
+        .map_err(err)?;
+    if buf.len() as u64 > MAX_STATE_FILE {
+        return Err(QmpError::generic(format!(
+            "{path} is larger than a device state domio writes"
+        )));
+    }
+    Ok(buf)
 }
 
 /// One client's session: negotiation state.
@@ -319,6 +343,9 @@ fn send(w: &mut impl Write, v: &Value) -> io::Result<()> {
 
 /// Serves one connection until the client leaves, sends too much, or the stream fails.
 pub fn serve_client(st: &DmState, stream: UnixStream) -> io::Result<()> {
+    // A client that stays silent this long gives its slot back (libxl opens a connection
+    // per command).
+    stream.set_read_timeout(Some(CLIENT_IDLE))?;
     let mut out = stream.try_clone()?;
     let mut input = BufReader::new(stream);
     send(&mut out, &greeting())?;
@@ -329,9 +356,15 @@ pub fn serve_client(st: &DmState, stream: UnixStream) -> io::Result<()> {
     loop {
         // At most one byte past the bound is read, so a client cannot make us buffer more.
         let room = (MAX_REQUEST + 1).saturating_sub(pending.len()) as u64;
+        let before = pending.len();
         let n = (&mut input).take(room).read_until(b'\n', &mut pending)?;
         if n == 0 {
             return Ok(());
+        }
+        // Blank lines after an incomplete request change nothing: no new parse (a client
+        // sending "{" and then thousands of newlines must not cost a parse each).
+        if before > 0 && pending[before..].iter().all(u8::is_ascii_whitespace) {
+            continue;
         }
         if pending.len() > MAX_REQUEST {
             let e = QmpError::generic(format!(
@@ -441,7 +474,7 @@ fn accept_loop(path: &Path, l: &UnixListener, st: &Arc<DmState>, stop: &AtomicBo
         }
         clients.fetch_add(1, Ordering::SeqCst);
         let st = st.clone();
-        let clients = clients.clone();
+        let slot = clients.clone();
         let p = path.display().to_string();
         let spawned = std::thread::Builder::new()
             .name("qmp-client".into())
@@ -449,9 +482,11 @@ fn accept_loop(path: &Path, l: &UnixListener, st: &Arc<DmState>, stop: &AtomicBo
                 if let Err(e) = serve_client(&st, stream) {
                     debug!(path = %p, error = %e, "QMP client gone");
                 }
-                clients.fetch_sub(1, Ordering::SeqCst);
+                slot.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
+            // The closure (and its decrement) never runs: give the slot back here.
+            clients.fetch_sub(1, Ordering::SeqCst);
             warn!(path = %path.display(), "QMP: cannot start a client thread");
         }
     }
@@ -593,6 +628,22 @@ mod tests {
         assert_eq!(r, json!({"return": {}}));
         let r = c.cmd(json!({"execute": "xen-load-devices-state", "arguments": {"filename": fs}}));
         assert_eq!(r, json!({"return": {}}));
+        let r = c.cmd(
+            json!({"execute": "xen-load-devices-state", "arguments": {"filename": "/dev/zero"}}),
+        );
+        assert!(
+            r["error"]["desc"]
+                .as_str()
+                .unwrap()
+                .contains("not a regular file"),
+            "{r}"
+        );
+        std::fs::write(&f, vec![b' '; 10_000]).unwrap();
+        let r = c.cmd(json!({"execute": "xen-load-devices-state", "arguments": {"filename": fs}}));
+        assert!(
+            r["error"]["desc"].as_str().unwrap().contains("larger"),
+            "{r}"
+        );
         std::fs::write(&f, b"QEVM\x00\x00\x00\x03").unwrap();
         let r = c.cmd(json!({"execute": "xen-load-devices-state", "arguments": {"filename": fs}}));
         assert_eq!(r["error"]["class"], "GenericError");
