@@ -71,6 +71,16 @@ pub(crate) struct Uring {
     unsubmitted: usize,
 }
 
+thread_local! {
+    static THIS_THREAD: ThreadId = std::thread::current().id();
+}
+
+/// The calling thread's id, without the `Arc` clone of `thread::current()` (claim runs per
+/// request).
+fn this_thread() -> ThreadId {
+    THIS_THREAD.with(|id| *id)
+}
+
 /// Whether deferred task work is wanted (`DOMIO_URING_DEFER=0` turns it off).
 fn want_deferred() -> bool {
     std::env::var("DOMIO_URING_DEFER").as_deref() != Ok("0")
@@ -180,7 +190,7 @@ impl Uring {
         if self.taskrun != TaskRun::Deferred {
             return Ok(());
         }
-        let me = std::thread::current().id();
+        let me = this_thread();
         match self.owner {
             Some(o) if o == me => return Ok(()),
             None => {
@@ -236,9 +246,7 @@ impl Uring {
 
     /// Pushes the next entry for slot `idx` (data at the current position, or the sync).
     fn push_phase(&mut self, files: &Files, idx: u32) -> Result<(), i32> {
-        if self.claim().is_err() {
-            return Err(libc::EBUSY);
-        }
+        // Both callers (start, and reap's resubmissions after collect) have claimed the ring.
         let slot = &self.slots[idx as usize];
         let Some(req) = slot.req.as_ref() else {
             return Err(libc::EINVAL);
