@@ -115,7 +115,7 @@ fn not_emulated(a: &DmArgs) -> Vec<String> {
             .unwrap_or_default();
         out.push(format!("-device {}{mac}", d.driver));
     }
-    for n in &a.netdevs {
+    for n in a.netdevs.iter().filter(|n| emu_tap_name(n).is_none()) {
         out.push(format!(
             "-netdev {} {}",
             n.kind,
@@ -126,6 +126,58 @@ fn not_emulated(a: &DmArgs) -> Vec<String> {
     let used = usize::from(a.machine == Machine::XenFv);
     out.extend(a.serial.iter().skip(used).map(|s| format!("-serial {s}")));
     out
+}
+
+/// The tap an emulated NIC's `-netdev type=tap,ifname=...` names, if domio creates it.
+fn emu_tap_name(n: &argv::Netdev) -> Option<&str> {
+    if n.kind == "tap" {
+        n.ifname.as_deref()
+    } else {
+        None
+    }
+}
+
+/// The device number in libxl's `vif<domid>.<devid>-emu`, or `fallback`.
+fn emu_tap_devid(name: &str, fallback: u32) -> u32 {
+    name.strip_prefix("vif")
+        .and_then(|r| r.split_once('.'))
+        .and_then(|(_, r)| r.strip_suffix("-emu"))
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(fallback)
+}
+
+/// Creates the taps of the emulated NICs libxl asked for (`type=ioemu` vifs of an HVM guest).
+/// QEMU would create them; libxl then runs the vif hotplug script on each (`type_if=tap`), and
+/// `xl create` fails if the tap is missing. domio has no emulated NIC, so they carry nothing:
+/// the guest unplugs emulated NICs and uses the PV vif, which domio serves. Closed at exit.
+fn open_emulated_nic_taps(
+    a: &DmArgs,
+    domid: DomId,
+) -> anyhow::Result<Vec<backends::net::tap::Tap>> {
+    use backends::net::tap::{Tap, TapOptions, VifId};
+    let mut taps = Vec::new();
+    for (i, n) in a.netdevs.iter().enumerate() {
+        let Some(name) = emu_tap_name(n) else {
+            continue;
+        };
+        let vif = VifId {
+            domid,
+            devid: emu_tap_devid(name, i as u32),
+        };
+        let opts = TapOptions {
+            name: Some(name.to_string()),
+            up: false,
+            ..TapOptions::default()
+        };
+        let tap = Tap::open(vif, &opts)
+            .with_context(|| format!("creating tap {name} for -netdev id={}", n.id))?;
+        info!(
+            domid, tap = name,
+            "tap for the emulated NIC libxl asked for: created for libxl's hotplug script; it carries no traffic (domio emulates no NIC; the guest's PV vif does)"
+        );
+        taps.push(tap);
+    }
+    Ok(taps)
 }
 
 /// The device-model directory libxl watches.
@@ -212,6 +264,7 @@ pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let emu_taps = open_emulated_nic_taps(&a, domid)?;
     let paths: Vec<PathBuf> = a.monitors.iter().map(|m| m.path.clone()).collect();
     let qmp = qmp::QmpServer::start(st.clone(), &paths)?;
     let svc = Service::start(
@@ -238,7 +291,9 @@ pub fn run(args: &[String]) -> anyhow::Result<ExitCode> {
     if let Some(h) = hvm {
         h.stop();
     }
-    Ok(crate::serve::stop(&svc, &reason, failed))
+    let code = crate::serve::stop(&svc, &reason, failed);
+    drop(emu_taps);
+    Ok(code)
 }
 
 #[cfg(test)]
@@ -330,8 +385,31 @@ mod tests {
             "file=/d.img,if=ide,index=0,media=disk,format=raw",
         ]);
         let l = not_emulated(&a);
-        assert_eq!(l.len(), 4, "{l:?}");
+        // The drive, the NIC and the second -serial; the tap netdev is created, not skipped.
+        assert_eq!(l.len(), 3, "{l:?}");
         assert!(l[0].contains("if=ide /d.img"));
         assert!(l.iter().any(|x| x == "-device rtl8139"), "{l:?}");
+        assert!(!l.iter().any(|x| x.contains("netdev")), "{l:?}");
+        let user = parse(&["-xen-domid", "3", "-netdev", "user,id=n1"]);
+        assert_eq!(not_emulated(&user), vec!["-netdev user ".to_string()]);
+    }
+
+    #[test]
+    fn test_emulated_nic_taps_take_libxl_names() {
+        assert_eq!(emu_tap_devid("vif7.2-emu", 9), 2);
+        assert_eq!(emu_tap_devid("mytap", 9), 9);
+        assert_eq!(emu_tap_devid("vif7.x-emu", 1), 1);
+        let n = |kind: &str, ifname: Option<&str>| argv::Netdev {
+            kind: kind.into(),
+            id: "n".into(),
+            ifname: ifname.map(Into::into),
+            bridge: None,
+        };
+        assert_eq!(
+            emu_tap_name(&n("tap", Some("vif3.0-emu"))),
+            Some("vif3.0-emu")
+        );
+        assert_eq!(emu_tap_name(&n("tap", None)), None);
+        assert_eq!(emu_tap_name(&n("user", Some("x"))), None);
     }
 }
