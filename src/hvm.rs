@@ -80,6 +80,9 @@ impl HvmInfo {
                 "ram_errors": g(&s.ram_errors),
                 "invalidates": g(&s.invalidates),
                 "suppressed_logs": g(&s.suppressed_logs),
+                "handler_panics": g(&s.handler_panics),
+                "missed_events": g(&s.missed_events),
+                "renotified": g(&s.renotified),
             }
         })
     }

@@ -34,6 +34,13 @@ pub struct IoreqStats {
     pub suppressed_logs: AtomicU64,
     /// Requests whose device panicked (answered with all ones; the server goes on).
     pub handler_panics: AtomicU64,
+    /// Requests the periodic sweep found waiting with no event received for them (a lost or
+    /// late notification; served then).
+    pub missed_events: AtomicU64,
+    /// Answers the vCPU had not taken by the next sweep: its port was notified again.
+    pub renotified: AtomicU64,
+    /// Sweeps made (one per `SWEEP_INTERVAL` without events).
+    pub sweeps: AtomicU64,
 }
 
 fn mask(size: u8) -> u64 {

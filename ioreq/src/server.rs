@@ -203,7 +203,17 @@ struct Core {
     stats: Arc<IoreqStats>,
     spin: Duration,
     bad_ring_logged: bool,
+    /// Per vCPU: its slot held an answer (IORESP_READY) at the last sweep.
+    unconsumed: Vec<bool>,
+    /// Per vCPU, during a sweep: a request was waiting (reused, no allocation per sweep).
+    sweep_ready: Vec<bool>,
+    sweep_log: crate::ratelimit::RateLimit,
 }
+
+/// How long the ioreq thread sleeps without an event before it sweeps the slots anyway: a
+/// request whose event was lost is served, and an answer the vCPU has not taken is notified
+/// again, so that a lost notification costs a vCPU this long instead of hanging it for good.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 
 /// One ioreq server. Created enabled with no range; [`IoreqServer::run`] starts its thread.
 /// Dropping it stops the thread, disables and destroys the server.
@@ -378,6 +388,9 @@ impl IoreqServer {
             stats,
             spin: cfg.spin,
             bad_ring_logged: false,
+            unconsumed: vec![false; cfg.vcpus as usize],
+            sweep_ready: Vec::with_capacity(cfg.vcpus as usize),
+            sweep_log: crate::ratelimit::RateLimit::default(),
         })
     }
 
@@ -473,8 +486,10 @@ impl Core {
         let mut ports = [0 as Port; 64];
         tracing::debug!(domid = self.domid, server = self.id, vcpu_ports = ?self.vcpu_ports, buf_port = ?self.buf_port, "ioreq thread started");
         let mut more = self.scan(handler.as_mut()).1;
+        // No polling right after a sweep: nothing had come for a whole interval.
+        let mut swept = false;
         loop {
-            if !more && !self.spin.is_zero() {
+            if !more && !swept && !self.spin.is_zero() {
                 let start = Instant::now();
                 while start.elapsed() < self.spin {
                     if self.scan(handler.as_mut()).0 {
@@ -487,14 +502,21 @@ impl Core {
             let timeout = if more {
                 PollTimeout::ZERO
             } else {
-                PollTimeout::NONE
+                PollTimeout::try_from(SWEEP_INTERVAL).unwrap_or(PollTimeout::MAX)
             };
             let mut fds = [
                 PollFd::new(self.evtchn.fd(), PollFlags::POLLIN),
                 PollFd::new(stop.as_fd(), PollFlags::POLLIN),
             ];
-            if let Err(e) = poll(&mut fds, timeout) {
-                if e != nix::errno::Errno::EINTR {
+            match poll(&mut fds, timeout) {
+                Ok(0) if !more => {
+                    more = self.sweep(handler.as_mut());
+                    swept = true;
+                    continue;
+                }
+                Ok(_) => swept = false,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
                     tracing::error!(domid = self.domid, server = self.id, error = %e, "ioreq thread: poll failed; stopping");
                     return false;
                 }
@@ -548,6 +570,67 @@ impl Core {
             worked |= self.serve_slot(v, handler);
         }
         (worked, more)
+    }
+
+    fn slot_state(&self, vcpu: u32) -> Option<u8> {
+        let at = self.sync_off + vcpu as usize * IOREQ_SIZE + IOREQ_STATE_OFFSET;
+        self.pages
+            .load_u8(at, Ordering::Acquire)
+            .ok()
+            .map(|b| b & 0x0f)
+    }
+
+    /// The sweep after [`SWEEP_INTERVAL`] without events: serves requests that came without
+    /// an event (counted in `missed_events`), drains the buffered ring, and notifies again a
+    /// vCPU whose answer has waited since the previous sweep (`renotified`). Returns whether
+    /// buffered work remains.
+    fn sweep(&mut self, handler: &mut dyn IoHandler) -> bool {
+        let mut missed = 0u64;
+        let mut waiting = std::mem::take(&mut self.sweep_ready);
+        waiting.clear();
+        for v in 0..self.vcpus {
+            let ready = self.slot_state(v) == Some(STATE_IOREQ_READY);
+            missed += u64::from(ready);
+            waiting.push(ready);
+        }
+        let (_, more) = self.scan(handler);
+        let mut renotified = 0u64;
+        for v in 0..self.vcpus {
+            let answered = self.slot_state(v) == Some(STATE_IORESP_READY);
+            let fresh = waiting.get(v as usize).copied().unwrap_or(false);
+            let Some(flag) = self.unconsumed.get_mut(v as usize) else {
+                continue;
+            };
+            if answered && *flag && !fresh {
+                if let Some(port) = self.vcpu_ports.get(v as usize) {
+                    if self.evtchn.notify(*port).is_ok() {
+                        renotified += 1;
+                    }
+                }
+            }
+            *flag = answered;
+        }
+        self.sweep_ready = waiting;
+        self.stats.sweeps.fetch_add(1, Ordering::Relaxed);
+        if missed + renotified > 0 {
+            self.stats
+                .missed_events
+                .fetch_add(missed, Ordering::Relaxed);
+            self.stats
+                .renotified
+                .fetch_add(renotified, Ordering::Relaxed);
+            if let Some(suppressed) = self.sweep_log.check() {
+                tracing::warn!(
+                    domid = self.domid,
+                    server = self.id,
+                    missed,
+                    renotified,
+                    suppressed,
+                    "ioreq sweep: requests waiting without an event were served, answers not taken were notified again (a lost event-channel notification)"
+                );
+            }
+        }
+        more
     }
 
     fn serve_slot(&mut self, vcpu: u32, handler: &mut dyn IoHandler) -> bool {

@@ -561,3 +561,64 @@ fn test_device_panic_is_answered_and_server_goes_on() {
     r.guest.pio_write(SCRATCH_PORT, 1, 3).unwrap();
     assert_eq!(r.guest.pio_read(SCRATCH_PORT, 1).unwrap(), 3);
 }
+
+/// Waits up to 10 s for `cond`, checking every millisecond.
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// A request posted without its event (a notification lost between Xen and dom0) is still
+/// served, by the sweep the ioreq thread makes after `SWEEP_INTERVAL` without events; an
+/// answer the vCPU does not take is notified again at the next sweep. Without the sweep the
+/// vCPU would wait for good (seen as silent hangs of HVM guests under nested TCG).
+#[test]
+fn test_request_without_event_is_served_by_the_sweep_and_renotified() {
+    let r = rig();
+    let page = r
+        .host
+        .hvm_domain(r.domid)
+        .unwrap()
+        .map_resource(0, r.ioreq.id(), 0, 2)
+        .unwrap();
+    let stats = r.ioreq.stats();
+    // Once a sweep has been made the thread is idle in poll (no polling after a sweep), so
+    // the request below can only be found by the next sweep.
+    r.guest.pio_write(SCRATCH_PORT, 1, 1).unwrap();
+    let swept = stats.sweeps.load(Ordering::Relaxed);
+    eventually("a sweep", || stats.sweeps.load(Ordering::Relaxed) > swept);
+    // vCPU 1's slot (the rig's guest drives vCPU 0): a 1-byte write of 0x5a to port 0x101,
+    // published READY with no notification.
+    let slot = 4096 + 32;
+    let mut req = raw(IOREQ_TYPE_PIO, 0x101, 1, 1, IOREQ_WRITE, false, false, 0x5a);
+    let ready = req.bits;
+    req.bits = Ioreq::make_bits(STATE_IOREQ_NONE, false, IOREQ_WRITE, false);
+    page.write_obj(slot, &req).unwrap();
+    page.store_u8(slot + 30, ready, Ordering::Release).unwrap();
+    let state = |p: &xen::SharedMem| p.load_u8(slot + 30, Ordering::Acquire).unwrap() & 0x0f;
+    eventually("the sweep to answer", || state(&page) == STATE_IORESP_READY);
+    assert_eq!(stats.missed_events.load(Ordering::Relaxed), 1);
+    assert!(r
+        .dev
+        .st()
+        .accesses
+        .iter()
+        .any(|(a, w, v)| *w && a.addr == 0x101 && a.size == 1 && *v == 0x5a));
+    // Not taken: the next sweep notifies vCPU 1's port again.
+    eventually("a second notification", || {
+        stats.renotified.load(Ordering::Relaxed) >= 1
+    });
+    assert_eq!(state(&page), STATE_IORESP_READY, "the answer is left alone");
+    page.store_u8(slot + 30, STATE_IOREQ_NONE, Ordering::Release)
+        .unwrap();
+    // The rig's own vCPU still gets its answers through events.
+    r.guest.pio_write(SCRATCH_PORT, 1, 7).unwrap();
+    assert_eq!(r.guest.pio_read(SCRATCH_PORT, 1).unwrap(), 7);
+    assert_eq!(stats.missed_events.load(Ordering::Relaxed), 1);
+}
