@@ -108,8 +108,9 @@ pub(crate) fn pwritev(fd: BorrowedFd<'_>, iov: &IoVecs, offset: u64) -> io::Resu
     ret(r)
 }
 
-/// Queues a `readv` (or `writev` when `write`) on the ring. The caller keeps `iov` and the
-/// segments it describes alive until the completion with `user_data` is reaped.
+/// Queues a `readv` (or `writev` when `write`) on the ring, or with `plain` and one segment a
+/// `read` (`write`) of it. The caller keeps `iov` and the segments it describes alive until the
+/// completion with `user_data` is reaped.
 pub(crate) fn push_rw(
     ring: &mut IoUring,
     fd: BorrowedFd<'_>,
@@ -117,10 +118,27 @@ pub(crate) fn push_rw(
     offset: u64,
     write: bool,
     user_data: u64,
+    plain: bool,
 ) -> Result<(), squeue::PushError> {
     let n = iov.count() as u32;
     let fd = types::Fd(fd.as_raw_fd());
-    let sqe = if write {
+    let one = match iov.iov.as_slice() {
+        [one] if plain => u32::try_from(one.iov_len)
+            .ok()
+            .map(|len| (one.iov_base, len)),
+        _ => None,
+    };
+    let sqe = if let Some((base, len)) = one {
+        if write {
+            opcode::Write::new(fd, base.cast::<u8>().cast_const(), len)
+                .offset(offset)
+                .build()
+        } else {
+            opcode::Read::new(fd, base.cast::<u8>(), len)
+                .offset(offset)
+                .build()
+        }
+    } else if write {
         opcode::Writev::new(fd, iov.iov.as_ptr(), n)
             .offset(offset)
             .build()
@@ -131,8 +149,8 @@ pub(crate) fn push_rw(
     }
     .user_data(user_data);
     let mut sq = ring.submission();
-    // SAFETY: the iovec array and the segment memory it points to are owned by the engine's
-    // slot `user_data`, which is neither reused nor dropped until this entry's completion has
+    // SAFETY: the iovec array (or, for a plain read/write, the one segment it describes) and
+    // the segment memory it points to are owned by the engine's slot `user_data`, which is neither reused nor dropped until this entry's completion has
     // been reaped (the engine's Drop waits for all in-flight entries). The fd outlives the ring.
     unsafe { sq.push(&sqe) }
 }

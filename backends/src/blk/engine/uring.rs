@@ -69,6 +69,20 @@ pub(crate) struct Uring {
     free: Vec<u32>,
     cqes: Vec<(u64, i32)>,
     unsubmitted: usize,
+    /// One-segment transfers use IORING_OP_READ/WRITE (no iovec for the kernel to copy in),
+    /// as fio does; off where the kernel lacks them or `DOMIO_URING_VECTORED=1`.
+    plain_rw: bool,
+}
+
+/// Whether the ring knows IORING_OP_READ and IORING_OP_WRITE (Linux 5.6) and they are wanted.
+fn plain_rw_supported(ring: &IoUring) -> bool {
+    if std::env::var("DOMIO_URING_VECTORED").as_deref() == Ok("1") {
+        return false;
+    }
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe).is_ok()
+        && probe.is_supported(io_uring::opcode::Read::CODE)
+        && probe.is_supported(io_uring::opcode::Write::CODE)
 }
 
 thread_local! {
@@ -118,6 +132,7 @@ impl Uring {
         let depth = depth.clamp(1, super::MAX_QUEUE_DEPTH);
         let entries = depth.next_power_of_two();
         let (ring, taskrun) = build(entries, efd, want_deferred())?;
+        let plain_rw = plain_rw_supported(&ring);
         let slots = (0..depth)
             .map(|_| Slot {
                 req: None,
@@ -138,6 +153,7 @@ impl Uring {
             slots,
             free: (0..depth).rev().collect(),
             cqes: Vec::with_capacity(depth as usize * 2),
+            plain_rw,
             unsubmitted: 0,
         })
     }
@@ -261,6 +277,7 @@ impl Uring {
                 req.offset + slot.done,
                 req.op == IoOp::Write,
                 u64::from(idx),
+                self.plain_rw,
             )
         };
         match pushed {
