@@ -208,3 +208,62 @@ blk_report() {
   echo "--- xenstore (while connected)"; cat "$XENLAB_ARTIFACTS/xenstore.txt" 2>/dev/null || true
   echo "--- xenstore trace (state changes, frontend writes)"; cat "$XENLAB_ARTIFACTS/xenstore-trace.txt" 2>/dev/null || true
 }
+
+# --- xl-pv, xl-hvm: a guest that xl started with domio as its device model runs guest/xlpv.sh
+# (the disk I/O of guest/blk.sh on xvda, then the network I/O of guest/net.sh on eth0).
+# Globals the scenario sets: NAME (guest), D (its domid), TOKEN (dom0's marker), IMG (the raw
+# image) or, with XL_FORMAT=qcow2, XL_OV (the overlay). Addresses as in guest/net.sh.
+DOM0_IP=169.254.77.1 GUEST_IP=169.254.77.2 XL_WWW=/root/www
+guest_line() { net_guest_line "$NAME" "$@"; }
+# xl_net_setup: before `xl create`: no kernel netback (domio serves the vif), dom0's address on
+# xenbr0, and httpd serving 10 MiB of random data (DOWN_SUM). xl_net_cleanup undoes it.
+xl_net_setup() {
+  check kernel-netback-absent net_no_kernel_netback
+  check tun-module modprobe tun
+  check dom0-address ip addr add "$DOM0_IP/24" dev xenbr0
+  mkdir -p "$XL_WWW"; head -c 10485760 /dev/urandom > "$XL_WWW/down.bin"
+  DOWN_SUM=$(sha256sum "$XL_WWW/down.bin" | cut -d' ' -f1)
+  httpd -f -p "$DOM0_IP:8080" -h "$XL_WWW" & HTTPD_PID=$!
+}
+xl_net_cleanup() {
+  [ -z "${HTTPD_PID:-}" ] || kill "$HTTPD_PID" 2>/dev/null || true
+  ip addr del "$DOM0_IP/24" dev xenbr0 2>/dev/null || true
+  modprobe xen-netback 2>/dev/null || true
+}
+# xl_image_ok: the guest's line and data are in the disk (a qcow2 overlay is flattened first)
+xl_image_ok() {
+  local img=$IMG
+  if [ "${XL_FORMAT:-raw}" = qcow2 ]; then
+    img=/root/xl-flat.raw; qemu-img convert -U -f qcow2 -O raw "$XL_OV" "$img" || return 1
+    [ "$(blk_get_line "$img" "$BLK_MARK_OFF")" = "DOMIO-MARKER $TOKEN" ] || { echo "marker at 1MiB: '$(blk_get_line "$img" "$BLK_MARK_OFF")'"; return 1; }
+  fi
+  [ "$(blk_get_line "$img" "$BLK_GUEST_OFF")" = "DOMIO-GUEST-WROTE $TOKEN" ] || { echo "line at 2MiB: '$(blk_get_line "$img" "$BLK_GUEST_OFF")'"; return 1; }
+  [ -n "${XL_SUM:-}" ] && [ "$(blk_sha "$img" "$BLK_DATA_OFF" "$BLK_DATA_LEN")" = "$XL_SUM" ] || { echo "sha256 at 4MiB $(blk_sha "$img" "$BLK_DATA_OFF" "$BLK_DATA_LEN"), guest wrote '${XL_SUM:-}'"; return 1; }
+}
+# xl_disk_checks: the guest read dom0's marker, wrote and read back its data, and it is in the image
+xl_disk_checks() {
+  BLK_NAME=$NAME
+  check guest-io-done wait_for "the guest's disk I/O (DOMU-BLK: io done)" 90 blk_guest_line "io done"
+  check guest-read-marker blk_guest_said "marker read: " "DOMIO-MARKER $TOKEN"
+  check guest-data-read-back blk_guest_line "data read back ok"
+  XL_SUM=$(blk_guest_line "data written sha256 " || true)
+  check image-has-guest-writes xl_image_ok
+}
+# xl_net_checks: the vif's tap is on xenbr0; ping both ways; 10 MiB each way over HTTP with the
+# sha256 checked at both ends
+xl_net_checks() {
+  tap_on_bridge() { [ "$(basename "$(readlink "/sys/class/net/vif$D.0/master" 2>/dev/null)")" = xenbr0 ]; }
+  check tap-on-bridge wait_for "vif$D.0 on xenbr0 (vif-bridge, run by libxl)" 20 tap_on_bridge
+  check guest-pings-dom0 wait_for "the guest's ping (DOMU-NET: ping dom0: ok)" 60 guest_line "ping dom0: ok"
+  check dom0-pings-guest ping -c 3 -W 5 "$GUEST_IP"
+  check guest-serving wait_for "the guest's httpd (DOMU-NET: serving)" 120 guest_line "serving"
+  UP_SUM=$(guest_line "up sha256 " || true)
+  check dom0-fetches-10MiB wget -q -O /root/up.bin "http://$GUEST_IP:8080/up.bin"
+  up_ok() { [ -n "$UP_SUM" ] && [ "$(sha256sum /root/up.bin | cut -d' ' -f1)" = "$UP_SUM" ]; }
+  check guest-to-dom0-sha256 up_ok
+  check guest-fetched wait_for "the guest's download (DOMU-NET: down ...)" 120 guest_line "down "
+  down_ok() { local g; g=$(guest_line "down sha256 " | cut -d' ' -f1)
+    [ "$g" = "$DOWN_SUM" ] || { echo "the guest got '$g' (it said: down $(guest_line "down " || true)), dom0 served $DOWN_SUM"; return 1; }; }
+  check dom0-to-guest-sha256 down_ok
+  rm -f /root/up.bin
+}

@@ -1,7 +1,5 @@
 #!/bin/bash
-# xenlab-timeout: 300
-# xenlab-default: no
-# xl-hvm-linux (opt-in): xl-hvm, and the guest's Linux boots to its init on hvc0 and uses the
-# qdisk as xvda through blkfront. Opt-in while the first boot of a lab run can triple-fault
-# during ACPI initialisation (seen once, 2026-11-23; the restarted guest booted fully).
+# xenlab-timeout: 720
+# xl-hvm-linux (issue 6, scenario 2): xl-hvm, and the guest's Linux boots to its init and does
+# the xl-pv guest's disk and network I/O on the PV disk and NIC domio serves (see xl-hvm.sh).
 XLHVM_LINUX=1 source /xenlab/scenarios/xl-hvm.sh
