@@ -56,6 +56,7 @@ up_or_gone() { guest_console_has "$NAME" "DOMU: up" || domain_gone "$NAME"; }
 # the lab README ("HVM guests and the nested TCG"); empty otherwise.
 lab_fault() {
   local tf
+  dmesg_has . || true   # take in what Xen logged since the last look
   if tf=$(grep -A3 "d${D}v0 Triple fault" "$BOOT_DMESG" | grep -m1 "RIP:"); then
     echo "triple fault, $(tr -s ' ' <<<"$tf" | cut -d' ' -f3-)"
   elif ! domain_gone "$NAME"; then
@@ -64,11 +65,11 @@ lab_fault() {
     echo "no progress in 180 s, vCPU at $(grep -A2 "guest state (d${D}v0)" "$BOOT_DMESG" | grep -m1 "RIP:" | tr -s ' ' | cut -d' ' -f3-)"
   fi
 }
-# With Linux: up to XLHVM_BOOTS boots (default 3). A boot that ends in one of the emulator's
+# With Linux: up to XLHVM_BOOTS boots (default 4). A boot that ends in one of the emulator's
 # faults before the guest's init is destroyed and retried, with a NOTE; each failed boot's Xen
 # log, COM1 and device-model log are kept in the artifacts. Every check below is about the
 # last boot. Without Linux, one boot.
-BOOTS=1; [ -z "$XLHVM_LINUX" ] || BOOTS=${XLHVM_BOOTS:-3}
+BOOTS=1; [ -z "$XLHVM_LINUX" ] || BOOTS=${XLHVM_BOOTS:-4}
 boot=0
 while :; do
   boot=$((boot + 1))
