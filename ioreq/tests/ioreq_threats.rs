@@ -14,6 +14,16 @@ use xen::abi::ioreq::*;
 use xen::{DomId, ForeignError, ForeignMemory, Gfn, IoRange, Resource, SharedMem};
 use xensim::hvm::HvmBus;
 
+/// The server's two ioreq pages (buffered, then the vCPUs' slots from offset 4096), as Xen
+/// maps them for the guest side.
+fn ioreq_pages(r: &Rig) -> xen::SharedMem {
+    r.host
+        .hvm_domain(r.domid)
+        .unwrap()
+        .map_resource(0, r.ioreq.id(), 0, 2)
+        .unwrap()
+}
+
 #[allow(clippy::too_many_arguments)]
 fn raw(
     type_: u8,
@@ -41,12 +51,7 @@ fn xsa197_slot_mutated_during_dispatch_uses_one_snapshot() {
     let r = rig();
     let data: Vec<u8> = (10..18u8).collect();
     r.guest.ram_write(0x10_0000, &data).unwrap();
-    let page = r
-        .host
-        .hvm_domain(r.domid)
-        .unwrap()
-        .map_resource(0, r.ioreq.id(), 0, 2)
-        .unwrap();
+    let page = ioreq_pages(&r);
     let mutated = Arc::new(AtomicUsize::new(0));
     let m = mutated.clone();
     r.dev.st().hook = Some(Box::new(move |_a: &IoAccess| {
@@ -122,12 +127,7 @@ fn xsa199_pio_at_0xffff_size4_and_0x10000_ignored_reads_all_ones() {
 #[test]
 fn xsa262_state_moves_ready_inprocess_iorespready_only() {
     let r = rig();
-    let page = r
-        .host
-        .hvm_domain(r.domid)
-        .unwrap()
-        .map_resource(0, r.ioreq.id(), 0, 2)
-        .unwrap();
+    let page = ioreq_pages(&r);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s2 = seen.clone();
     r.dev.st().hook = Some(Box::new(move |_a: &IoAccess| {
@@ -148,12 +148,7 @@ fn xsa262_state_moves_ready_inprocess_iorespready_only() {
     assert_eq!(seen.len(), 400);
     assert!(seen.iter().all(|s| *s == STATE_IOREQ_INPROCESS));
     assert_eq!(r.host.hvm_domain(r.domid).unwrap().crashed(), None);
-    let page = r
-        .host
-        .hvm_domain(r.domid)
-        .unwrap()
-        .map_resource(0, r.ioreq.id(), 0, 2)
-        .unwrap();
+    let page = ioreq_pages(&r);
     assert_eq!(
         page.load_u8(4096 + IOREQ_STATE_OFFSET, Ordering::SeqCst)
             .unwrap()
@@ -581,12 +576,7 @@ fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 #[test]
 fn test_request_without_event_is_served_by_the_sweep_and_renotified() {
     let r = rig();
-    let page = r
-        .host
-        .hvm_domain(r.domid)
-        .unwrap()
-        .map_resource(0, r.ioreq.id(), 0, 2)
-        .unwrap();
+    let page = ioreq_pages(&r);
     let stats = r.ioreq.stats();
     // Once a sweep has been made the thread is idle in poll (no polling after a sweep), so
     // the request below can only be found by the next sweep.

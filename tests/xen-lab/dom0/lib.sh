@@ -215,9 +215,10 @@ blk_report() {
 # image) or, with XL_FORMAT=qcow2, XL_OV (the overlay). Addresses as in guest/net.sh.
 DOM0_IP=169.254.77.1 GUEST_IP=169.254.77.2 XL_WWW=/root/www
 guest_line() { net_guest_line "$NAME" "$@"; }
-# xl_net_setup: before `xl create`: no kernel netback (domio serves the vif), dom0's address on
-# xenbr0, and httpd serving 10 MiB of random data (DOWN_SUM). xl_net_cleanup undoes it.
-xl_net_setup() {
+# net_dom0_setup: dom0's side of the net-* and xl-* traffic checks, before the guest starts: no
+# kernel netback (domio serves the vif), dom0's address on xenbr0, and httpd serving 10 MiB of
+# random data (DOWN_SUM). net_dom0_cleanup undoes it.
+net_dom0_setup() {
   check kernel-netback-absent net_no_kernel_netback
   check tun-module modprobe tun
   check dom0-address ip addr add "$DOM0_IP/24" dev xenbr0
@@ -225,7 +226,7 @@ xl_net_setup() {
   DOWN_SUM=$(sha256sum "$XL_WWW/down.bin" | cut -d' ' -f1)
   httpd -f -p "$DOM0_IP:8080" -h "$XL_WWW" & HTTPD_PID=$!
 }
-xl_net_cleanup() {
+net_dom0_cleanup() {
   [ -z "${HTTPD_PID:-}" ] || kill "$HTTPD_PID" 2>/dev/null || true
   ip addr del "$DOM0_IP/24" dev xenbr0 2>/dev/null || true
   modprobe xen-netback 2>/dev/null || true

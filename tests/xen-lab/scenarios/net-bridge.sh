@@ -16,8 +16,7 @@
 # domio runs that hotplug script (Xen's own vif-bridge) instead of enslaving the tap itself.
 source /xenlab/lib.sh
 NET_SCRIPT=${NET_SCRIPT:-}
-NAME=${NET_NAME:-netbr} DOM0_IP=169.254.77.1 GUEST_IP=169.254.77.2 MAC=00:16:3e:77:00:02 DEVID=0
-WWW=/root/www
+NAME=${NET_NAME:-netbr} MAC=00:16:3e:77:00:02 DEVID=0
 net_write_nodes() { # DOMID: the nodes libxl writes for a vif, with its permissions
   local d=$1 be fe
   be=/local/domain/0/backend/vif/$d/$DEVID; fe=/local/domain/$d/device/vif/$DEVID
@@ -34,22 +33,14 @@ net_write_nodes() { # DOMID: the nodes libxl writes for a vif, with its permissi
 net_state() { case $2 in backend) xenstore-read "/local/domain/0/backend/vif/$1/$DEVID/state" ;;
   *) xenstore-read "/local/domain/$1/device/vif/$DEVID/state" ;; esac 2>/dev/null; }
 net_connected() { [ "$(net_state "$@")" = 4 ]; }
-guest_line() { net_guest_line "$NAME" "$@"; }
 tap_on_bridge() { [ "$(basename "$(readlink "/sys/class/net/vif$D.$DEVID/master" 2>/dev/null)")" = xenbr0 ]; }
 cleanup() {
-  [ -z "${HTTPD_PID:-}" ] || kill "$HTTPD_PID" 2>/dev/null || true
   [ -z "${PID:-}" ] || kill -KILL "$PID" 2>/dev/null || true
   [ -z "${D:-}" ] || xenstore-rm "/local/domain/0/backend/vif/$D" 2>/dev/null || true
-  ip addr del "$DOM0_IP/24" dev xenbr0 2>/dev/null || true
-  modprobe xen-netback 2>/dev/null || true
+  net_dom0_cleanup
 }
 
-check kernel-netback-absent net_no_kernel_netback
-check tun-module modprobe tun
-check dom0-address ip addr add "$DOM0_IP/24" dev xenbr0
-mkdir -p "$WWW"; head -c 10485760 /dev/urandom > "$WWW/down.bin"
-DOWN_SUM=$(sha256sum "$WWW/down.bin" | cut -d' ' -f1)
-httpd -f -p "$DOM0_IP:8080" -h "$WWW" & HTTPD_PID=$!
+net_dom0_setup
 if [ -n "${NET_VCPUS:-}" ]; then
   XENLAB_GUEST=net pv_guest_cfg "$NAME"
   sed -i "s/^vcpus=.*/vcpus=$NET_VCPUS/" "/root/$NAME.cfg"

@@ -17,9 +17,9 @@
 source /xenlab/lib.sh
 XLHVM_LINUX=${XLHVM_LINUX:-}
 NAME=xlhvm IMG=/root/xlhvm.img TOKEN=xlhvm-$RANDOM$RANDOM MAC=00:16:3e:77:00:03
-cleanup() { xl destroy "$NAME" >/dev/null 2>&1 || true; xl_net_cleanup; }
+cleanup() { xl destroy "$NAME" >/dev/null 2>&1 || true; net_dom0_cleanup; }
 trap cleanup EXIT
-xl_net_setup
+net_dom0_setup
 check make-image sh -c "truncate -s 64M $IMG"
 check write-marker blk_put_line "$IMG" "$BLK_MARK_OFF" "DOMIO-MARKER $TOKEN"
 # With Linux: the xl-pv guest's disk and network I/O (guest/xlpv.sh). The vif is xl's default

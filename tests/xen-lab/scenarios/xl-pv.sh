@@ -21,7 +21,7 @@ BASE=/root/xlpv-base.raw OV=/root/xlpv.qcow2
 MAC=00:16:3e:77:00:02
 cleanup() {
   xl destroy "$NAME" >/dev/null 2>&1 || true
-  xl_net_cleanup
+  net_dom0_cleanup
 }
 trap cleanup EXIT
 BLK_NAME=$NAME
@@ -30,7 +30,7 @@ dm_is_domio() { local p; p=$(dm_pid) || { echo "no image/device-model-pid"; retu
   [ "$(readlink "/proc/$p/exe")" = "$DOMIO" ] || { echo "pid $p runs $(readlink "/proc/$p/exe")"; return 1; }
   echo "device model pid $p: $(tr '\0' ' ' < "/proc/$p/cmdline" | cut -c1-200)"; }
 
-xl_net_setup
+net_dom0_setup
 if [ "$XLPV_FORMAT" = qcow2 ]; then
   check make-base sh -c "truncate -s 64M $BASE"
   check write-marker-into-base blk_put_line "$BASE" "$BLK_MARK_OFF" "DOMIO-MARKER $TOKEN"
