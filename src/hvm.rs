@@ -83,6 +83,7 @@ impl HvmInfo {
                 "handler_panics": g(&s.handler_panics),
                 "missed_events": g(&s.missed_events),
                 "renotified": g(&s.renotified),
+                "sweeps": g(&s.sweeps),
             }
         })
     }

@@ -205,8 +205,6 @@ struct Core {
     bad_ring_logged: bool,
     /// Per vCPU: its slot held an answer (IORESP_READY) at the last sweep.
     unconsumed: Vec<bool>,
-    /// Per vCPU, during a sweep: a request was waiting (reused, no allocation per sweep).
-    sweep_ready: Vec<bool>,
     sweep_log: crate::ratelimit::RateLimit,
 }
 
@@ -389,7 +387,6 @@ impl IoreqServer {
             spin: cfg.spin,
             bad_ring_logged: false,
             unconsumed: vec![false; cfg.vcpus as usize],
-            sweep_ready: Vec::with_capacity(cfg.vcpus as usize),
             sweep_log: crate::ratelimit::RateLimit::default(),
         })
     }
@@ -580,37 +577,38 @@ impl Core {
             .map(|b| b & 0x0f)
     }
 
-    /// The sweep after [`SWEEP_INTERVAL`] without events: serves requests that came without
-    /// an event (counted in `missed_events`), drains the buffered ring, and notifies again a
+    /// The sweep after [`SWEEP_INTERVAL`] without events: drains the buffered ring, serves
+    /// requests that came without an event (counted in `missed_events`), and notifies again a
     /// vCPU whose answer has waited since the previous sweep (`renotified`). Returns whether
     /// buffered work remains.
     fn sweep(&mut self, handler: &mut dyn IoHandler) -> bool {
-        let mut missed = 0u64;
-        let mut waiting = std::mem::take(&mut self.sweep_ready);
-        waiting.clear();
+        let more = match self.buf_off {
+            Some(_) => self.drain_buffered(handler).1,
+            None => false,
+        };
+        let (mut missed, mut renotified) = (0u64, 0u64);
         for v in 0..self.vcpus {
-            let ready = self.slot_state(v) == Some(STATE_IOREQ_READY);
-            missed += u64::from(ready);
-            waiting.push(ready);
-        }
-        let (_, more) = self.scan(handler);
-        let mut renotified = 0u64;
-        for v in 0..self.vcpus {
-            let answered = self.slot_state(v) == Some(STATE_IORESP_READY);
-            let fresh = waiting.get(v as usize).copied().unwrap_or(false);
-            let Some(flag) = self.unconsumed.get_mut(v as usize) else {
-                continue;
-            };
-            if answered && *flag && !fresh {
-                if let Some(port) = self.vcpu_ports.get(v as usize) {
-                    if self.evtchn.notify(*port).is_ok() {
-                        renotified += 1;
-                    }
+            let state = self.slot_state(v);
+            let waited = self.unconsumed.get(v as usize).copied().unwrap_or(false);
+            let answer_pending = match state {
+                Some(STATE_IOREQ_READY) => {
+                    missed += 1;
+                    self.serve_slot(v, handler)
                 }
+                Some(STATE_IORESP_READY) => {
+                    if waited {
+                        if let Some(port) = self.vcpu_ports.get(v as usize) {
+                            renotified += u64::from(self.evtchn.notify(*port).is_ok());
+                        }
+                    }
+                    true
+                }
+                _ => false,
+            };
+            if let Some(flag) = self.unconsumed.get_mut(v as usize) {
+                *flag = answer_pending;
             }
-            *flag = answered;
         }
-        self.sweep_ready = waiting;
         self.stats.sweeps.fetch_add(1, Ordering::Relaxed);
         if missed + renotified > 0 {
             self.stats

@@ -150,8 +150,9 @@ pub(crate) fn push_rw(
     .user_data(user_data);
     let mut sq = ring.submission();
     // SAFETY: the iovec array (or, for a plain read/write, the one segment it describes) and
-    // the segment memory it points to are owned by the engine's slot `user_data`, which is neither reused nor dropped until this entry's completion has
-    // been reaped (the engine's Drop waits for all in-flight entries). The fd outlives the ring.
+    // the segment memory it points to are owned by the engine's slot `user_data`, which is
+    // neither reused nor dropped until this entry's completion has been reaped (the engine's
+    // Drop waits for all in-flight entries). The fd outlives the ring.
     unsafe { sq.push(&sqe) }
 }
 
