@@ -387,7 +387,10 @@ impl Queue {
     fn run(&mut self) {
         let mut ports = [0 as Port; 8];
         loop {
-            {
+            // Which descriptors are readable: only those are read (each read is a syscall on
+            // the event path; the evtchn device, the engine's eventfd and the waker are all
+            // level-triggered, so nothing readable is missed by the next poll).
+            let (events, completions) = {
                 let mut fds = [
                     PollFd::new(self.evtchn.fd(), PollFlags::POLLIN),
                     PollFd::new(self.engine.completion_fd(), PollFlags::POLLIN),
@@ -400,15 +403,21 @@ impl Queue {
                 } else {
                     PollTimeout::NONE
                 };
-                if let Err(e) = poll(&mut fds, timeout) {
-                    if e != nix::errno::Errno::EINTR {
+                let ready = match poll(&mut fds, timeout) {
+                    Ok(_) => fds.map(|fd| fd.revents().is_some_and(|r| !r.is_empty())),
+                    // Interrupted: look at everything.
+                    Err(nix::errno::Errno::EINTR) => [true; 3],
+                    Err(e) => {
                         warn!(error = %e, "blk ring poll failed; stopping");
                         break;
                     }
+                };
+                if ready[2] {
+                    let _ = self.waker.fd.read();
                 }
-            }
+                (ready[0], ready[1])
+            };
             self.more = false;
-            let _ = self.waker.fd.read();
             if self.waker.stop.load(Ordering::SeqCst) {
                 break;
             }
@@ -424,18 +433,24 @@ impl Queue {
                 }
             }
             let mut delivered = false;
-            while let Ok(n) = self.evtchn.pending(&mut ports) {
-                if n == 0 {
-                    break;
+            if events {
+                // Ports come a buffer at a time; a short read means there are no more.
+                while let Ok(n) = self.evtchn.pending(&mut ports) {
+                    add(&self.shared.metrics.events, n as u64);
+                    delivered |= ports[..n].contains(&self.local);
+                    if n < ports.len() {
+                        break;
+                    }
                 }
-                add(&self.shared.metrics.events, n as u64);
-                delivered |= ports[..n].contains(&self.local);
             }
             let before = self.work;
-            self.pass();
+            self.pass(completions);
             if delivered {
                 let _ = self.evtchn.unmask(self.local);
-                self.pass();
+                // Requests published between the first pass's final check and the unmask
+                // raised no new event: look again. (What finishes meanwhile signals the
+                // engine's descriptor and is reaped after the next poll.)
+                self.pass(false);
                 if self.work == before {
                     // An event with nothing to do (XSA-332): counted; the port was unmasked
                     // only after the ring was drained, so a flood costs one pass per event.
@@ -449,9 +464,11 @@ impl Queue {
         self.shutdown();
     }
 
-    /// Reap, consume, kick, answer.
-    fn pass(&mut self) {
-        self.reap();
+    /// Reap (when the engine's descriptor said completions wait), consume, kick, answer.
+    fn pass(&mut self, completions: bool) {
+        if completions {
+            self.reap();
+        }
         // Answer what completed before taking new requests, so the frontend can reuse those
         // slots while we submit (Linux's blkback pushes each response as its I/O completes).
         self.publish();
@@ -1008,59 +1025,60 @@ impl Queue {
         }
     }
 
+    /// Takes what the engine finished: once per signal of its descriptor (what finishes
+    /// meanwhile signals it again and is reaped after the next poll, without a second,
+    /// empty reap here).
     fn reap(&mut self) {
-        loop {
-            self.done.clear();
-            match self.engine.reap(&mut self.done) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) => {
-                    if self.log_bucket.take(1.0) {
-                        warn!(queue = self.queue, error = %e, "engine reap failed");
-                    }
-                    break;
-                }
+        self.done.clear();
+        // An error (resubmitting the rest of a short transfer failed) still hands over
+        // what finished.
+        if let Err(e) = self.engine.reap(&mut self.done) {
+            if self.log_bucket.take(1.0) {
+                warn!(queue = self.queue, error = %e, "engine reap failed");
             }
-            let mut done = std::mem::take(&mut self.done);
-            if self.grant_mode == GrantMode::Copy {
-                // Every read this reap finished goes to the guest in one grant copy.
-                let mut reads = std::mem::take(&mut self.copy_reads);
-                for c in done.drain(..) {
-                    if self.is_copied_read(&c) {
-                        reads.push(c);
-                    } else {
-                        self.complete(c, None);
-                    }
-                }
-                if !reads.is_empty() {
-                    let mut ok = std::mem::take(&mut self.copy_ok);
-                    self.copy_reads_to_guest(&reads, &mut ok);
-                    for (c, good) in reads.drain(..).zip(ok.iter().copied()) {
-                        self.complete(c, Some(good));
-                    }
-                    self.copy_ok = ok;
-                }
-                self.copy_reads = reads;
-            } else {
-                for c in done.drain(..) {
+        }
+        if self.done.is_empty() {
+            return;
+        }
+        let mut done = std::mem::take(&mut self.done);
+        if self.grant_mode == GrantMode::Copy {
+            // Every read this reap finished goes to the guest in one grant copy.
+            let mut reads = std::mem::take(&mut self.copy_reads);
+            for c in done.drain(..) {
+                if self.is_copied_read(&c) {
+                    reads.push(c);
+                } else {
                     self.complete(c, None);
                 }
             }
-            self.done = done;
-            // Room in the engine again: move the backlog in.
-            while let Some(io) = self.backlog.pop_front() {
-                if let Err(io) = self.engine.queue(io) {
-                    self.backlog.push_front(io);
-                    break;
+            if !reads.is_empty() {
+                let mut ok = std::mem::take(&mut self.copy_ok);
+                self.copy_reads_to_guest(&reads, &mut ok);
+                for (c, good) in reads.drain(..).zip(ok.iter().copied()) {
+                    self.complete(c, Some(good));
                 }
+                self.copy_ok = ok;
             }
-            if let Barrier::Waiting(idx) = self.barrier {
-                if self.submitted == 0 {
-                    self.submit(idx);
-                }
+            self.copy_reads = reads;
+        } else {
+            for c in done.drain(..) {
+                self.complete(c, None);
             }
-            self.kick();
         }
+        self.done = done;
+        // Room in the engine again: move the backlog in.
+        while let Some(io) = self.backlog.pop_front() {
+            if let Err(io) = self.engine.queue(io) {
+                self.backlog.push_front(io);
+                break;
+            }
+        }
+        if let Barrier::Waiting(idx) = self.barrier {
+            if self.submitted == 0 {
+                self.submit(idx);
+            }
+        }
+        self.kick();
     }
 
     /// A read that completed well in grant-copy mode: its data still has to reach the guest.

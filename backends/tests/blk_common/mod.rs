@@ -54,6 +54,9 @@ pub struct MemDisk {
     capacity: AtomicU64,
     /// The most requests any one engine kick handed over.
     pub max_kick_batch: AtomicU64,
+    /// Reaps that fail (after handing over what finished, as the raw engine's reap does
+    /// when resubmitting the rest of a short transfer fails).
+    pub reap_errors: AtomicU64,
 }
 
 impl MemDisk {
@@ -65,6 +68,7 @@ impl MemDisk {
             queues: Mutex::new(Vec::new()),
             capacity: AtomicU64::new(capacity),
             max_kick_batch: AtomicU64::new(0),
+            reap_errors: AtomicU64::new(0),
         })
     }
 
@@ -233,6 +237,17 @@ impl Engine for MemEngine {
         let mut d = self.q.done.lock().unwrap();
         let n = d.len();
         out.extend(d.drain(..));
+        let fail = self
+            .disk
+            .reap_errors
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| e.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Err(EngineError::Io {
+                op: "test reap",
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
         Ok(n)
     }
     fn in_flight(&self) -> usize {
