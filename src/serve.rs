@@ -54,6 +54,11 @@ pub struct ServeArgs {
     /// page is ever mapped). docs/PERFORMANCE.md has the three measured.
     #[arg(long, value_enum, default_value_t = BlkGrants::Persistent)]
     pub blk_grants: BlkGrants,
+    /// Before a disk's ring thread sleeps, it busy-polls its ring and its storage for up to
+    /// this many microseconds (0, the default: it sleeps at once). Trades dom0 CPU time for
+    /// latency and IOPS; docs/PERFORMANCE.md has figures.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub blk_poll_us: u32,
 }
 
 /// `--blk-grants`.
@@ -372,7 +377,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         args.domid,
         &types,
         Arc::new(LogSink),
-        args.blk_grants.config(),
+        BlkConfig {
+            poll_us: args.blk_poll_us,
+            ..args.blk_grants.config()
+        },
         tap_engine_factory(),
     )?;
     let svc = Arc::new(svc);

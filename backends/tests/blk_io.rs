@@ -73,6 +73,50 @@ fn test_blk_completions_handed_over_by_a_failing_reap_are_answered() {
 }
 
 #[test]
+fn test_blk_poll_window_takes_requests_published_without_an_event() {
+    // A window far longer than the test: the ring thread polls until work comes.
+    let config = BlkConfig {
+        poll_us: 60_000_000,
+        ..BlkConfig::default()
+    };
+    let r = rig_with(&[(0, "w")], config);
+    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    write_read_roundtrip(&r, &mut f, 0);
+    let events = r.stats(0).events;
+
+    // No event: only a ring thread that polls `req_prod` can see this request.
+    let (g, gr) = f.data_page(0, true);
+    f.guest.write_page(g, 0, &pattern(7)).unwrap();
+    f.put(0, &rw(BLKIF_OP_WRITE, 3, 64, &[(gr, 0, 7)]));
+    f.push_silent(0);
+    let rsp = f.responses(0, 1)[0];
+
+    assert_eq!((rsp.id, rsp.status), (3, BLKIF_RSP_OKAY));
+    assert_eq!(r.disk.read_at(64 * 512, PAGE_SIZE), pattern(7));
+    let s = r.stats(0);
+    assert_eq!(s.events, events, "the request came without an event");
+    assert!(s.poll_hits >= 1, "{s:?}");
+}
+
+#[test]
+fn test_blk_poll_window_ends_and_events_still_wake_the_ring_thread() {
+    let config = BlkConfig {
+        poll_us: 200,
+        ..BlkConfig::default()
+    };
+    let r = rig_with(&[(0, "w")], config);
+    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    write_read_roundtrip(&r, &mut f, 0);
+
+    // With nothing more to do the window runs out and the thread sleeps...
+    wait_for("a poll window to run out", || r.stats(0).poll_misses >= 1);
+    // ...and the next request's event wakes it.
+    write_read_roundtrip(&r, &mut f, 0);
+    let s = r.stats(0);
+    assert_eq!((s.writes, s.reads, s.errors), (2, 2, 0));
+}
+
+#[test]
 fn test_blk_partial_sectors_move_only_those_sectors() {
     let r = rig(&[(0, "w")]);
     let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());

@@ -217,6 +217,8 @@ fn test_bench_measure_raw_randrw_against_blkback_has_no_errors() {
         blk_grants: crate::serve::BlkGrants::Persistent,
         indirect_segments: 32,
         abi: super::blk::Abi::X86_32,
+        blk_poll_us: 0,
+        guest_poll_us: 0,
         json: false,
     };
     args.validate().unwrap();
@@ -227,6 +229,39 @@ fn test_bench_measure_raw_randrw_against_blkback_has_no_errors() {
     assert_eq!(rep.errors, 0);
     assert_eq!(rep.queues, 2);
     assert!(rep.cpu_ns_per_req > 0.0);
+    assert_eq!((rep.blk_poll_hits, rep.blk_poll_misses), (0, 0));
+}
+
+#[test]
+fn test_bench_measure_raw_randread_with_backend_and_guest_polling_has_no_errors() {
+    let d = disk(16 << 20);
+    let args = BlkArgs {
+        engine: super::blk::EngineKind::Raw,
+        image: Some(d.path.clone()),
+        null_size: 1 << 30,
+        bs: 4096,
+        qd: 8,
+        queues: 1,
+        pattern: super::blk::Pattern::Randread,
+        duration: 0.3,
+        ring_order: 0,
+        no_persistent: false,
+        blk_grants: crate::serve::BlkGrants::Persistent,
+        indirect_segments: 32,
+        abi: super::blk::Abi::X86_64,
+        blk_poll_us: 500,
+        guest_poll_us: 500,
+        json: false,
+    };
+    args.validate().unwrap();
+
+    let rep = measure(&args).unwrap();
+
+    assert!(rep.requests > 0);
+    assert_eq!(rep.errors, 0);
+    assert_eq!((rep.blk_poll_us, rep.guest_poll_us), (500, 500));
+    // blkback's ring thread polled, and found work in its windows.
+    assert!(rep.blk_poll_hits > 0, "{rep:?}");
 }
 
 #[test]

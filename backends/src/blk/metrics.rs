@@ -48,6 +48,10 @@ pub struct BlkMetrics {
     pub spurious_events: AtomicU64,
     /// Notifications sent to the frontend.
     pub notifications: AtomicU64,
+    /// Busy-poll windows (`BlkConfig::poll_us`) in which work came.
+    pub poll_hits: AtomicU64,
+    /// Busy-poll windows that ran out (the ring thread then slept).
+    pub poll_misses: AtomicU64,
     /// Rings halted because the frontend broke the protocol (impossible indices).
     pub rogue_rings: AtomicU64,
     /// Online resizes.
@@ -99,6 +103,10 @@ pub struct BlkStats {
     pub spurious_events: u64,
     /// See [`BlkMetrics::notifications`].
     pub notifications: u64,
+    /// See [`BlkMetrics::poll_hits`].
+    pub poll_hits: u64,
+    /// See [`BlkMetrics::poll_misses`].
+    pub poll_misses: u64,
     /// See [`BlkMetrics::rogue_rings`].
     pub rogue_rings: u64,
     /// See [`BlkMetrics::resizes`].
@@ -131,6 +139,8 @@ impl BlkMetrics {
             events: l(&self.events),
             spurious_events: l(&self.spurious_events),
             notifications: l(&self.notifications),
+            poll_hits: l(&self.poll_hits),
+            poll_misses: l(&self.poll_misses),
             rogue_rings: l(&self.rogue_rings),
             resizes: l(&self.resizes),
         }

@@ -596,6 +596,15 @@ impl TestFront {
         fq.port.notify().unwrap();
     }
 
+    /// Publishes `req_prod` without notifying (a backend that polls the ring still sees it).
+    pub fn push_silent(&mut self, q: usize) {
+        let fq = &self.queues[q];
+        self.guest
+            .ram()
+            .store_u32(fq.base, fq.req_prod_pvt, Ordering::Release)
+            .unwrap();
+    }
+
     /// Writes `req_prod` directly (hostile).
     pub fn set_req_prod(&self, q: usize, v: u32) {
         self.guest
