@@ -117,6 +117,40 @@ fn test_blk_poll_window_ends_and_events_still_wake_the_ring_thread() {
 }
 
 #[test]
+fn test_blk_poll_window_does_not_spin_on_requests_held_behind_a_barrier() {
+    let config = BlkConfig {
+        poll_us: 500,
+        ..BlkConfig::default()
+    };
+    let r = rig_with(&[(0, "w")], config);
+    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    let (_, gr) = f.data_page(1, true);
+    r.disk.hold();
+    wait_for("the ring thread to go to sleep", || {
+        r.stats(0).poll_misses >= 1
+    });
+    let before = r.stats(0);
+    f.put(0, &rw(BLKIF_OP_WRITE, 1, 0, &[(gr, 0, 7)]));
+    f.put(0, &rw(BLKIF_OP_WRITE_BARRIER, 2, 8, &[(gr, 0, 7)]));
+    f.put(0, &rw(BLKIF_OP_WRITE, 3, 16, &[(gr, 0, 7)]));
+    f.push(0);
+    wait_for("the write before the barrier", || r.disk.held() == 1);
+
+    // Request 3 waits on the ring behind the barrier. The thread does not count it as work
+    // (it would go round without ever sleeping): its window runs out and it sleeps.
+    wait_for("a poll window to run out behind the barrier", || {
+        r.stats(0).poll_misses > before.poll_misses
+    });
+    let s = r.stats(0);
+    // The event and the engine's signal are all the work there was.
+    assert!(s.poll_hits <= before.poll_hits + 2, "{before:?} {s:?}");
+
+    r.disk.release();
+    let rsps = f.responses(0, 3);
+    assert!(rsps.iter().all(|x| x.status == BLKIF_RSP_OKAY));
+}
+
+#[test]
 fn test_blk_partial_sectors_move_only_those_sectors() {
     let r = rig(&[(0, "w")]);
     let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());

@@ -484,12 +484,17 @@ impl Queue {
 
     /// Busy-polls for up to the poll window: the ring's producer index (a memory read: the
     /// frontend need not even notify) and the descriptors (an event, a completion, a stop
-    /// request). True if something came.
+    /// request). True if something came. Requests only count when the queue can take them
+    /// (not behind a barrier, a slot free, the ring not halted): else the thread would spin
+    /// without a bound on requests it leaves where they are.
     fn spin(&self, fds: &mut [PollFd]) -> bool {
         let window = Duration::from_nanos(self.poll_ns);
         let start = Instant::now();
+        let takes = !self.rogue && !self.stalled();
         loop {
-            if self.ring.has_requests() || matches!(poll(fds, PollTimeout::ZERO), Ok(n) if n > 0) {
+            if (takes && self.ring.has_requests())
+                || matches!(poll(fds, PollTimeout::ZERO), Ok(n) if n > 0)
+            {
                 add(&self.shared.metrics.poll_hits, 1);
                 return true;
             }
