@@ -151,6 +151,20 @@ fn test_blk_poll_window_does_not_spin_on_requests_held_behind_a_barrier() {
 }
 
 #[test]
+fn test_blk_a_reap_that_fails_before_handing_over_is_retried_without_a_new_signal() {
+    let r = rig(&[(0, "w")]);
+    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    r.disk.reap_failures_early.store(1, Ordering::SeqCst);
+
+    // The first reap takes the eventfd's signal and fails with the write's completion still
+    // in the engine; nothing signals again, so only a retry gets the guest its answer.
+    write_read_roundtrip(&r, &mut f, 0);
+
+    assert_eq!(r.disk.reap_failures_early.load(Ordering::SeqCst), 0);
+    assert_eq!(r.stats(0).in_flight, 0);
+}
+
+#[test]
 fn test_blk_partial_sectors_move_only_those_sectors() {
     let r = rig(&[(0, "w")]);
     let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());

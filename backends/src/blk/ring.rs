@@ -160,6 +160,9 @@ impl Ring {
     }
 }
 
+/// How long the ring thread waits before reaping again after a failed reap, milliseconds.
+const REAP_RETRY_MS: u8 = 1;
+
 /// One request slot, preallocated.
 struct Slot {
     req: Option<Request>,
@@ -202,6 +205,8 @@ struct Queue {
     submit_batch: u32,
     /// Busy-poll window, nanoseconds (0: sleep at once).
     poll_ns: u64,
+    /// The last engine reap failed: reap again after a short timeout.
+    reap_owed: bool,
     /// Requests started since the last engine kick.
     unkicked: u32,
     /// Where the last request taken from the ring ended (a request starting there continues
@@ -323,6 +328,7 @@ pub(crate) fn start(p: QueueParams) -> Result<QueueHandle, BlkError> {
         free: (0..n).rev().collect(),
         submit_batch: p.submit_batch.max(1),
         poll_ns: p.poll_ns,
+        reap_owed: false,
         unkicked: 0,
         next_sector: u64::MAX,
         submitted: 0,
@@ -418,6 +424,8 @@ impl Queue {
                 // at the descriptors without sleeping, then go on.
                 let timeout = if self.more || polled {
                     PollTimeout::ZERO
+                } else if self.reap_owed {
+                    PollTimeout::from(REAP_RETRY_MS)
                 } else {
                     PollTimeout::NONE
                 };
@@ -433,7 +441,7 @@ impl Queue {
                 if ready[2] {
                     let _ = self.waker.fd.read();
                 }
-                (ready[0], ready[1])
+                (ready[0], ready[1] || self.reap_owed)
             };
             self.more = false;
             if self.waker.stop.load(Ordering::SeqCst) {
@@ -1067,14 +1075,20 @@ impl Queue {
         }
     }
 
-    /// Takes what the engine finished: once per signal of its descriptor (what finishes
-    /// meanwhile signals it again and is reaped after the next poll, without a second,
-    /// empty reap here).
+    /// Takes what the engine finished: once per signal of its descriptor. What finishes
+    /// meanwhile, or what the kernel keeps for a later batch (Linux 6.13+ runs at most 20
+    /// deferred io_uring completions per enter), signals it again and is reaped after the
+    /// next poll.
     fn reap(&mut self) {
         self.done.clear();
         // An error (resubmitting the rest of a short transfer failed) still hands over
         // what finished.
-        if let Err(e) = self.engine.reap(&mut self.done) {
+        // A failed reap may have consumed the descriptor's signal and left completions
+        // behind (io_uring's deferred completion work signals only when it goes from none to
+        // some): try again after REAP_RETRY_MS rather than wait for a signal.
+        let r = self.engine.reap(&mut self.done);
+        self.reap_owed = r.is_err();
+        if let Err(e) = r {
             if self.log_bucket.take(1.0) {
                 warn!(queue = self.queue, error = %e, "engine reap failed");
             }

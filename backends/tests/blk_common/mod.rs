@@ -57,6 +57,9 @@ pub struct MemDisk {
     /// Reaps that fail (after handing over what finished, as the raw engine's reap does
     /// when resubmitting the rest of a short transfer fails).
     pub reap_errors: AtomicU64,
+    /// Reaps that fail before handing anything over, after taking the eventfd's signal (as
+    /// io_uring's reap does when running the deferred completions fails).
+    pub reap_failures_early: AtomicU64,
 }
 
 impl MemDisk {
@@ -69,6 +72,7 @@ impl MemDisk {
             capacity: AtomicU64::new(capacity),
             max_kick_batch: AtomicU64::new(0),
             reap_errors: AtomicU64::new(0),
+            reap_failures_early: AtomicU64::new(0),
         })
     }
 
@@ -234,6 +238,17 @@ impl Engine for MemEngine {
     }
     fn reap(&mut self, out: &mut Vec<Completion>) -> Result<usize, EngineError> {
         let _ = self.q.efd.read();
+        let early = self
+            .disk
+            .reap_failures_early
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| e.checked_sub(1))
+            .is_ok();
+        if early {
+            return Err(EngineError::Io {
+                op: "test reap",
+                source: std::io::Error::from_raw_os_error(libc::EBADR),
+            });
+        }
         let mut d = self.q.done.lock().unwrap();
         let n = d.len();
         out.extend(d.drain(..));

@@ -551,16 +551,18 @@ impl Engine for RawEngine {
         for job in self.deferred.drain(..) {
             self.pool.submit(job);
         }
-        if let Some(u) = &mut self.uring {
-            u.submit().map_err(|source| EngineError::Io {
-                op: "io_uring submit",
-                source,
-            })?;
-        }
+        // Requests that already finished (refused at queue time) are signalled even if the
+        // submission below fails: the ring thread reaps only when the descriptor says so.
         if std::mem::take(&mut self.signal) {
             self.efd.write(1).map_err(|e| EngineError::Io {
                 op: "eventfd write",
                 source: e.into(),
+            })?;
+        }
+        if let Some(u) = &mut self.uring {
+            u.submit().map_err(|source| EngineError::Io {
+                op: "io_uring submit",
+                source,
             })?;
         }
         Ok(())
