@@ -200,26 +200,36 @@ fn test_blkback_pipelined_full_ring_of_writes_all_complete() {
     closed.unwrap();
 }
 
-#[test]
-fn test_bench_measure_raw_randrw_against_blkback_has_no_errors() {
-    let d = disk(16 << 20);
-    let args = BlkArgs {
+/// `domio bench blk` arguments for a short raw-engine run on `image`.
+fn raw_args(image: &std::path::Path) -> BlkArgs {
+    BlkArgs {
         engine: super::blk::EngineKind::Raw,
-        image: Some(d.path.clone()),
+        image: Some(image.to_path_buf()),
         null_size: 1 << 30,
         bs: 4096,
         qd: 8,
-        queues: 2,
-        pattern: super::blk::Pattern::Randrw,
+        queues: 1,
+        pattern: super::blk::Pattern::Randread,
         duration: 0.3,
         ring_order: 0,
         no_persistent: false,
         blk_grants: crate::serve::BlkGrants::Persistent,
         indirect_segments: 32,
-        abi: super::blk::Abi::X86_32,
+        abi: super::blk::Abi::X86_64,
         blk_poll_us: 0,
         guest_poll_us: 0,
         json: false,
+    }
+}
+
+#[test]
+fn test_bench_measure_raw_randrw_against_blkback_has_no_errors() {
+    let d = disk(16 << 20);
+    let args = BlkArgs {
+        queues: 2,
+        pattern: super::blk::Pattern::Randrw,
+        abi: super::blk::Abi::X86_32,
+        ..raw_args(&d.path)
     };
     args.validate().unwrap();
 
@@ -236,22 +246,9 @@ fn test_bench_measure_raw_randrw_against_blkback_has_no_errors() {
 fn test_bench_measure_raw_randread_with_backend_and_guest_polling_has_no_errors() {
     let d = disk(16 << 20);
     let args = BlkArgs {
-        engine: super::blk::EngineKind::Raw,
-        image: Some(d.path.clone()),
-        null_size: 1 << 30,
-        bs: 4096,
-        qd: 8,
-        queues: 1,
-        pattern: super::blk::Pattern::Randread,
-        duration: 0.3,
-        ring_order: 0,
-        no_persistent: false,
-        blk_grants: crate::serve::BlkGrants::Persistent,
-        indirect_segments: 32,
-        abi: super::blk::Abi::X86_64,
         blk_poll_us: 500,
         guest_poll_us: 500,
-        json: false,
+        ..raw_args(&d.path)
     };
     args.validate().unwrap();
 

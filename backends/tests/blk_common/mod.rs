@@ -238,30 +238,14 @@ impl Engine for MemEngine {
     }
     fn reap(&mut self, out: &mut Vec<Completion>) -> Result<usize, EngineError> {
         let _ = self.q.efd.read();
-        let early = self
-            .disk
-            .reap_failures_early
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| e.checked_sub(1))
-            .is_ok();
-        if early {
-            return Err(EngineError::Io {
-                op: "test reap",
-                source: std::io::Error::from_raw_os_error(libc::EBADR),
-            });
+        if take_one(&self.disk.reap_failures_early) {
+            return Err(reap_error(libc::EBADR));
         }
         let mut d = self.q.done.lock().unwrap();
         let n = d.len();
         out.extend(d.drain(..));
-        let fail = self
-            .disk
-            .reap_errors
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| e.checked_sub(1))
-            .is_ok();
-        if fail {
-            return Err(EngineError::Io {
-                op: "test reap",
-                source: std::io::Error::from_raw_os_error(libc::EIO),
-            });
+        if take_one(&self.disk.reap_errors) {
+            return Err(reap_error(libc::EIO));
         }
         Ok(n)
     }
@@ -271,6 +255,20 @@ impl Engine for MemEngine {
     fn refresh_capacity(&mut self) -> Result<u64, EngineError> {
         self.info.capacity = self.disk.capacity.load(Ordering::SeqCst);
         Ok(self.info.capacity)
+    }
+}
+
+/// Takes one from a counter of failures to inject: true if there was one.
+fn take_one(counter: &AtomicU64) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| e.checked_sub(1))
+        .is_ok()
+}
+
+fn reap_error(errno: i32) -> EngineError {
+    EngineError::Io {
+        op: "test reap",
+        source: std::io::Error::from_raw_os_error(errno),
     }
 }
 
