@@ -601,12 +601,8 @@ impl TestFront {
 
     /// Publishes `req_prod` and notifies.
     pub fn push(&mut self, q: usize) {
-        let fq = &self.queues[q];
-        self.guest
-            .ram()
-            .store_u32(fq.base, fq.req_prod_pvt, Ordering::Release)
-            .unwrap();
-        fq.port.notify().unwrap();
+        self.push_silent(q);
+        self.queues[q].port.notify().unwrap();
     }
 
     /// Publishes `req_prod` without notifying (a backend that polls the ring still sees it).
