@@ -160,6 +160,17 @@ impl Ring {
     }
 }
 
+/// What a poll window found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Polled {
+    /// Requests on the ring (seen in `req_prod`, with or without an event).
+    Ring,
+    /// A readable descriptor: an event, completions, the waker.
+    Descriptor,
+    /// Nothing: the window ran out.
+    Nothing,
+}
+
 /// How long the ring thread waits before reaping again after a failed reap, milliseconds.
 const REAP_RETRY_MS: u8 = 1;
 
@@ -207,6 +218,9 @@ struct Queue {
     poll_ns: u64,
     /// The last engine reap failed: reap again after a short timeout.
     reap_owed: bool,
+    /// Polling found requests on the ring since the last event was handled (that event may
+    /// then find nothing left, and is not spurious).
+    polled_ring: bool,
     /// Requests started since the last engine kick.
     unkicked: u32,
     /// Where the last request taken from the ring ended (a request starting there continues
@@ -329,6 +343,7 @@ pub(crate) fn start(p: QueueParams) -> Result<QueueHandle, BlkError> {
         submit_batch: p.submit_batch.max(1),
         poll_ns: p.poll_ns,
         reap_owed: false,
+        polled_ring: false,
         unkicked: 0,
         next_sector: u64::MAX,
         submitted: 0,
@@ -419,10 +434,15 @@ impl Queue {
                 ];
                 // Busy-poll first if asked: a request or a completion that comes within the
                 // window is taken without the cost of sleeping and being woken.
-                let polled = self.poll_ns > 0 && !self.more && self.spin(&mut fds);
+                let polled = if self.poll_ns > 0 && !self.more {
+                    self.spin(&mut fds)
+                } else {
+                    Polled::Nothing
+                };
+                self.polled_ring |= polled == Polled::Ring;
                 // Work left over from a pass that hit its budget, or found by polling: look
                 // at the descriptors without sleeping, then go on.
-                let timeout = if self.more || polled {
+                let timeout = if self.more || polled != Polled::Nothing {
                     PollTimeout::ZERO
                 } else if self.reap_owed {
                     PollTimeout::from(REAP_RETRY_MS)
@@ -477,11 +497,13 @@ impl Queue {
                 // raised no new event: look again. (What finishes meanwhile signals the
                 // engine's descriptor and is reaped after the next poll.)
                 self.pass(false);
-                if self.work == before {
+                if self.work == before && !self.polled_ring {
                     // An event with nothing to do (XSA-332): counted; the port was unmasked
                     // only after the ring was drained, so a flood costs one pass per event.
+                    // (Requests that polling took before their event arrived are not that.)
                     add(&self.shared.metrics.spurious_events, 1);
                 }
+                self.polled_ring = false;
             }
             if self.rogue && self.submitted == 0 {
                 break;
@@ -495,20 +517,25 @@ impl Queue {
     /// request). True if something came. Requests only count when the queue can take them
     /// (not behind a barrier, a slot free, the ring not halted): else the thread would spin
     /// without a bound on requests it leaves where they are.
-    fn spin(&self, fds: &mut [PollFd]) -> bool {
+    fn spin(&self, fds: &mut [PollFd]) -> Polled {
         let window = Duration::from_nanos(self.poll_ns);
         let start = Instant::now();
         let takes = !self.rogue && !self.stalled();
         loop {
-            if (takes && self.ring.has_requests())
-                || matches!(poll(fds, PollTimeout::ZERO), Ok(n) if n > 0)
-            {
+            let found = if takes && self.ring.has_requests() {
+                Polled::Ring
+            } else if matches!(poll(fds, PollTimeout::ZERO), Ok(n) if n > 0) {
+                Polled::Descriptor
+            } else {
+                Polled::Nothing
+            };
+            if found != Polled::Nothing {
                 add(&self.shared.metrics.poll_hits, 1);
-                return true;
+                return found;
             }
             if start.elapsed() >= window {
                 add(&self.shared.metrics.poll_misses, 1);
-                return false;
+                return Polled::Nothing;
             }
             std::hint::spin_loop();
         }
