@@ -171,6 +171,10 @@ enum Polled {
     Nothing,
 }
 
+/// The most late events excused from the spurious count (a bound, so that a frontend cannot
+/// bank an unlimited number).
+const MAX_EARLY_TAKES: u32 = 64;
+
 /// How long the ring thread waits before reaping again after a failed reap, milliseconds.
 const REAP_RETRY_MS: u8 = 1;
 
@@ -218,9 +222,9 @@ struct Queue {
     poll_ns: u64,
     /// The last engine reap failed: reap again after a short timeout.
     reap_owed: bool,
-    /// Polling found requests on the ring since the last event was handled (that event may
-    /// then find nothing left, and is not spurious).
-    polled_ring: bool,
+    /// Batches of requests that polling took before their event was delivered: as many
+    /// later events that find nothing are theirs, not spurious (at most MAX_EARLY_TAKES).
+    early_takes: u32,
     /// Requests started since the last engine kick.
     unkicked: u32,
     /// Where the last request taken from the ring ended (a request starting there continues
@@ -343,7 +347,7 @@ pub(crate) fn start(p: QueueParams) -> Result<QueueHandle, BlkError> {
         submit_batch: p.submit_batch.max(1),
         poll_ns: p.poll_ns,
         reap_owed: false,
-        polled_ring: false,
+        early_takes: 0,
         unkicked: 0,
         next_sector: u64::MAX,
         submitted: 0,
@@ -426,7 +430,7 @@ impl Queue {
             // Which descriptors are readable: only those are read (each read is a syscall on
             // the event path; the evtchn device, the engine's eventfd and the waker are all
             // level-triggered, so nothing readable is missed by the next poll).
-            let (events, completions) = {
+            let (events, completions, polled) = {
                 let mut fds = [
                     PollFd::new(self.evtchn.fd(), PollFlags::POLLIN),
                     PollFd::new(self.engine.completion_fd(), PollFlags::POLLIN),
@@ -439,7 +443,6 @@ impl Queue {
                 } else {
                     Polled::Nothing
                 };
-                self.polled_ring |= polled == Polled::Ring;
                 // Work left over from a pass that hit its budget, or found by polling: look
                 // at the descriptors without sleeping, then go on.
                 let timeout = if self.more || polled != Polled::Nothing {
@@ -461,7 +464,7 @@ impl Queue {
                 if ready[2] {
                     let _ = self.waker.fd.read();
                 }
-                (ready[0], ready[1] || self.reap_owed)
+                (ready[0], ready[1] || self.reap_owed, polled)
             };
             self.more = false;
             if self.waker.stop.load(Ordering::SeqCst) {
@@ -491,19 +494,27 @@ impl Queue {
             }
             let before = self.work;
             self.pass(completions);
+            if polled == Polled::Ring && !delivered && self.work > before {
+                // Taken before its event: that event may come later and find nothing.
+                self.early_takes = self.early_takes.saturating_add(1).min(MAX_EARLY_TAKES);
+            }
             if delivered {
                 let _ = self.evtchn.unmask(self.local);
                 // Requests published between the first pass's final check and the unmask
                 // raised no new event: look again. (What finishes meanwhile signals the
                 // engine's descriptor and is reaped after the next poll.)
                 self.pass(false);
-                if self.work == before && !self.polled_ring {
-                    // An event with nothing to do (XSA-332): counted; the port was unmasked
-                    // only after the ring was drained, so a flood costs one pass per event.
-                    // (Requests that polling took before their event arrived are not that.)
-                    add(&self.shared.metrics.spurious_events, 1);
+                if self.work == before {
+                    if self.early_takes > 0 {
+                        // The late event of requests that polling took without it.
+                        self.early_takes -= 1;
+                    } else {
+                        // An event with nothing to do (XSA-332): counted; the port was
+                        // unmasked only after the ring was drained, so a flood costs one pass
+                        // per event.
+                        add(&self.shared.metrics.spurious_events, 1);
+                    }
                 }
-                self.polled_ring = false;
             }
             if self.rogue && self.submitted == 0 {
                 break;

@@ -1129,12 +1129,13 @@ impl Vif {
         }
         self.engine_dead |= bit(ei);
         self.engine_ready &= !bit(ei);
-        add(&self.shared.metrics.engine_failures, 1);
         warn!(queue = ei, error = %e, "engine queue failed; no longer serving it");
         let msg = format!("vif engine queue {ei} failed: {e}");
         if let Err(err) = self.ctx.report_error(&msg) {
             debug!(error = %err, "cannot write the error node");
         }
+        // Counted once it is reported: whoever sees the counter can read the node.
+        add(&self.shared.metrics.engine_failures, 1);
     }
 
     /// Steers, filters and queues one frame from `rx_scratch[..n]`.
