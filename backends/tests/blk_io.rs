@@ -7,7 +7,7 @@ mod blk_common;
 use backends::blk::engine::IoOp;
 use backends::blk::{BlkConfig, GrantMode};
 use blk_common::*;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use xen::abi::blkif::*;
 use xen::PAGE_SIZE;
 use xenbus::XenbusState;
@@ -58,29 +58,48 @@ fn test_blk_write_then_read_round_trips_data() {
     assert_eq!(s.in_flight, 0);
 }
 
-#[test]
-fn test_blk_completions_handed_over_by_a_failing_reap_are_answered() {
+/// A write and a read with one reap failure injected through `failures`: both still get
+/// their answers, and nothing stays in flight.
+fn roundtrip_survives_a_reap_failure(failures: fn(&MemDisk) -> &AtomicU64) {
     let r = rig(&[(0, "w")]);
     let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
-    r.disk.reap_errors.store(1, Ordering::SeqCst);
+    failures(&r.disk).store(1, Ordering::SeqCst);
 
-    // The reap that returns the write's completion also reports an error: the guest still
-    // gets its answer (a lost completion would hang the request and its ring slot).
     write_read_roundtrip(&r, &mut f, 0);
 
-    assert_eq!(r.disk.reap_errors.load(Ordering::SeqCst), 0);
+    assert_eq!(failures(&r.disk).load(Ordering::SeqCst), 0);
     assert_eq!(r.stats(0).in_flight, 0);
+}
+
+#[test]
+fn test_blk_completions_handed_over_by_a_failing_reap_are_answered() {
+    // The reap that returns the write's completion also reports an error (a lost completion
+    // would hang the request and its ring slot).
+    roundtrip_survives_a_reap_failure(|d| &d.reap_errors);
+}
+
+#[test]
+fn test_blk_a_reap_that_fails_before_handing_over_is_retried_without_a_new_signal() {
+    // The first reap takes the eventfd's signal and fails with the write's completion still
+    // in the engine; nothing signals again, so only a retry gets the guest its answer.
+    roundtrip_survives_a_reap_failure(|d| &d.reap_failures_early);
+}
+
+/// A rig whose ring threads poll for `poll_us` before sleeping, and a connected frontend.
+fn polling_rig(poll_us: u32) -> (Rig, TestFront) {
+    let config = BlkConfig {
+        poll_us,
+        ..BlkConfig::default()
+    };
+    let r = rig_with(&[(0, "w")], config);
+    let f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    (r, f)
 }
 
 #[test]
 fn test_blk_poll_window_takes_requests_published_without_an_event() {
     // A window far longer than the test: the ring thread polls until work comes.
-    let config = BlkConfig {
-        poll_us: 60_000_000,
-        ..BlkConfig::default()
-    };
-    let r = rig_with(&[(0, "w")], config);
-    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    let (r, mut f) = polling_rig(60_000_000);
     write_read_roundtrip(&r, &mut f, 0);
     let events = r.stats(0).events;
 
@@ -100,12 +119,7 @@ fn test_blk_poll_window_takes_requests_published_without_an_event() {
 
 #[test]
 fn test_blk_poll_window_an_event_for_a_request_polling_took_is_not_spurious() {
-    let config = BlkConfig {
-        poll_us: 60_000_000,
-        ..BlkConfig::default()
-    };
-    let r = rig_with(&[(0, "w")], config);
-    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    let (r, mut f) = polling_rig(60_000_000);
     write_read_roundtrip(&r, &mut f, 0);
     let (_, gr) = f.data_page(0, true);
     f.put(0, &rw(BLKIF_OP_WRITE, 3, 64, &[(gr, 0, 7)]));
@@ -126,12 +140,7 @@ fn test_blk_poll_window_an_event_for_a_request_polling_took_is_not_spurious() {
 
 #[test]
 fn test_blk_poll_window_ends_and_events_still_wake_the_ring_thread() {
-    let config = BlkConfig {
-        poll_us: 200,
-        ..BlkConfig::default()
-    };
-    let r = rig_with(&[(0, "w")], config);
-    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    let (r, mut f) = polling_rig(200);
     write_read_roundtrip(&r, &mut f, 0);
 
     // With nothing more to do the window runs out and the thread sleeps...
@@ -144,12 +153,7 @@ fn test_blk_poll_window_ends_and_events_still_wake_the_ring_thread() {
 
 #[test]
 fn test_blk_poll_window_does_not_spin_on_requests_held_behind_a_barrier() {
-    let config = BlkConfig {
-        poll_us: 500,
-        ..BlkConfig::default()
-    };
-    let r = rig_with(&[(0, "w")], config);
-    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
+    let (r, mut f) = polling_rig(500);
     let (_, gr) = f.data_page(1, true);
     r.disk.hold();
     wait_for("the ring thread to go to sleep", || {
@@ -174,20 +178,6 @@ fn test_blk_poll_window_does_not_spin_on_requests_held_behind_a_barrier() {
     r.disk.release();
     let rsps = f.responses(0, 3);
     assert!(rsps.iter().all(|x| x.status == BLKIF_RSP_OKAY));
-}
-
-#[test]
-fn test_blk_a_reap_that_fails_before_handing_over_is_retried_without_a_new_signal() {
-    let r = rig(&[(0, "w")]);
-    let mut f = TestFront::connect(&r.guest, 0, FrontOpts::default());
-    r.disk.reap_failures_early.store(1, Ordering::SeqCst);
-
-    // The first reap takes the eventfd's signal and fails with the write's completion still
-    // in the engine; nothing signals again, so only a retry gets the guest its answer.
-    write_read_roundtrip(&r, &mut f, 0);
-
-    assert_eq!(r.disk.reap_failures_early.load(Ordering::SeqCst), 0);
-    assert_eq!(r.stats(0).in_flight, 0);
 }
 
 #[test]
