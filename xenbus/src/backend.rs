@@ -1162,11 +1162,16 @@ impl Engine {
             log: LogBudget::new(),
             _frontend_watch: Some(watch),
         };
-        self.probe(&mut dev);
+        self.probe(&mut dev, false);
         Ok(dev)
     }
 
-    fn probe(&self, dev: &mut Dev) {
+    /// Probes the device and offers InitWait. `answering`: the probe answers a frontend
+    /// state that a step read (a restart), and the frontend may have given up (Closing,
+    /// Closed) during the probe, which can take a while: then InitWait would be a stale
+    /// answer that a driver coming back next takes as its own, before the step for the close
+    /// moves the backend to Closed under it. The state is left for that step.
+    fn probe(&self, dev: &mut Dev, answering: bool) {
         dev.attempted = false;
         dev.device = None;
         // A report about the previous connection is moot now.
@@ -1190,6 +1195,14 @@ impl Engine {
                     }
                 }
                 dev.device = Some(device);
+                if answering {
+                    if let Ok(now @ (XenbusState::Closing | XenbusState::Closed)) =
+                        dev.ctx.frontend_state()
+                    {
+                        debug!(frontend = %now, "frontend gave up during the probe; no InitWait");
+                        return;
+                    }
+                }
                 limited!(
                     dev.log,
                     info!(probe = dev.probes, "probed; waiting for the frontend")
@@ -1307,7 +1320,7 @@ impl Engine {
                         info!(backend = %dev.state, "frontend restarted; probing again")
                     );
                     self.disconnect(dev);
-                    self.probe(dev);
+                    self.probe(dev, true);
                 }
             }
             XenbusState::InitWait => {}
@@ -1367,8 +1380,10 @@ impl Engine {
     /// probe's InitWait as its answer and write new ring keys while we connected to the old
     /// ones. Its own state change brings another step.
     fn restart_without_initialising(&self, dev: &mut Dev, fe: XenbusState) -> bool {
-        let closed_after_a_session =
-            dev.state == XenbusState::Closed && dev.attempted && !dev.connected;
+        // Closed and not serving: after a session, or after a probe whose InitWait was
+        // withheld (the frontend gave up during it) or that the frontend closed on before
+        // connecting. Connecting needs InitWait from a fresh probe.
+        let closed_after_a_session = dev.state == XenbusState::Closed && !dev.connected;
         if !closed_after_a_session || dev.await_restart {
             return true;
         }
@@ -1376,7 +1391,7 @@ impl Engine {
             dev.log,
             info!(frontend = %fe, "frontend came back without Initialising; probing again")
         );
-        self.probe(dev);
+        self.probe(dev, true);
         match dev.ctx.frontend_state() {
             Ok(now) if now == fe => true,
             Ok(now) => {

@@ -204,6 +204,69 @@ fn test_lifecycle_a_driver_back_during_a_probe_is_not_connected_to_its_old_ring(
 }
 
 #[test]
+fn test_lifecycle_frontend_closed_before_connecting_then_back_without_initialising_connects() {
+    // Arrange: the device is offered (InitWait) and the frontend closes before it connects.
+    let mut s = setup("vbd");
+    s.sim.add_disk(&s.driver.be_type, DOMID, DEVID);
+    wait_state(&s.sim.dom0, &s.be, XenbusState::InitWait);
+    fe_state(&s.guest, DOMID, DEVID, b"6");
+    wait_state(&s.sim.dom0, &s.be, XenbusState::Closed);
+    // Act: it comes back straight to Initialised with a ring (as Linux's blkfront can).
+    frontend_publish(&s.guest, DOMID, DEVID, "11");
+    // Assert: a fresh probe, its InitWait, and a connect (before, the backend stayed Closed:
+    // only a session that had connected counted as one to restart).
+    wait_state(&s.sim.dom0, &s.be, XenbusState::Connected);
+    let probes = s.driver.log.calls();
+    assert_eq!(
+        probes.iter().filter(|c| **c == Call::Probe(DEVID)).count(),
+        2,
+        "{probes:?}"
+    );
+    assert_eq!(*s.driver.rings.lock().unwrap(), vec![11]);
+    s.stop();
+}
+
+#[test]
+fn test_lifecycle_a_frontend_that_closes_during_a_restart_probe_gets_no_initwait() {
+    // Arrange: a session ended (Closed). The guest's driver starts again (Initialising) and,
+    // while the backend probes for it, gives up again (Closed), as at the end of a storm of
+    // states (XSA-350's test on netback).
+    let mut s = setup("vbd");
+    s.connected();
+    s.closed();
+    // Every write of the backend's state from here on raises an event on this watch.
+    let w = s
+        .sim
+        .dom0
+        .watch(&format!("{}/state", s.be), "count")
+        .unwrap();
+    let _ = w.recv_timeout(WAIT); // the initial event of a new watch
+    let guest = s.guest.clone();
+    *s.driver.during_probe.lock().unwrap() = Some(Box::new(move || {
+        fe_state(&guest, DOMID, DEVID, b"6");
+    }));
+    // Act
+    fe_state(&s.guest, DOMID, DEVID, b"1");
+    // The backend has answered the close (its device list is published after each step).
+    assert!(s.watcher().wait_until(WAIT, |d| d.len() == 1
+        && d[0].probes == 2
+        && d[0].frontend_state == Some(XenbusState::Closed)));
+    // A driver that comes back now gets a fresh probe's InitWait and connects.
+    fe_state(&s.guest, DOMID, DEVID, b"1");
+    wait_state(&s.sim.dom0, &s.be, XenbusState::InitWait);
+    frontend_publish(&s.guest, DOMID, DEVID, "12");
+    wait_state(&s.sim.dom0, &s.be, XenbusState::Connected);
+    // Assert: two writes, InitWait and Connected. Not a stale InitWait for the driver that
+    // gave up, then Closed under the one that came back, as before. (Reading Connected on
+    // the same connection means every earlier write's event has arrived.)
+    let st = w.stats();
+    let writes = st.delivered + st.pending as u64 + st.coalesced - 1;
+    assert_eq!(writes, 2, "backend state writes: {st:?}");
+    assert_eq!(*s.driver.rings.lock().unwrap(), vec![8, 12]);
+    s.stop();
+}
+
+#[test]
 fn test_lifecycle_backend_node_removed_disconnects_and_drops_device() {
     // Arrange
     let mut s = setup("vbd");
