@@ -85,15 +85,19 @@ fn test_blk_a_reap_that_fails_before_handing_over_is_retried_without_a_new_signa
     roundtrip_survives_a_reap_failure(|d| &d.reap_failures_early);
 }
 
-/// A rig whose ring threads poll for `poll_us` before sleeping, and a connected frontend.
-fn polling_rig(poll_us: u32) -> (Rig, TestFront) {
-    let config = BlkConfig {
-        poll_us,
-        ..BlkConfig::default()
-    };
+/// One writable disk served with `config`, and a connected frontend.
+fn disk_with(config: BlkConfig) -> (Rig, TestFront) {
     let r = rig_with(&[(0, "w")], config);
     let f = TestFront::connect(&r.guest, 0, FrontOpts::default());
     (r, f)
+}
+
+/// A disk whose ring threads poll for `poll_us` before sleeping, and a connected frontend.
+fn polling_rig(poll_us: u32) -> (Rig, TestFront) {
+    disk_with(BlkConfig {
+        poll_us,
+        ..BlkConfig::default()
+    })
 }
 
 #[test]
@@ -399,13 +403,10 @@ fn test_blk_non_persistent_grants_unmapped_before_response() {
 
 /// One writable disk served in grant-copy mode, and a connected frontend.
 fn copy_mode_disk() -> (Rig, TestFront) {
-    let cfg = BlkConfig {
+    disk_with(BlkConfig {
         grant_mode: GrantMode::Copy,
         ..BlkConfig::default()
-    };
-    let r = rig_with(&[(0, "w")], cfg);
-    let f = TestFront::connect(&r.guest, 0, FrontOpts::default());
-    (r, f)
+    })
 }
 
 #[test]
